@@ -1,0 +1,106 @@
+"""The `moemix` quantization config vLLM instantiates from a checkpoint's config.json."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from vllm.model_executor.layers.fused_moe import RoutedExperts
+from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
+from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+from vllm.model_executor.layers.quantization import register_quantization_config
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
+
+from vllm_moemix.checkpoint.format import QUANT_METHOD, read_quantization_config
+from vllm_moemix.layers.linear import MoeMixLinearMethod
+from vllm_moemix.layers.moe import MoeMixMoEMethod
+from vllm_moemix.plan import Resolved, spec_to_value
+from vllm_moemix.spec import PlanError, QuantSpec
+
+
+@register_quantization_config(QUANT_METHOD)
+class MoeMixConfig(QuantizationConfig):
+    """Holds the resolved plan: checkpoint linear name -> QuantSpec (None = unquantized)."""
+
+    def __init__(self, modules: Resolved):
+        super().__init__()
+        self.modules = modules
+
+    def __repr__(self) -> str:
+        widths = sorted({s.bits for s in self.modules.values() if s is not None})
+        return f"MoeMixConfig({len(self.modules)} linears, widths={widths})"
+
+    @classmethod
+    def get_name(cls) -> str:
+        return QUANT_METHOD
+
+    @classmethod
+    def get_supported_act_dtypes(cls) -> list[torch.dtype]:
+        return [torch.bfloat16, torch.float16, torch.float32]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 70
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []  # everything is in config.json's quantization_config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> MoeMixConfig:
+        return cls(read_quantization_config(config))
+
+    def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
+        renamed = {}
+        for name, spec in self.modules.items():
+            mapped = hf_to_vllm_mapper.map_name(name)
+            if mapped is not None:
+                renamed[mapped] = spec
+        self.modules = renamed
+
+    def _linear_spec(self, prefix: str) -> QuantSpec | None:
+        """Spec of a vLLM linear, which may fuse several checkpoint linears; None = unquantized."""
+        parent, _, leaf = prefix.rpartition(".")
+        shards = self.packed_modules_mapping.get(leaf, [leaf])
+        names = [f"{parent}.{s}" if parent else s for s in shards]
+        planned = [n for n in names if n in self.modules]
+        if not planned:
+            return None  # not a planned linear (e.g. a router built with a quant config)
+        specs = {self.modules[n] for n in planned}
+        if len(planned) != len(names) or len(specs) != 1:
+            detail = ", ".join(f"{n}={spec_to_value(self.modules.get(n))}" for n in names)
+            raise PlanError(f"{prefix}: fused shards must share one spec, got {detail}")
+        return specs.pop()
+
+    def _expert_specs(self, layer: RoutedExperts, prefix: str) -> dict[int, tuple[QuantSpec, QuantSpec]] | None:
+        """global expert -> (w13 spec, w2 spec); None if every expert is unquantized."""
+        specs: dict[int, tuple[QuantSpec, QuantSpec]] = {}
+        unquantized = 0
+        for e in range(layer.global_num_experts):
+            base = f"{prefix}.{e}"
+            gate, up, down = (self.modules.get(f"{base}.{n}", "missing") for n in (
+                layer.ckpt_gate_proj_name, layer.ckpt_up_proj_name, layer.ckpt_down_proj_name))
+            if "missing" in (gate, up, down):
+                raise PlanError(f"{base}: the checkpoint's moemix plan has no entry for this expert")
+            if gate != up:
+                raise PlanError(f"{base}: gate and up projections are fused and must share a spec")
+            if gate is None or down is None:
+                unquantized += 1
+                continue
+            specs[e] = (gate, down)
+        if unquantized == layer.global_num_experts:
+            return None
+        if unquantized:
+            raise PlanError(f"{prefix}: experts must be all quantized or all unquantized")
+        return specs
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        if isinstance(layer, LinearBase):
+            spec = self._linear_spec(prefix)
+            return MoeMixLinearMethod(spec, prefix) if spec is not None else UnquantizedLinearMethod()
+        if isinstance(layer, RoutedExperts):
+            specs = self._expert_specs(layer, prefix)
+            if specs is None:
+                return UnquantizedFusedMoEMethod(layer.moe_config)
+            return MoeMixMoEMethod(layer.moe_config, prefix, specs)
+        return None

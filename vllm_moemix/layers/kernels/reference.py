@@ -1,0 +1,103 @@
+"""Portable kernels: dequantize the packed weights on the fly, then matmul.
+
+They run on any device torch runs on and are the numerical reference the
+faster kernels are tested against. Weights stay packed in memory; only the
+experts a batch actually routes to are dequantized, one at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from vllm_moemix.layers.kernels.base import ExpertsConfig, ExpertsKernel, LinearConfig, LinearKernel
+from vllm_moemix.quant.tensors import dequantize_kn
+
+
+class DequantLinearKernel(LinearKernel):
+    @classmethod
+    def can_implement(cls, config: LinearConfig, device: torch.device) -> tuple[bool, str | None]:
+        return True, None
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        w = dequantize_kn(layer.qweight, layer.scales, getattr(layer, "qzeros", None), self.config.spec.bits, x.dtype)
+        out = x @ w
+        return out if bias is None else out + bias
+
+
+def _expert_weight(qweights: list[torch.Tensor], scales: list[torch.Tensor], qzeros: list[torch.Tensor],
+                   bits: list[int], group: int, slot: int, dtype: torch.dtype) -> torch.Tensor:
+    return dequantize_kn(qweights[group][slot], scales[group][slot], qzeros[group][slot] if qzeros[group].numel() else None, bits[group], dtype)
+
+
+@torch.library.custom_op("moemix::dequant_moe", mutates_args=())
+def dequant_moe(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    expert_map: torch.Tensor,
+    w13_where: torch.Tensor,
+    w2_where: torch.Tensor,
+    w13_qweights: list[torch.Tensor],
+    w13_scales: list[torch.Tensor],
+    w13_qzeros: list[torch.Tensor],
+    w13_bits: list[int],
+    w2_qweights: list[torch.Tensor],
+    w2_scales: list[torch.Tensor],
+    w2_qzeros: list[torch.Tensor],
+    w2_bits: list[int],
+) -> torch.Tensor:
+    """SwiGLU experts with per-expert widths.
+
+    `*_where[e] = (group, slot)` locates local expert e in the per-width groups.
+    `expert_map` maps global to local ids (-1: not on this rank); empty = identity.
+    Opaque to torch.compile: routing is data-dependent.
+    """
+    num_tokens, top_k = topk_ids.shape
+    ids = topk_ids.to(torch.int64)
+    if expert_map.numel():
+        ids = expert_map.to(torch.int64)[ids]
+    flat_ids = ids.reshape(-1)
+    flat_weights = topk_weights.reshape(-1).to(torch.float32)
+    token_of = torch.arange(num_tokens, device=x.device).repeat_interleave(top_k)
+    out = torch.zeros(num_tokens, x.shape[1], dtype=torch.float32, device=x.device)
+    order = torch.argsort(flat_ids, stable=True)
+    experts, counts = torch.unique_consecutive(flat_ids[order], return_counts=True)
+    start = 0
+    for expert, count in zip(experts.tolist(), counts.tolist()):
+        rows = order[start : start + count]
+        start += count
+        if expert < 0:
+            continue
+        tokens = token_of[rows]
+        g13, s13 = w13_where[expert].tolist()
+        g2, s2 = w2_where[expert].tolist()
+        w13 = _expert_weight(w13_qweights, w13_scales, w13_qzeros, w13_bits, g13, s13, x.dtype)
+        w2 = _expert_weight(w2_qweights, w2_scales, w2_qzeros, w2_bits, g2, s2, x.dtype)
+        gate_up = x[tokens] @ w13
+        inter = gate_up.shape[1] // 2
+        hidden = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+        out.index_add_(0, tokens, (hidden @ w2).to(torch.float32) * flat_weights[rows, None])
+    return out.to(x.dtype)
+
+
+@dequant_moe.register_fake
+def _(x, topk_weights, topk_ids, expert_map, w13_where, w2_where, w13_qweights, w13_scales, w13_qzeros, w13_bits,
+      w2_qweights, w2_scales, w2_qzeros, w2_bits):
+    return torch.empty_like(x)
+
+
+class DequantExpertsKernel(ExpertsKernel):
+    @classmethod
+    def can_implement(cls, config: ExpertsConfig, device: torch.device) -> tuple[bool, str | None]:
+        return True, None
+
+    def apply(self, layer, x, topk_weights, topk_ids):
+        w13, w2 = layer.moemix_groups["w13"], layer.moemix_groups["w2"]
+        expert_map = layer.expert_map
+        if expert_map is None:
+            expert_map = layer.moemix_no_map
+        return torch.ops.moemix.dequant_moe(
+            x, topk_weights, topk_ids, expert_map, layer.w13_where, layer.w2_where,
+            *w13.tensor_lists(layer), w13.bits, *w2.tensor_lists(layer), w2.bits,
+        )

@@ -1,0 +1,43 @@
+"""Pick the first kernel, in priority order, that can implement a layer.
+
+Set MOEMIX_DISABLED_KERNELS=Name1,Name2 to skip kernels (debugging, A/B
+benchmarks). Faster kernels (Triton, Marlin, native CPU) go before the
+portable reference, which implements everything.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TypeVar
+
+import torch
+
+from vllm_moemix.layers.kernels.base import ExpertsConfig, ExpertsKernel, LinearConfig, LinearKernel
+from vllm_moemix.layers.kernels.reference import DequantExpertsKernel, DequantLinearKernel
+
+LINEAR_KERNELS: list[type[LinearKernel]] = [DequantLinearKernel]
+EXPERTS_KERNELS: list[type[ExpertsKernel]] = [DequantExpertsKernel]
+
+K = TypeVar("K", LinearKernel, ExpertsKernel)
+
+
+def _choose(candidates: list[type[K]], config, device: torch.device) -> type[K]:
+    disabled = {n.strip() for n in os.environ.get("MOEMIX_DISABLED_KERNELS", "").split(",") if n.strip()}
+    reasons = []
+    for kernel in candidates:
+        if kernel.__name__ in disabled:
+            reasons.append(f"{kernel.__name__}: disabled by MOEMIX_DISABLED_KERNELS")
+            continue
+        ok, why = kernel.can_implement(config, device)
+        if ok:
+            return kernel
+        reasons.append(f"{kernel.__name__}: {why}")
+    raise ValueError(f"no moemix kernel can implement {config} on {device}:\n  " + "\n  ".join(reasons))
+
+
+def choose_linear_kernel(config: LinearConfig, device: torch.device) -> type[LinearKernel]:
+    return _choose(LINEAR_KERNELS, config, device)
+
+
+def choose_experts_kernel(config: ExpertsConfig, device: torch.device) -> type[ExpertsKernel]:
+    return _choose(EXPERTS_KERNELS, config, device)
