@@ -13,20 +13,20 @@ GPTQ kernels expect this layout for 4/8 bits.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from vllm_moemix.spec import PACK_CHUNK, SUPPORTED_BITS
 
 
-@functools.lru_cache(maxsize=None)
 def _stream_positions(bits: int) -> tuple[list[int], list[int], list[int]]:
     """For each of the 32 values of a chunk: (word, next word, shift) in the chunk's `bits` words."""
     word = [(j * bits) // 32 for j in range(PACK_CHUNK)]
     nxt = [min(w + 1, bits - 1) for w in word]
     shift = [(j * bits) % 32 for j in range(PACK_CHUNK)]
     return word, nxt, shift
+
+
+_POSITIONS = {bits: _stream_positions(bits) for bits in SUPPORTED_BITS}
 
 
 def _check(bits: int, k: int) -> None:
@@ -48,7 +48,7 @@ def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
     _check(bits, k)
     if q.numel() and (int(q.min()) < 0 or int(q.max()) >= (1 << bits)):
         raise ValueError(f"values out of range for {bits} bits")
-    word, nxt, shift = _stream_positions(bits)
+    word, nxt, shift = _POSITIONS[bits]
     vals = q.to(torch.int64).reshape(k // PACK_CHUNK, PACK_CHUNK, n)
     shift_t = torch.tensor(shift, dtype=torch.int64).view(1, -1, 1)
     shifted = vals << shift_t  # up to 32 + 7 bits wide: low part -> word, high part -> next word
@@ -72,7 +72,7 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     if (rows * 32) % bits or ((rows * 32) // bits) % PACK_CHUNK:
         raise ValueError(f"{rows} packed rows do not hold whole chunks of {bits}-bit values")
     k = rows * 32 // bits
-    word, nxt, shift = _stream_positions(bits)
+    word, nxt, shift = _POSITIONS[bits]
     device = packed.device
     words = packed.reshape(*lead, k // PACK_CHUNK, bits, n).to(torch.int64) & 0xFFFFFFFF
     low = words.index_select(-2, torch.tensor(word, device=device))

@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny random-weight models for fast tests; the trained models live in models/."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+TRAINED_MIXTRAL = REPO / "models" / "tiny-mixtral"
+TRAINED_QWEN2MOE = REPO / "models" / "tiny-qwen2moe"
+
+
+def build_random_model(out: Path, arch: str = "mixtral", layers: int = 2, hidden: int = 128, inter: int = 128,
+                       experts: int = 4, seed: int = 0) -> Path:
+    """A small random-weight HF checkpoint in bf16 safetensors (fast to quantize and to mutate)."""
+    from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=256, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+    if arch == "mixtral":
+        model = MixtralForCausalLM(MixtralConfig(intermediate_size=inter, num_local_experts=experts,
+                                                 num_experts_per_tok=2, **common))
+    elif arch == "qwen2_moe":
+        model = Qwen2MoeForCausalLM(Qwen2MoeConfig(moe_intermediate_size=inter, shared_expert_intermediate_size=inter,
+                                                   intermediate_size=inter, num_experts=experts, num_experts_per_tok=2,
+                                                   decoder_sparse_step=1, mlp_only_layers=[layers - 1], **common))
+    else:
+        raise ValueError(arch)
+    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def random_mixtral(tmp_path_factory) -> Path:
+    return build_random_model(tmp_path_factory.mktemp("models") / "rand-mixtral")
+
+
+@pytest.fixture(scope="session")
+def random_qwen2moe(tmp_path_factory) -> Path:
+    return build_random_model(tmp_path_factory.mktemp("models") / "rand-qwen2moe", arch="qwen2_moe")
