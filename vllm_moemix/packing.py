@@ -69,6 +69,8 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     under torch.compile.
     """
     *lead, rows, n = packed.shape
+    if bits not in _POSITIONS:
+        raise ValueError(f"cannot unpack {bits}-bit values; supported: {SUPPORTED_BITS}")
     if (rows * 32) % bits or ((rows * 32) // bits) % PACK_CHUNK:
         raise ValueError(f"{rows} packed rows do not hold whole chunks of {bits}-bit values")
     k = rows * 32 // bits

