@@ -21,7 +21,7 @@ def build_random_model(out: Path, arch: str = "mixtral", layers: int = 2, hidden
     from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=256, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+    common = dict(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
     if arch == "mixtral":
         model = MixtralForCausalLM(MixtralConfig(intermediate_size=inter, num_local_experts=experts,
@@ -33,7 +33,25 @@ def build_random_model(out: Path, arch: str = "mixtral", layers: int = 2, hidden
     else:
         raise ValueError(arch)
     model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    byte_tokenizer().save_pretrained(out)
     return out
+
+
+VOCAB = 320
+
+
+def byte_tokenizer():
+    """A byte-level BPE small enough for the random models' vocabulary, trained on a pangram."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<s>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog " * 20], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
 @pytest.fixture(scope="session")

@@ -47,6 +47,7 @@ class Architecture:
     name: str
     model_types: tuple[str, ...]
     experts: Mlp  # prefix is the expert container, e.g. "block_sparse_moe.experts"
+    router: str  # router linear under the decoder layer, e.g. "block_sparse_moe.gate"
     num_experts: Shape
     is_moe_layer: Callable[[Any, int], bool]
     attention: tuple[tuple[str, Shape, Shape], ...] = ()  # (name, out, in) under "self_attn"
@@ -92,6 +93,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             model_types=("mixtral",),
             attention=LLAMA_ATTENTION,
             experts=Mlp("block_sparse_moe.experts", "w1", "w3", "w2", lambda c: c.intermediate_size),
+            router="block_sparse_moe.gate",
             num_experts=lambda c: c.num_local_experts,
             is_moe_layer=lambda c, layer: True,
         ),
@@ -100,6 +102,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             model_types=("qwen2_moe",),
             attention=LLAMA_ATTENTION,
             experts=Mlp("mlp.experts", "gate_proj", "up_proj", "down_proj", lambda c: c.moe_intermediate_size),
+            router="mlp.gate",
             num_experts=lambda c: c.num_experts,
             is_moe_layer=_qwen_sparse,
             shared_expert=Mlp(
@@ -112,6 +115,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             model_types=("qwen3_moe",),
             attention=LLAMA_ATTENTION,
             experts=Mlp("mlp.experts", "gate_proj", "up_proj", "down_proj", lambda c: c.moe_intermediate_size),
+            router="mlp.gate",
             num_experts=lambda c: c.num_experts,
             is_moe_layer=_qwen_sparse,
             dense_mlp=Mlp("mlp", "gate_proj", "up_proj", "down_proj", lambda c: c.intermediate_size),
@@ -121,6 +125,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             model_types=("olmoe",),
             attention=LLAMA_ATTENTION,
             experts=Mlp("mlp.experts", "gate_proj", "up_proj", "down_proj", lambda c: c.intermediate_size),
+            router="mlp.gate",
             num_experts=lambda c: c.num_experts,
             is_moe_layer=lambda c, layer: True,
         ),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -58,3 +59,41 @@ def print_report(resolved: Resolved, linears: dict[str, LinearInfo], fp: Footpri
         f"average bits per weight: {fp.avg_payload_bits:.3f} (integer payload), "
         f"{fp.avg_bits:.3f} (with scales and zeros); {fp.nbytes / max(fp.bf16_bytes, 1):.1%} of bf16"
     )
+
+
+def bits_heatmap(resolved: Resolved, linears: dict[str, LinearInfo], path: str | Path, title: str = "") -> None:
+    """PNG: rows = decoder layers, columns = experts (w13 | w2 halves) then attention/shared/dense; colour = bits."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    layers = sorted({i.layer for i in linears.values()})
+    experts = sorted({i.expert for i in linears.values() if i.expert is not None})
+    others = [r for r in ("attention", "shared_expert", "dense_mlp") if any(i.role == r for i in linears.values())]
+    columns = [f"e{e}" for e in experts] + others
+    sums = np.zeros((len(layers), len(columns)))
+    counts = np.zeros_like(sums)
+    for name, info in linears.items():
+        cell = layers.index(info.layer), columns.index(f"e{info.expert}" if info.role == ROLE_EXPERT else info.role)
+        weights = info.out_features * info.in_features
+        sums[cell] += (16 if resolved[name] is None else resolved[name].bits) * weights
+        counts[cell] += weights
+    grid = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+    fig, ax = plt.subplots(figsize=(1 + 0.5 * len(columns), 1 + 0.4 * len(layers)))
+    image = ax.imshow(grid, cmap="viridis", vmin=2, vmax=8, aspect="auto")
+    for r in range(grid.shape[0]):
+        for c in range(grid.shape[1]):
+            if not np.isnan(grid[r, c]):
+                ax.text(c, r, f"{grid[r, c]:.3g}", ha="center", va="center", fontsize=8,
+                        color="black" if grid[r, c] > 5 else "white")
+    ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
+    ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
+    ax.set_xlabel("expert / module")
+    ax.set_ylabel("layer")
+    ax.set_title(f"{title} bits per weight (cell average)".strip())
+    fig.colorbar(image, ax=ax, label="bits")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -7,7 +7,6 @@ near one tensor, so models larger than RAM can be quantized.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -59,9 +58,3 @@ class SafetensorsSource:
     def get(self, name: str) -> torch.Tensor:
         with safe_open(self.dir / self._where[name], framework="pt") as f:
             return f.get_tensor(name)
-
-    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for fname in self.files:
-            with safe_open(self.dir / fname, framework="pt") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)

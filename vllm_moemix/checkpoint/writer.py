@@ -31,14 +31,28 @@ from vllm_moemix.quant.tensors import QuantizedWeight
 from vllm_moemix.spec import PlanError, QuantSpec
 
 Quantizer = Callable[[str, torch.Tensor, QuantSpec], QuantizedWeight]
-"""(linear name, float weight [N, K], spec) -> stored form."""
+"""(linear name, float weight [N, K], spec) -> stored form. Called in decoder-layer order,
+so calibrated quantizers (quant/calibrated.py) can run one layer at a time."""
 
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "model.safetensors.index.json", "pytorch_model.bin.index.json")
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 
-def rtn_quantizer(name: str, weight: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
-    return quantize_rtn(weight, spec)
+class RTNQuantizer:
+    name = "rtn"
+
+    def __call__(self, name: str, weight: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
+        return quantize_rtn(weight, spec)
+
+
+def _layer_order(names: list[str]) -> list[str]:
+    """Non-layer tensors first, then decoder layers in numeric (not lexicographic) order."""
+    def key(item: tuple[int, str]) -> tuple[int, int]:
+        position, name = item
+        parts = name.split(".")
+        layer = int(parts[2]) if name.startswith("model.layers.") and parts[2].isdigit() else -1
+        return layer, position
+    return [name for _, name in sorted(enumerate(names), key=key)]
 
 
 def inspect_source(model_dir: str | Path) -> tuple[Any, dict[str, LinearInfo], SafetensorsSource]:
@@ -127,12 +141,12 @@ def quantize_checkpoint(
     model_dir: str | Path,
     plan: Plan,
     out_dir: str | Path,
-    quantizer: Quantizer = rtn_quantizer,
-    quantizer_name: str = "rtn",
+    quantizer: Quantizer | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: bool = True,
 ) -> Footprint:
-    """Write a moemix checkpoint of `model_dir` quantized per `plan` to `out_dir`."""
+    """Write a moemix checkpoint of `model_dir` quantized per `plan` to `out_dir` (RTN by default)."""
+    quantizer = quantizer or RTNQuantizer()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if is_checkpoint_dir(out_dir):
         raise PlanError(f"{out_dir} already holds a checkpoint; choose another output directory or remove it")
@@ -142,14 +156,14 @@ def quantize_checkpoint(
     resolved = plan.resolve(linears)
     fp = footprint(resolved, linears)
     config_json = json.loads((model_dir / "config.json").read_text())
-    config_json["quantization_config"] = quantization_config(plan, resolved, fp, quantizer_name)
+    config_json["quantization_config"] = quantization_config(plan, resolved, fp, getattr(quantizer, "name", type(quantizer).__name__))
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
         writer = _ShardWriter(tmp, max_shard_bytes)
-        names = source.names()
-        for name, tensor in tqdm(source.iter_tensors(), total=len(names), desc="quantize", unit="tensor", disable=not progress):
+        for name in tqdm(_layer_order(source.names()), desc="quantize", unit="tensor", disable=not progress):
+            tensor = source.get(name)
             module = name.removesuffix(".weight")
             spec = resolved.get(module) if name.endswith(".weight") else None
             if spec is None:

@@ -1,0 +1,177 @@
+"""Server settings from `moemix serve` flags and an optional YAML file (flags win). No vLLM import.
+
+YAML (every key optional except `models` when no MODEL is given on the command line):
+
+    host: 0.0.0.0
+    port: 8000
+    api_key_env: MOEMIX_API_KEY     # or api_key: "..." (prefer the env var: keys in files leak)
+    max_queue: 16                   # per model: requests waiting beyond the engine's batch -> 429 past it
+    retry_after_s: 1
+    drain_timeout_s: 30             # graceful shutdown: how long in-flight requests may finish
+    max_body_bytes: 8388608
+    vllm_args:                      # applied to every model; any `vllm serve` engine/frontend option
+      max_model_len: 2048
+    models:
+      - name: tiny-bf16
+        path: models/tiny-mixtral
+      - name: tiny-moemix
+        path: /srv/tiny-mixtral-moemix
+        max_queue: 4
+        vllm_args: {max_num_seqs: 8, enforce_eager: true}
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+class SettingsError(ValueError):
+    """A configuration mistake, reported before any engine starts."""
+
+
+@dataclass
+class ModelSettings:
+    name: str
+    path: str
+    vllm_args: dict[str, Any] = field(default_factory=dict)  # `vllm serve` options, `max_model_len: 256` style
+    max_queue: int | None = None  # None: the server-wide value
+
+
+@dataclass
+class ServerSettings:
+    models: list[ModelSettings]
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_queue: int | None = None  # None: unbounded (vLLM's own --max-num-queued-reqs still applies, as 503)
+    retry_after_s: int = 1
+    drain_timeout_s: float = 30.0
+    max_body_bytes: int = 8 * 2**20
+    vllm_args: dict[str, Any] = field(default_factory=dict)  # defaults for every model
+    log_level: str = "info"
+
+    def max_queue_for(self, model: ModelSettings) -> int | None:
+        return model.max_queue if model.max_queue is not None else self.max_queue
+
+    def vllm_args_for(self, model: ModelSettings) -> dict[str, Any]:
+        return {**self.vllm_args, **model.vllm_args}
+
+
+_SERVER_KEYS = {f.name for f in fields(ServerSettings)} | {"api_key_env"}
+_MODEL_KEYS = {f.name for f in fields(ModelSettings)}
+
+
+def parse_model_arg(arg: str) -> ModelSettings:
+    """`PATH` (served under PATH, as vLLM does) or `NAME=PATH`."""
+    name, sep, path = arg.partition("=")
+    if not sep:
+        name, path = arg, arg
+    if not name or not path:
+        raise SettingsError(f"model argument {arg!r}: expected PATH or NAME=PATH")
+    return ModelSettings(name=name, path=path)
+
+
+def _non_negative_int(value: Any, what: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise SettingsError(f"{what} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _model_from_yaml(entry: Any, index: int, base_dir: Path) -> ModelSettings:
+    if isinstance(entry, str):
+        return parse_model_arg(entry)
+    if not isinstance(entry, dict):
+        raise SettingsError(f"models[{index}]: expected a mapping with name/path, got {entry!r}")
+    unknown = set(entry) - _MODEL_KEYS
+    if unknown:
+        raise SettingsError(f"models[{index}]: unknown keys {sorted(unknown)} (known: {sorted(_MODEL_KEYS)})")
+    if "path" not in entry:
+        raise SettingsError(f"models[{index}]: `path` is required")
+    path = str(entry["path"])
+    if not Path(path).is_absolute() and (base_dir / path).exists():
+        path = str(base_dir / path)  # relative to the YAML file when it exists there
+    vllm_args = entry.get("vllm_args") or {}
+    if not isinstance(vllm_args, dict):
+        raise SettingsError(f"models[{index}].vllm_args must be a mapping")
+    return ModelSettings(name=str(entry.get("name") or entry["path"]), path=path, vllm_args=dict(vllm_args),
+                         max_queue=_non_negative_int(entry.get("max_queue"), f"models[{index}].max_queue"))
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise SettingsError(f"cannot read config {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise SettingsError(f"config {path}: top level must be a mapping")
+    unknown = set(data) - _SERVER_KEYS
+    if unknown:
+        raise SettingsError(f"config {path}: unknown keys {sorted(unknown)} (known: {sorted(_SERVER_KEYS)})")
+    return data
+
+
+def build_settings(models: list[str], config: str | None = None, **flags: Any) -> ServerSettings:
+    """Merge YAML (if any) and flags (None means 'not given'); validate."""
+    data = load_yaml(config) if config else {}
+    base_dir = Path(config).resolve().parent if config else Path.cwd()
+    specs = [_model_from_yaml(m, i, base_dir) for i, m in enumerate(data.get("models") or [])]
+    specs += [parse_model_arg(m) for m in models]
+    if not specs:
+        raise SettingsError("no model to serve: give MODEL arguments or `models:` in --config")
+    names = [m.name for m in specs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise SettingsError(f"model names must be unique, repeated: {dupes} (use NAME=PATH)")
+
+    api_key = data.get("api_key")
+    if data.get("api_key_env"):
+        api_key = os.environ.get(str(data["api_key_env"])) or api_key
+    vllm_args = data.get("vllm_args") or {}
+    if not isinstance(vllm_args, dict):
+        raise SettingsError("vllm_args must be a mapping")
+    settings = ServerSettings(models=specs, vllm_args=dict(vllm_args), api_key=api_key)
+    for key in ("host", "port", "max_queue", "retry_after_s", "drain_timeout_s", "max_body_bytes", "log_level"):
+        if key in data:
+            setattr(settings, key, data[key])
+    for key, value in flags.items():
+        if value is not None:
+            setattr(settings, key, value)
+    if settings.api_key is None:
+        settings.api_key = os.environ.get("MOEMIX_API_KEY") or None
+
+    settings.max_queue = _non_negative_int(settings.max_queue, "max_queue")
+    settings.port = _non_negative_int(settings.port, "port")
+    settings.retry_after_s = _non_negative_int(settings.retry_after_s, "retry_after_s")
+    settings.max_body_bytes = _non_negative_int(settings.max_body_bytes, "max_body_bytes")
+    if not isinstance(settings.drain_timeout_s, (int, float)) or settings.drain_timeout_s < 0:
+        raise SettingsError(f"drain_timeout_s must be a non-negative number, got {settings.drain_timeout_s!r}")
+    return settings
+
+
+def to_vllm_argv(options: dict[str, Any]) -> list[str]:
+    """{max_model_len: 256, enforce_eager: true, compilation_config: {...}} -> `vllm serve` style argv."""
+    import json
+
+    argv: list[str] = []
+    for key, value in options.items():
+        flag = "--" + str(key).replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value is False:
+            argv.append("--no-" + flag[2:])
+        elif value is None:
+            continue
+        elif isinstance(value, dict):
+            argv += [flag, json.dumps(value)]
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    return argv

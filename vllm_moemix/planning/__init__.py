@@ -1,0 +1,1 @@
+"""Bit allocation: score modules, then choose widths under a budget."""

@@ -1,0 +1,131 @@
+"""plan_model: model + strategy + budget (+ calibration text, pins) -> Plan.
+
+Data-driven strategies get one calibration pass over the float model, one
+decoder layer at a time; the optimizer additionally quantizes every unit at
+every width with the chosen quantizer and measures tr(dW H dW^T) on the
+layer's loss Hessians before they are dropped.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from vllm_moemix.calibration import DEFAULT_CALIB, LayerwiseModel, calibration_samples, iterate_layers
+from vllm_moemix.footprint import Footprint, footprint
+from vllm_moemix.plan import Plan
+from vllm_moemix.planning import scores
+from vllm_moemix.planning.strategies import STRATEGIES, Assignment, PlanningContext
+from vllm_moemix.planning.units import Budget, Unit, assignment_to_plan, planning_units
+from vllm_moemix.quant.gptq import gptq_quantize
+from vllm_moemix.quant.rtn import quantize_rtn
+from vllm_moemix.spec import SUPPORTED_BITS, PlanError, QuantSpec
+
+
+@dataclass
+class CalibrationConfig:
+    texts: list[Path]
+    num_samples: int = 32
+    seq_len: int = 256
+    quantizer: str = "gptq"  # used for the optimizer's error table and for quantizing
+
+    @classmethod
+    def default(cls) -> CalibrationConfig:
+        return cls(texts=[DEFAULT_CALIB])
+
+
+def quantize_weight(quantizer: str, weight: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | None):
+    if quantizer == "rtn":
+        return quantize_rtn(weight, spec)
+    if quantizer == "gptq":
+        return gptq_quantize(weight, hessian, spec)
+    raise PlanError(f"unknown quantizer {quantizer!r}; choose rtn or gptq")
+
+
+def pins_from_modules(modules: dict[str, QuantSpec | None], units: list[Unit]) -> Assignment:
+    """User pins (plan-style module globs -> spec) as fixed unit widths; a pin must cover whole units."""
+    pins: Assignment = {}
+    for pattern, spec in modules.items():
+        hit = False
+        for unit in units:
+            covered = [fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n, pattern + ".*") for n in unit.names]
+            if any(covered) and not all(covered):
+                raise PlanError(f"pin {pattern!r} covers part of fused {unit.key}; pin all of it")
+            if all(covered):
+                pins[unit], hit = spec, True
+        if not hit:
+            raise PlanError(f"pin {pattern!r} matches no module of this model")
+    return pins
+
+
+def build_context(model_dir: str | Path, strategy: str, calib: CalibrationConfig | None, group_size: int, sym: bool,
+                  pins: dict[str, QuantSpec | None], progress: bool = True) -> PlanningContext:
+    if strategy not in STRATEGIES:
+        raise PlanError(f"unknown strategy {strategy!r}; choose one of {sorted(STRATEGIES)}")
+    model = LayerwiseModel(model_dir)
+    units = planning_units(model.linears)
+    for unit in units:
+        if unit.in_features % group_size:
+            raise PlanError(f"{unit.key}: group_size {group_size} does not divide its input dimension {unit.in_features}")
+
+    def weight(name: str) -> torch.Tensor:
+        return model.source.get(name + ".weight" if name in model.linears else name).float()
+
+    ctx = PlanningContext(
+        linears=model.linears, units=units, weight=weight, group_size=group_size, sym=sym,
+        router_name=lambda layer: f"model.layers.{layer}.{model.arch.router}.weight",
+        pins=pins_from_modules(pins, units),
+    )
+    if not STRATEGIES[strategy].needs_data:
+        return ctx
+    calib = calib or CalibrationConfig.default()
+    from transformers import AutoTokenizer
+
+    samples = calibration_samples(AutoTokenizer.from_pretrained(model_dir), calib.texts, calib.num_samples, calib.seq_len)
+    ctx.layer_stats, ctx.errors = {}, {}
+    by_layer: dict[int, list[Unit]] = {}
+    for unit in units:
+        by_layer.setdefault(unit.layer, []).append(unit)
+    for index, _layer, stats in iterate_layers(model, samples, progress=progress):
+        if strategy == "optimizer":
+            for unit in tqdm(by_layer.get(index, []), desc=f"errors layer {index}", leave=False, disable=not progress):
+                ctx.errors[unit] = {
+                    bits: sum(
+                        scores.hessian_error(
+                            weight(n),
+                            quantize_weight(calib.quantizer, weight(n), QuantSpec(bits, group_size, sym),
+                                            stats.gptq_hessians[n]).dequantize(),
+                            stats.loss_hessians[n],
+                        )
+                        for n in unit.names
+                    )
+                    for bits in SUPPORTED_BITS
+                }
+        stats.gptq_hessians, stats.loss_hessians = {}, {}  # keep usage and similarity only
+        ctx.layer_stats[index] = stats
+    return ctx
+
+
+@dataclass
+class PlanResult:
+    plan: Plan
+    footprint: Footprint
+    strategy: str
+    budget: Budget
+
+
+def plan_model(model_dir: str | Path, strategy: str, budget: Budget, calib: CalibrationConfig | None = None,
+               group_size: int = 128, sym: bool = False, pins: dict[str, QuantSpec | None] | None = None,
+               progress: bool = True, context: PlanningContext | None = None) -> PlanResult:
+    """Run `strategy` under `budget`; pass a `context` to reuse one calibration across strategies."""
+    ctx = context or build_context(model_dir, strategy, calib, group_size, sym, pins or {}, progress)
+    if STRATEGIES[strategy].needs_data and (ctx.layer_stats is None or (strategy == "optimizer" and ctx.errors is None)):
+        raise PlanError(f"strategy {strategy!r} needs calibration data; build the context with it")
+    assignment = STRATEGIES[strategy].run(ctx, budget)
+    plan = assignment_to_plan(assignment, default=ctx.spec(max(SUPPORTED_BITS)))
+    resolved = plan.resolve(ctx.linears)
+    return PlanResult(plan, footprint(resolved, ctx.linears), strategy, budget)
