@@ -134,7 +134,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from vllm_moemix.demo import run_demo
 
-    run_demo(args.model, Path(args.plan), Path(args.workdir), baseline=not args.no_baseline)
+    run_demo(args.model, Path(args.plan), Path(args.workdir), Path(args.calib), baseline=not args.no_baseline)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default="models/tiny-mixtral")
     d.add_argument("--plan", default="plans/tiny-mixtral-mixed.json")
     d.add_argument("--workdir", default="runs/demo", help="where the demo writes its checkpoint (replaced each run)")
+    d.add_argument("--calib", default="models/calib.txt", help="GPTQ calibration text")
     d.add_argument("--no-baseline", action="store_true", help="skip the bf16 run used for side-by-side numbers")
     d.set_defaults(func=cmd_demo)
     return parser

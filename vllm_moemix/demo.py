@@ -69,12 +69,14 @@ def measure_engine(name: str, model: Path, dtype: str = "bfloat16") -> EngineRun
     return EngineRun(name, load_s, batch1, batch8, texts)
 
 
-def run_demo(model: str | Path, plan_path: Path, workdir: Path, baseline: bool = True) -> None:
+def run_demo(model: str | Path, plan_path: Path, workdir: Path, calib: Path, baseline: bool = True) -> None:
+    from transformers import AutoConfig
+
     from vllm_moemix.arch import quantizable_linears
     from vllm_moemix.checkpoint.writer import quantize_checkpoint
     from vllm_moemix.plan import Plan
+    from vllm_moemix.quant.calibrated import CalibratedGPTQ
     from vllm_moemix.report import print_report
-    from transformers import AutoConfig
 
     console = Console()
     model = Path(model)
@@ -84,9 +86,9 @@ def run_demo(model: str | Path, plan_path: Path, workdir: Path, baseline: bool =
     out = workdir / f"{model.name}-moemix"
     if out.exists():
         shutil.rmtree(out)  # the demo owns this directory
-    console.rule(f"1. quantize {model} with {plan_path}")
+    console.rule(f"1. quantize {model} with {plan_path} (GPTQ, calibration: {calib})")
     t = time.perf_counter()
-    fp = quantize_checkpoint(model, plan, out)
+    fp = quantize_checkpoint(model, plan, out, quantizer=CalibratedGPTQ(model, [calib]))
     quantize_s = time.perf_counter() - t
     linears = quantizable_linears(AutoConfig.from_pretrained(model))
     print_report(plan.resolve(linears), linears, fp, console)
@@ -128,6 +130,6 @@ def run_demo(model: str | Path, plan_path: Path, workdir: Path, baseline: bool =
     row(f"decode tokens/s, batch {len(PROMPTS)}", [r.tok_s_batch8 for r in runs], ".1f")
     console.print(table)
     console.print(
-        f"quantized in {quantize_s:.1f} s (RTN). Average bits count attention, routed-expert, shared-expert and "
+        f"quantized in {quantize_s:.1f} s (GPTQ). Average bits count attention, routed-expert, shared-expert and "
         "dense-MLP linears; embeddings, LM head, norms and routers stay bf16 and are in 'whole checkpoint'."
     )

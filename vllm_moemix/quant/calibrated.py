@@ -40,3 +40,27 @@ class CalibratedGPTQ:
     def __call__(self, name: str, weight: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
         hessian = self._stats_for(self.model.linears[name].layer).gptq_hessians[name]
         return gptq_quantize(weight, hessian, spec, damp=self.damp, act_order=self.act_order)
+
+
+class HessianGPTQ:
+    """GPTQ with Hessians collected beforehand (e.g. once for many plans of a small model)."""
+
+    name = "gptq"
+
+    def __init__(self, hessians: dict[str, torch.Tensor], damp: float = 0.01, act_order: bool = False):
+        self.hessians, self.damp, self.act_order = hessians, damp, act_order
+
+    @classmethod
+    def collect(cls, model_dir: str | Path, texts: list[Path], num_samples: int = 32, seq_len: int = 256,
+                progress: bool = True, **kwargs) -> HessianGPTQ:
+        from transformers import AutoTokenizer
+
+        model = LayerwiseModel(model_dir)
+        samples = calibration_samples(AutoTokenizer.from_pretrained(model_dir), texts, num_samples, seq_len)
+        hessians: dict[str, torch.Tensor] = {}
+        for _, _, stats in iterate_layers(model, samples, progress=progress):
+            hessians.update(stats.gptq_hessians)
+        return cls(hessians, **kwargs)
+
+    def __call__(self, name: str, weight: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
+        return gptq_quantize(weight, self.hessians[name], spec, damp=self.damp, act_order=self.act_order)
