@@ -50,17 +50,18 @@ class ServerSettings:
     retry_after_s: int = 1
     drain_timeout_s: float = 30.0
     max_body_bytes: int = 8 * 2**20
-    vllm_args: dict[str, Any] = field(default_factory=dict)  # defaults for every model
+    vllm_args: dict[str, Any] = field(default_factory=dict)  # defaults for every model (YAML top level)
+    override_vllm_args: dict[str, Any] = field(default_factory=dict)  # command-line flags: win over YAML
     log_level: str = "info"
 
     def max_queue_for(self, model: ModelSettings) -> int | None:
         return model.max_queue if model.max_queue is not None else self.max_queue
 
     def vllm_args_for(self, model: ModelSettings) -> dict[str, Any]:
-        return {**self.vllm_args, **model.vllm_args}
+        return {**self.vllm_args, **model.vllm_args, **self.override_vllm_args}
 
 
-_SERVER_KEYS = {f.name for f in fields(ServerSettings)} | {"api_key_env"}
+_SERVER_KEYS = {f.name for f in fields(ServerSettings)} - {"override_vllm_args"} | {"api_key_env"}
 _MODEL_KEYS = {f.name for f in fields(ModelSettings)}
 
 

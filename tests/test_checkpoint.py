@@ -137,3 +137,29 @@ def test_cli_quantize_and_inspect(random_qwen2moe, tmp_path):
     failed = subprocess.run(cli + ["quantize", str(random_qwen2moe), "--bits", "5", "-o", str(tmp_path / "x")],
                             capture_output=True, text=True)
     assert failed.returncode == 2 and "unsupported bit width 5" in failed.stderr and "Traceback" not in failed.stderr
+
+
+def test_cli_strategies_gptq_and_heatmap(random_mixtral, tmp_path):
+    cli = [sys.executable, "-m", "vllm_moemix.cli"]
+    calib = tmp_path / "calib.txt"
+    calib.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    plan = tmp_path / "plan.json"
+    done = subprocess.run(cli + ["plan", str(random_mixtral), "--strategy", "router-norm", "--budget", "2.5",
+                                 "--group-size", "32", "-o", str(plan), "--quiet"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "router-norm under 2.5 average bits" in done.stdout
+    assert json.loads(plan.read_text())["format"] == "moemix-plan"
+    out = tmp_path / "q"
+    done = subprocess.run(cli + ["quantize", str(random_mixtral), "--budget", "3", "--group-size", "32",
+                                 "--pin", "model.layers.*.self_attn=4", "--calib", str(calib), "--calib-samples", "4",
+                                 "-o", str(out), "--quiet"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quantizer"] == "gptq" and qc["summary"]["avg_payload_bits"] <= 3.0
+    assert qc["modules"]["model.layers.1.self_attn.o_proj"]["bits"] == 4
+    heatmap = tmp_path / "bits.png"
+    done = subprocess.run(cli + ["inspect", str(out), "--heatmap", str(heatmap)], capture_output=True, text=True)
+    assert done.returncode == 0 and heatmap.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    done = subprocess.run(cli + ["plan", str(random_mixtral), "--budget", "1.2", "--strategy", "uniform",
+                                 "-o", str(tmp_path / "p2.json"), "--group-size", "32"], capture_output=True, text=True)
+    assert done.returncode == 2 and "impossible budget" in done.stderr

@@ -93,12 +93,14 @@ def data_context(random_qwen2moe):
     return build_context(random_qwen2moe, "optimizer", None, group_size=32, sym=False, pins={}, progress=False)
 
 
-def test_calibrated_layers_match_full_forward(random_qwen2moe):
+@pytest.mark.parametrize("fixture", ["random_qwen2moe", "random_mixtral"])
+def test_calibrated_layers_match_full_forward(fixture, request):
     from transformers import AutoModelForCausalLM
 
-    model = LayerwiseModel(random_qwen2moe)
+    path = request.getfixturevalue(fixture)
+    model = LayerwiseModel(path)
     samples = torch.randint(0, 320, (3, 24), generator=torch.Generator().manual_seed(1))
-    ref = AutoModelForCausalLM.from_pretrained(random_qwen2moe, dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     ref.config._attn_implementation = "sdpa"
     hidden = ref(samples, output_hidden_states=True).hidden_states
     for index, _, stats in iterate_layers(model, samples, batch_size=2, progress=False):

@@ -146,6 +146,20 @@ def test_qwen2_moe_shared_expert(tmp_path_factory):
     assert_matches_reference(got, hf_reference(ckpt, tmp_path_factory))
 
 
+def test_perplexity_through_vllm_matches_reference(mixtral_ckpt):
+    """`moemix eval` scores with vLLM; KL/top-1 use transformers: both must agree on perplexity."""
+    from transformers import AutoTokenizer
+
+    from vllm_moemix.evaluate import Windows, compare_to_reference, perplexity_vllm, reference_logprobs
+
+    windows = Windows.from_text(AutoTokenizer.from_pretrained(mixtral_ckpt), TRAINED_MIXTRAL.parent / "heldout.txt",
+                                max_windows=4)
+    ppl = perplexity_vllm(mixtral_ckpt, windows, dtype="float32")
+    cmp = compare_to_reference(mixtral_ckpt, windows, reference_logprobs(TRAINED_MIXTRAL, windows))
+    assert ppl == pytest.approx(cmp.perplexity, rel=1e-3)
+    assert 0 < cmp.kl < 1 and 0.5 < cmp.top1 < 1
+
+
 def test_vllm_names_a_missing_tensor(mixtral_ckpt, tmp_path):
     """A checkpoint whose zero points for one expert were deleted fails loading with the module named."""
     from safetensors.torch import load_file, save_file

@@ -54,6 +54,13 @@ class Architecture:
     attention_fused: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"),)
     shared_expert: Mlp | None = None
     dense_mlp: Mlp | None = None  # used by layers that are not MoE
+    hf_renames: tuple[tuple[str, str], ...] = ()  # checkpoint -> transformers module path pieces
+
+    def hf_path(self, name: str) -> str:
+        """Where a checkpoint module lives in transformers' own module tree (they may differ)."""
+        for ckpt, hf in self.hf_renames:
+            name = name.replace(ckpt, hf)
+        return name
 
 
 @dataclass(frozen=True)
@@ -94,6 +101,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             attention=LLAMA_ATTENTION,
             experts=Mlp("block_sparse_moe.experts", "w1", "w3", "w2", lambda c: c.intermediate_size),
             router="block_sparse_moe.gate",
+            hf_renames=(("block_sparse_moe.", "mlp."),),  # transformers >= 5 renames on load
             num_experts=lambda c: c.num_local_experts,
             is_moe_layer=lambda c, layer: True,
         ),

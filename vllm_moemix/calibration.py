@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from vllm_moemix.arch import ROLE_EXPERT, LinearInfo, architecture_for, quantizable_linears
+from vllm_moemix.arch import ROLE_EXPERT, architecture_for, quantizable_linears
 from vllm_moemix.checkpoint.source import SafetensorsSource
 from vllm_moemix.quant.gptq import HessianAccumulator
 
@@ -80,8 +80,9 @@ class LayerwiseModel:
         layer.to_empty(device="cpu")
         prefix = f"model.layers.{index}."
         experts = self.arch.experts
+        from_hf = {self.arch.hf_path(n): n for n in self.source.names() if n.startswith(prefix)}
         for name, param in layer.named_parameters():
-            full = prefix + name
+            full = from_hf.get(prefix + name, prefix + name)
             if full in self.source:
                 param.data.copy_(self.source.get(full))
             elif name.endswith(("experts.gate_up_proj", "experts.down_proj")):
@@ -103,16 +104,16 @@ class LayerwiseModel:
         self.skeleton.model.layers[index].to("meta")
 
 
-def _hook_linears(layer: torch.nn.Module, index: int, linears: dict[str, LinearInfo], stats: LayerStats):
+def _hook_linears(layer: torch.nn.Module, index: int, model: LayerwiseModel, stats: LayerStats):
     """Pre-hooks on the nn.Linear modules of attention / shared experts / dense MLPs (one per fused group)."""
     handles, groups = [], {}
     prefix = f"model.layers.{index}."
-    for name, info in linears.items():
+    for name, info in model.linears.items():
         group = info.fused_with or (name,)
         if info.layer != index or info.role == ROLE_EXPERT or group in groups:
             continue
         acc = groups[group] = HessianAccumulator(info.in_features)
-        module = layer.get_submodule(name.removeprefix(prefix))
+        module = layer.get_submodule(model.arch.hf_path(name).removeprefix(prefix))
         handles.append(module.register_forward_pre_hook(lambda _m, args, acc=acc: acc.add(args[0])))
 
     def finish() -> None:
@@ -127,7 +128,7 @@ def _hook_linears(layer: torch.nn.Module, index: int, linears: dict[str, LinearI
 def _hook_experts(layer: torch.nn.Module, index: int, model: LayerwiseModel, stats: LayerStats) -> list:
     """Per-expert statistics from the experts module's inputs: (hidden, top_k_index, top_k_weights)."""
     arch = model.arch
-    experts_module = layer.get_submodule(arch.experts.prefix)
+    experts_module = layer.get_submodule(arch.hf_path(arch.experts.prefix))
     num_experts = arch.num_experts(model.config)
     hidden = model.config.hidden_size
     inter = arch.experts.intermediate(model.config)
@@ -193,7 +194,7 @@ def iterate_layers(model: LayerwiseModel, samples: torch.Tensor, batch_size: int
         for index in tqdm(range(model.config.num_hidden_layers), desc="calibrate", unit="layer", disable=not progress):
             layer = model.load_layer(index)
             stats = LayerStats(index)
-            handles, finish_linears = _hook_linears(layer, index, model.linears, stats)
+            handles, finish_linears = _hook_linears(layer, index, model, stats)
             finishers = [finish_linears]
             if model.arch.is_moe_layer(model.config, index):
                 more, finish_experts = _hook_experts(layer, index, model, stats)

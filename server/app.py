@@ -1,0 +1,96 @@
+"""build_app(pool, settings): the FastAPI application over a started EnginePool.
+
+Errors are OpenAI JSON everywhere: vLLM's own exception handlers (validation -> 400, VLLMError subclasses to
+their status, anything else -> 500 with a sanitized message) plus ours (413 body too large). No request can
+take the process down: every exception ends as a JSON error for that request only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from argparse import Namespace
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import server
+from server import metrics as metrics_mod
+from server.engine import EnginePool
+from server.errors import error_response
+from server.middleware.admission import AdmissionReleaseMiddleware
+from server.middleware.auth import APIKeyMiddleware
+from server.middleware.body_limit import BodyLimitMiddleware, BodyTooLarge
+from server.routes import chat, completions, health, metrics, models, tokenize
+from server.settings import ServerSettings
+
+logger = logging.getLogger("moemix.server")
+
+
+def _lifespan(pool: EnginePool, log_interval_s: float):
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        async def log_stats():  # vLLM's periodic throughput log lines, as its own server does
+            while True:
+                await asyncio.sleep(log_interval_s)
+                for eng in pool.engines.values():
+                    with contextlib.suppress(Exception):
+                        await eng.client.do_log_stats()
+
+        task = asyncio.create_task(log_stats())
+        try:
+            yield
+        finally:
+            # Runs after uvicorn has drained in-flight requests (timeout_graceful_shutdown).
+            task.cancel()
+            logger.info("stopping engines")
+            pool.shutdown()
+
+    return lifespan
+
+
+def build_app(pool: EnginePool, settings: ServerSettings, shutdown_engines: bool = True) -> FastAPI:
+    import vllm.envs as envs
+    from vllm.entrypoints.serve.exception_handling.handlers.validation import validation_exception_handler
+    from vllm.entrypoints.serve.exception_handling.register import init_exception_handler
+
+    lifespan = _lifespan(pool, envs.VLLM_LOG_STATS_INTERVAL) if shutdown_engines else None
+    app = FastAPI(title="moemix OpenAI-compatible server", version=server.__version__, lifespan=lifespan)
+    app.state.pool = pool
+    app.state.settings = settings
+    # vLLM's exception handlers and SSE keep-alive read these two from app.state.args.
+    app.state.args = Namespace(log_error_stack=False, sse_keep_alive_interval=0)
+
+    for module in (completions, chat, models, tokenize, health, metrics):
+        module.attach_router(app)
+    init_exception_handler(app)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(req: Request, exc: RequestValidationError):
+        # vLLM's handler (bounded, sanitized message; `param` = the offending field), with the same `type`
+        # as every other 400 here.
+        resp = await validation_exception_handler(req, exc)
+        body = json.loads(resp.body)
+        body["error"]["type"] = "BadRequestError"
+        return JSONResponse(body, status_code=resp.status_code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException):  # unknown route 404, wrong method 405, ...
+        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(BodyTooLarge)
+    async def body_too_large(_: Request, exc: BodyTooLarge):
+        return error_response(413, str(exc))
+
+    # Added last = outermost: auth and size checks happen before anything else; slots are released last.
+    app.add_middleware(AdmissionReleaseMiddleware)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    if settings.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
+    metrics.instrument(app)
+    metrics_mod.install(pool)
+    return app

@@ -1,0 +1,145 @@
+"""`moemix serve MODEL [MODEL ...] --host H --port P [--config server.yaml] [--api-key K] [--max-queue N]`.
+
+`add_serve_parser(subparsers)` registers the subcommand on the `moemix` parser (handler in `func`);
+`python -m server serve ...` runs the same thing standalone.
+
+Start-up: read settings (fail fast on mistakes), bind the port (fail fast if taken), start every model's
+engine, then serve. SIGTERM/SIGINT: stop accepting, let in-flight requests finish (up to --drain-timeout),
+then stop the engines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import socket
+import sys
+
+from server.settings import ServerSettings, SettingsError, build_settings
+
+logger = logging.getLogger("moemix.server")
+
+
+def _json_dict(value: str) -> dict:
+    try:
+        parsed = json.loads(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from e
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return parsed
+
+
+def add_serve_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `serve` on an argparse subparsers object; sets `func=cmd_serve`."""
+    p = subparsers.add_parser(
+        "serve", help="OpenAI-compatible server for one or more models (moemix or plain checkpoints)",
+        description="Serve models through vLLM with an OpenAI-compatible API: /v1/completions, "
+                    "/v1/chat/completions, /v1/models, /tokenize, /health, /metrics, /version. "
+                    "Requests pick the model by their `model` field.")
+    p.add_argument("models", nargs="*", metavar="MODEL",
+                   help="model directory, served under that path, or NAME=PATH (also: `models:` in --config)")
+    p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    p.add_argument("--config", default=None, help="server YAML: models, per-model vLLM options, limits")
+    p.add_argument("--api-key", default=None,
+                   help="require `Authorization: Bearer KEY` on /v1/* and /tokenize (or env MOEMIX_API_KEY)")
+    p.add_argument("--max-queue", type=int, default=None,
+                   help="per model, requests allowed to wait beyond the engine batch (max_num_seqs); past it "
+                        "429 with Retry-After (default: unbounded)")
+    p.add_argument("--retry-after", dest="retry_after_s", type=int, default=None,
+                   help="Retry-After seconds on 429 (default 1)")
+    p.add_argument("--drain-timeout", dest="drain_timeout_s", type=float, default=None,
+                   help="on SIGTERM, seconds in-flight requests may take to finish (default 30)")
+    p.add_argument("--max-model-len", type=int, default=None, help="vLLM max_model_len for every model")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="vLLM max_num_seqs (batch) for every model")
+    p.add_argument("--dtype", default=None, help="vLLM dtype for every model (auto, bfloat16, float32, ...)")
+    p.add_argument("--enforce-eager", action="store_true", default=None, help="no torch.compile / CUDA graphs")
+    p.add_argument("--vllm-args", type=_json_dict, default=None,
+                   help='any other `vllm serve` options for every model, as JSON: \'{"seed": 0}\'')
+    p.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_serve)
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    overrides = dict(args.vllm_args or {})
+    for key in ("max_model_len", "max_num_seqs", "dtype", "enforce_eager"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    return build_settings(args.models, args.config, host=args.host, port=args.port, api_key=args.api_key,
+                          max_queue=args.max_queue, retry_after_s=args.retry_after_s,
+                          drain_timeout_s=args.drain_timeout_s, log_level=args.log_level,
+                          override_vllm_args=overrides or None)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise SettingsError(f"cannot bind {host}:{port}: {e.strerror}") from e
+    sock.set_inheritable(True)
+    return sock
+
+
+async def serve(settings: ServerSettings, sock: socket.socket | None = None) -> None:
+    import uvicorn
+
+    from server.app import build_app
+    from server.engine import start_pool
+
+    sock = sock or bind_socket(settings.host, settings.port)
+    pool = await start_pool(settings)
+    try:
+        app = build_app(pool, settings)
+        config = uvicorn.Config(app, log_level=settings.log_level, timeout_graceful_shutdown=settings.drain_timeout_s,
+                                timeout_keep_alive=5, access_log=settings.log_level == "debug")
+        server = uvicorn.Server(config)
+        host, port = sock.getsockname()[:2]
+        logger.info("serving %s on http://%s:%d", ", ".join(pool.engines), host, port)
+        await server.serve(sockets=[sock])
+    finally:
+        pool.shutdown()  # idempotent with the lifespan's; covers a failure before uvicorn started
+        sock.close()
+
+
+def _interrupt(*_):
+    raise KeyboardInterrupt("terminated")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    try:
+        settings = settings_from_args(args)
+        sock = bind_socket(settings.host, settings.port)
+    except SettingsError as e:
+        print(f"moemix serve: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from e
+    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    # Until uvicorn installs its own handlers, SIGTERM interrupts start-up cleanly (engines are stopped).
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        asyncio.run(serve(settings, sock))
+    except KeyboardInterrupt:
+        pass
+    except SettingsError as e:
+        print(f"moemix serve: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from e
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_serve_parser(sub)
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

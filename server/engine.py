@@ -1,0 +1,183 @@
+"""The only module that builds vLLM objects: one AsyncLLM per served model, plus vLLM's own OpenAI serving
+classes (OpenAIServingCompletion, OpenAIServingChat, ServingTokenization, ...) wired exactly as vLLM's API
+server does (vllm.entrypoints.launchers.api_server.app_state.init_app_state), each in its own State.
+
+Per model the `vllm serve` argument namespace is built with vLLM's own parser, so every engine option
+(`max_model_len`, `dtype`, `enforce_eager`, `chat_template`, ...) means what it means in `vllm serve`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from starlette.datastructures import State
+
+from server.admission import AdmissionGate
+from server.facts import WeightFacts, read_weight_facts
+from server.metrics import SharedPrometheusStatLogger, Throughput, throughput_logger_factory
+from server.settings import ModelSettings, ServerSettings, SettingsError, to_vllm_argv
+
+logger = logging.getLogger("moemix.server")
+
+
+def vllm_serve_args(model: ModelSettings, options: dict[str, Any]) -> argparse.Namespace:
+    """The namespace `vllm serve --model PATH --served-model-name NAME <options>` would produce."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    argv = ["--model", model.path, "--served-model-name", model.name, *to_vllm_argv(options)]
+    parser = make_arg_parser(FlexibleArgumentParser(prog=f"vllm_args of {model.name}"))
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            args = parser.parse_args(argv)
+    except SystemExit as e:
+        raise SettingsError(f"model {model.name}: bad vllm_args {options}: {err.getvalue().strip()}") from e
+    try:
+        validate_parsed_serve_args(args)
+    except Exception as e:
+        raise SettingsError(f"model {model.name}: {e}") from e
+    return args
+
+
+@dataclass
+class ModelEngine:
+    name: str
+    path: str
+    args: argparse.Namespace
+    client: Any  # vllm.v1.engine.async_llm.AsyncLLM
+    state: State  # vLLM serving objects for this model
+    facts: WeightFacts
+    gate: AdmissionGate
+    throughput: Throughput
+    start_seconds: float = 0.0
+    stopped: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def completion(self):
+        return self.state.openai_serving_completion
+
+    @property
+    def chat(self):
+        return self.state.openai_serving_chat
+
+    @property
+    def tokenization(self):
+        return self.state.serving_tokenization
+
+    @property
+    def max_model_len(self) -> int:
+        return self.client.model_config.max_model_len
+
+    @property
+    def dead(self) -> bool:
+        try:
+            return bool(self.client.errored)
+        except Exception:
+            return True
+
+    def engine_pids(self) -> list[int]:
+        try:
+            manager = self.client.engine_core.resources.engine_manager
+            return [p.pid for p in manager.processes if p.pid is not None]
+        except AttributeError:
+            return []
+
+    def shutdown(self) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        try:
+            self.client.shutdown()
+        except Exception:
+            logger.exception("shutting down %s", self.name)
+
+
+@dataclass
+class EnginePool:
+    engines: dict[str, ModelEngine]
+
+    @property
+    def default(self) -> ModelEngine:
+        return next(iter(self.engines.values()))
+
+    def get(self, name: str | None) -> ModelEngine | None:
+        """The engine serving `name`; the first model when the request names none."""
+        if not name:
+            return self.default
+        return self.engines.get(name)
+
+    def shutdown(self) -> None:
+        """Stop every engine (concurrently: each takes seconds); safe to call twice."""
+        engines = [e for e in self.engines.values() if not e.stopped]
+        threads = [threading.Thread(target=e.shutdown, name=f"stop-{e.name}") for e in engines]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+
+def _build_client(args: argparse.Namespace, throughput: Throughput):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    engine_args = AsyncEngineArgs.from_cli_args(args)
+    return AsyncLLM.from_engine_args(engine_args, usage_context=UsageContext.OPENAI_API_SERVER,
+                                     stat_loggers=[SharedPrometheusStatLogger, throughput_logger_factory(throughput)])
+
+
+async def start_engine(model: ModelSettings, settings: ServerSettings) -> ModelEngine:
+    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+
+    args = vllm_serve_args(model, settings.vllm_args_for(model))
+    facts = read_weight_facts(model.path) if Path(model.path).is_dir() else WeightFacts(path=model.path)
+    throughput = Throughput()
+    t0 = time.perf_counter()
+    # In a worker thread: the constructor blocks until the engine core is up (tens of seconds), and other
+    # models start meanwhile. AsyncLLM starts its output handler lazily on the event loop at first use.
+    client = await asyncio.to_thread(_build_client, args, throughput)
+    try:
+        tasks = await client.get_supported_tasks()
+        if "generate" not in tasks:
+            raise SettingsError(f"model {model.name} supports {tasks}, not text generation")
+        state = State()
+        await init_app_state(client, state, args, tasks)
+    except BaseException:
+        client.shutdown()
+        raise
+    max_queue = settings.max_queue_for(model)
+    limit = None if max_queue is None else client.vllm_config.scheduler_config.max_num_seqs + max_queue
+    eng = ModelEngine(name=model.name, path=model.path, args=args, client=client, state=state, facts=facts,
+                      gate=AdmissionGate(limit), throughput=throughput, start_seconds=time.perf_counter() - t0)
+    logger.info("model %s (%s) ready in %.1f s; quant_method=%s; admission limit %s", eng.name, eng.path,
+                eng.start_seconds, facts.quant_method, limit)
+    return eng
+
+
+async def start_pool(settings: ServerSettings) -> EnginePool:
+    """Start every model's engine concurrently; if any fails, stop the others and raise the first error."""
+    results = await asyncio.gather(*(start_engine(m, settings) for m in settings.models), return_exceptions=True)
+    started = [r for r in results if isinstance(r, ModelEngine)]
+    errors = [r for r in results if not isinstance(r, ModelEngine)]
+    if errors:
+        for eng in started:
+            eng.shutdown()
+        raise errors[0]
+    return EnginePool({eng.name: eng for eng in started})
+
+
+async def wait_idle(pool: EnginePool, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(e.gate.in_flight for e in pool.engines.values()):
+        await asyncio.sleep(0.1)

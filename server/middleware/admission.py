@@ -1,0 +1,24 @@
+"""Releases the admission slots a generation route took, when the whole ASGI exchange is over.
+
+The route appends its Slot to scope[SLOTS_SCOPE_KEY]; this middleware releases them in `finally`, after a
+streamed body has been sent to the end, the client disconnected, or anything raised: slots cannot leak.
+"""
+
+from __future__ import annotations
+
+SLOTS_SCOPE_KEY = "moemix.admission_slots"
+
+
+class AdmissionReleaseMiddleware:
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        slots = scope[SLOTS_SCOPE_KEY] = []
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            for slot in slots:
+                slot.release()

@@ -1,0 +1,31 @@
+"""POST /v1/chat/completions (vLLM's ChatCompletionRequest; the model's chat template; SSE streaming)."""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from server.routes.common import admit, render, resolve
+from server.routes.completions import _ERRORS
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+from vllm.entrypoints.serve.utils.api_utils import validate_json_request, with_cancellation
+
+router = APIRouter()
+
+
+@router.post("/v1/chat/completions", dependencies=[Depends(validate_json_request)],
+             responses={HTTPStatus.OK.value: {"content": {"text/event-stream": {}}}, **_ERRORS})
+@with_cancellation
+async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request):
+    eng = resolve(raw_request, request.model)
+    if isinstance(eng, JSONResponse):
+        return eng
+    if (rejected := admit(raw_request, eng, request)) is not None:
+        return rejected
+    return render(await eng.chat.create_chat_completion(request, raw_request), raw_request)
+
+
+def attach_router(app: FastAPI) -> None:
+    app.include_router(router)

@@ -1,0 +1,27 @@
+"""POST /tokenize (vLLM's TokenizeRequest: `prompt` or chat `messages`, routed by `model`)."""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from server.routes.common import render, resolve
+from server.routes.completions import _ERRORS
+from vllm.entrypoints.serve.tokenize.protocol import TokenizeRequest
+from vllm.entrypoints.serve.utils.api_utils import validate_json_request
+
+router = APIRouter()
+
+
+@router.post("/tokenize", dependencies=[Depends(validate_json_request)], responses=_ERRORS)
+async def tokenize(request: TokenizeRequest, raw_request: Request):
+    eng = resolve(raw_request, request.model)
+    if isinstance(eng, JSONResponse):
+        return eng
+    return render(await eng.tokenization.create_tokenize(request, raw_request), raw_request)
+
+
+def attach_router(app: FastAPI) -> None:
+    app.include_router(router)

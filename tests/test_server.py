@@ -1,0 +1,423 @@
+"""The OpenAI-compatible server, end to end: a real `python -m server serve` process (uvicorn on 127.0.0.1,
+a free port) serving the trained tiny-mixtral twice, bf16 and moemix-quantized (plans/tiny-mixtral-mixed.json),
+from a YAML config; spoken to with the official `openai` client and raw HTTP.
+
+One server for the whole module (two engines start in ~45 s on 2 cores); the graceful-shutdown test stops
+it and therefore runs last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import REPO, TRAINED_MIXTRAL
+
+pytestmark = pytest.mark.vllm
+
+API_KEY = "test-key"
+BF16, MOEMIX = "tiny-bf16", "tiny-moemix"
+BF16_MAX_NUM_SEQS = 2  # with max_queue 0: the 3rd concurrent request to tiny-bf16 gets 429
+PROMPT = "The Python interpreter"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen, port: int, log: Path):
+        self.proc, self.port, self.log = proc, port, log
+        self.url = f"http://127.0.0.1:{port}"
+        self.auth = {"Authorization": f"Bearer {API_KEY}"}
+
+    def log_tail(self, n: int = 60) -> str:
+        lines = self.log.read_text(errors="replace").splitlines()
+        return "\n".join(lines[-n:])
+
+    def client(self, **kwargs):
+        import openai
+
+        return openai.OpenAI(**{"base_url": f"{self.url}/v1", "api_key": API_KEY, "max_retries": 0, "timeout": 60,
+                                **kwargs})
+
+    def post(self, path: str, body, headers=None, **kwargs) -> httpx.Response:
+        headers = {**self.auth, **(headers or {})}
+        if isinstance(body, (bytes, str)):
+            return httpx.post(self.url + path, content=body, headers={"content-type": "application/json", **headers},
+                              timeout=60, **kwargs)
+        return httpx.post(self.url + path, json=body, headers=headers, timeout=60, **kwargs)
+
+    def metrics(self) -> dict[tuple[str, frozenset], float]:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = httpx.get(self.url + "/metrics", timeout=30).text
+        return {(s.name, frozenset(s.labels.items())): s.value
+                for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+    def tokens(self, **body) -> list[int]:
+        r = self.post("/tokenize", body)
+        assert r.status_code == 200, r.text
+        return r.json()["tokens"]
+
+
+def metric(samples, name: str, **labels) -> float | None:
+    want = set(labels.items())
+    for (n, lab), value in samples.items():
+        if n == name and want <= lab:
+            return value
+    return None
+
+
+@pytest.fixture(scope="module")
+def moemix_ckpt(tmp_path_factory) -> Path:
+    from vllm_moemix.checkpoint.writer import quantize_checkpoint
+    from vllm_moemix.plan import Plan
+
+    if not (TRAINED_MIXTRAL / "config.json").exists():
+        pytest.fail(f"{TRAINED_MIXTRAL} is missing: the embedded models ship in the repo (rebuild: make models)")
+    out = tmp_path_factory.mktemp("server") / "tiny-mixtral-moemix"
+    quantize_checkpoint(TRAINED_MIXTRAL, Plan.load(REPO / "plans" / "tiny-mixtral-mixed.json"), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(moemix_ckpt, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    config = tmp / "server.yaml"
+    config.write_text(json.dumps({  # JSON is YAML
+        "max_queue": 8,
+        "retry_after_s": 2,
+        "drain_timeout_s": 60,
+        "vllm_args": {"max_model_len": 256, "max_num_seqs": 4, "enforce_eager": True},
+        "models": [
+            {"name": BF16, "path": str(TRAINED_MIXTRAL), "max_queue": 0,
+             "vllm_args": {"max_num_seqs": BF16_MAX_NUM_SEQS}},
+            {"name": MOEMIX, "path": str(moemix_ckpt)},
+        ],
+    }))
+    port = free_port()
+    log = tmp / "server.log"
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", PYTHONUNBUFFERED="1")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--config", str(config), "--host",
+                                 "127.0.0.1", "--port", str(port), "--api-key", API_KEY],
+                                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    srv = Server(proc, port, log)
+    deadline = time.monotonic() + 300
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode} during start-up:\n{srv.log_tail()}")
+        try:
+            if httpx.get(srv.url + "/health", timeout=5).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"server not healthy after 300 s:\n{srv.log_tail()}")
+        time.sleep(1)
+    yield srv
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# ----------------------------------------------------------------------------------------------- the API
+
+
+def test_models_list_moemix_facts(server, moemix_ckpt):
+    models = {m.id: m for m in server.client().models.list().data}
+    assert set(models) == {BF16, MOEMIX}
+    summary = json.loads((moemix_ckpt / "config.json").read_text())["quantization_config"]["summary"]
+    facts = models[MOEMIX].model_extra["moemix"]
+    assert facts["avg_bits"] == summary["avg_bits"] and facts["avg_payload_bits"] == summary["avg_payload_bits"]
+    assert facts["bytes_by_width"] == summary["bytes_by_width"] and set(facts["bytes_by_width"]) == {"2", "3", "4", "8"}
+    assert models[BF16].model_extra["moemix"] is None
+    bf16_w, moemix_w = models[BF16].model_extra["weights"], models[MOEMIX].model_extra["weights"]
+    assert bf16_w["avg_bits"] == 16.0 and set(bf16_w["weight_bytes_by_component"]["experts"]) == {"bf16"}
+    assert set(moemix_w["weight_bytes_by_component"]["experts"]) == {"2", "3", "4", "8"}
+    assert moemix_w["weight_bytes"] < bf16_w["weight_bytes"] / 2
+    assert models[MOEMIX].max_model_len == 256
+    assert server.client().models.retrieve(MOEMIX).id == MOEMIX
+
+
+@pytest.mark.parametrize("model", [BF16, MOEMIX])
+def test_completion_usage_and_streaming(server, model):
+    client = server.client()
+    prompt_tokens = len(server.tokens(model=model, prompt=PROMPT))
+    args = dict(model=model, prompt=PROMPT, max_tokens=12, temperature=0.0, extra_body={"ignore_eos": True})
+    full = client.completions.create(**args)
+    assert full.model == model and full.choices[0].finish_reason == "length"
+    assert (full.usage.prompt_tokens, full.usage.completion_tokens, full.usage.total_tokens) == (
+        prompt_tokens, 12, prompt_tokens + 12)
+
+    chunks = list(client.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == full.choices[0].text  # greedy: streaming and not give the same tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    usage = chunks[-1].usage  # include_usage: one last chunk with usage and no choices
+    assert not chunks[-1].choices and usage.completion_tokens == 12 and usage.prompt_tokens == prompt_tokens
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_chat_uses_the_models_template(server):
+    messages = [{"role": "user", "content": "What is a list?"}]
+    template_tokens = server.tokens(model=MOEMIX, messages=messages, add_generation_prompt=True)
+    rendered = "user: What is a list?\nassistant:"  # models/tiny-mixtral/chat_template.jinja
+    assert template_tokens == server.tokens(model=MOEMIX, prompt=rendered, add_special_tokens=False)
+
+    client = server.client()
+    args = dict(model=MOEMIX, messages=messages, max_tokens=10, temperature=0.0, extra_body={"ignore_eos": True})
+    full = client.chat.completions.create(**args)
+    assert full.choices[0].message.role == "assistant" and full.choices[0].message.content
+    assert (full.usage.prompt_tokens, full.usage.completion_tokens) == (len(template_tokens), 10)
+
+    chunks = list(client.chat.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == 10 and chunks[-1].usage.prompt_tokens == len(template_tokens)
+
+
+def test_sse_wire_format(server):
+    body = {"model": MOEMIX, "prompt": PROMPT, "max_tokens": 4, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=server.auth, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        raw = r.read().decode()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    payloads = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+    assert all(e.startswith("data: ") for e in events[:-1])
+    assert payloads[-1]["usage"]["completion_tokens"] == 4
+
+
+def test_parallel_streams_all_complete(server):
+    """More concurrent streams than the engine batch (max_num_seqs 4): the rest wait, none is lost."""
+    client = server.client()
+    n, max_tokens = 8, 16
+
+    def one(i: int):
+        stream = client.completions.create(model=MOEMIX, prompt=f"{PROMPT} {i}", max_tokens=max_tokens,
+                                           temperature=0.8, seed=i, stream=True, extra_body={"ignore_eos": True},
+                                           stream_options={"include_usage": True})
+        chunks = list(stream)
+        return chunks[-1].usage.completion_tokens, [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+
+    with ThreadPoolExecutor(n) as pool:
+        results = list(pool.map(one, range(n)))
+    assert results == [(max_tokens, "length")] * n
+
+
+# -------------------------------------------------------------------------------------------------- errors
+
+
+def assert_openai_error(r: httpx.Response, status: int, err_type: str) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) >= {"message", "type", "param", "code"}
+    assert err["type"] == err_type and err["code"] == status and err["message"]
+    return err
+
+
+def test_bad_requests_are_400(server):
+    assert_openai_error(server.post("/v1/completions", b'{"model": "tiny-moemix", "prompt": '), 400, "BadRequestError")
+    assert_openai_error(server.post("/v1/completions", b"[1, 2]"), 400, "BadRequestError")
+    err = assert_openai_error(server.post("/v1/completions", {"model": MOEMIX, "prompt": "x", "max_tokens": -1}),
+                              400, "BadRequestError")
+    assert err["param"] == "max_tokens"
+    err = assert_openai_error(server.post("/v1/completions", {"model": MOEMIX, "prompt": "x", "temperature": "hot"}),
+                              400, "BadRequestError")
+    assert "temperature" in err["param"]
+    long_prompt = "import os " * 300
+    err = assert_openai_error(server.post("/v1/completions", {"model": MOEMIX, "prompt": long_prompt}),
+                              400, "BadRequestError")
+    assert "context length" in err["message"]
+    assert_openai_error(server.post("/v1/chat/completions", {"model": MOEMIX, "messages": "hi"}), 400,
+                        "BadRequestError")
+    r = httpx.post(server.url + "/v1/completions", content=b"x", headers={**server.auth, "content-type": "text/plain"})
+    assert_openai_error(r, 400, "BadRequestError")
+
+    import openai
+
+    with pytest.raises(openai.BadRequestError):
+        server.client().completions.create(model=MOEMIX, prompt="x", max_tokens=100_000)
+
+
+def test_unknown_model_is_404(server):
+    import openai
+
+    err = assert_openai_error(server.post("/v1/completions", {"model": "gpt-5", "prompt": "x"}), 404, "NotFoundError")
+    assert err["param"] == "model" and MOEMIX in err["message"]
+    with pytest.raises(openai.NotFoundError):
+        server.client().chat.completions.create(model="gpt-5", messages=[{"role": "user", "content": "hi"}])
+    assert_openai_error(httpx.get(server.url + "/v1/models/gpt-5", headers=server.auth), 404, "NotFoundError")
+
+
+def test_api_key_is_required_on_v1(server):
+    import openai
+
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        r = httpx.post(server.url + "/v1/completions", json={"model": MOEMIX, "prompt": "x"}, headers=headers)
+        assert_openai_error(r, 401, "AuthenticationError")
+    assert httpx.get(server.url + "/v1/models").status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        server.client(api_key="wrong").models.list()
+    # probes and scrapers need no key
+    assert httpx.get(server.url + "/health").status_code == 200
+    assert httpx.get(server.url + "/metrics").status_code == 200
+
+
+def test_overload_is_429_and_disconnect_aborts(server):
+    """tiny-bf16 admits max_num_seqs + max_queue = 2 requests; the 3rd gets 429 + Retry-After. Dropping the two
+    streams aborts them in the engine (vLLM counts finished_reason="abort") and frees the slots."""
+    import openai
+
+    client = server.client()
+    before = metric(server.metrics(), "vllm:request_success_total", model_name=BF16, finished_reason="abort") or 0
+    streams = []
+    for i in range(BF16_MAX_NUM_SEQS):
+        s = client.completions.create(model=BF16, prompt=f"{PROMPT} {i}", max_tokens=200, stream=True,
+                                      extra_body={"ignore_eos": True})
+        next(iter(s))  # admitted and generating
+        streams.append(s)
+    try:
+        r = server.post("/v1/completions", {"model": BF16, "prompt": "x", "max_tokens": 2})
+        assert_openai_error(r, 429, "RateLimitError")
+        assert r.headers["retry-after"] == "2"
+        with pytest.raises(openai.RateLimitError):
+            client.chat.completions.create(model=BF16, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        # the other model is not affected
+        assert client.completions.create(model=MOEMIX, prompt="x", max_tokens=2).usage.completion_tokens == 2
+    finally:
+        for s in streams:
+            s.close()  # client disconnect mid-stream
+
+    deadline = time.monotonic() + 30
+    while True:
+        m = server.metrics()
+        aborted = metric(m, "vllm:request_success_total", model_name=BF16, finished_reason="abort")
+        running = metric(m, "vllm:num_requests_running", model_name=BF16)
+        in_flight = metric(m, "moemix_requests_in_flight", model=BF16)
+        if aborted - before >= BF16_MAX_NUM_SEQS and running == 0 and in_flight == 0:
+            break
+        assert time.monotonic() < deadline, (aborted, before, running, in_flight)
+        time.sleep(0.5)
+    assert metric(m, "moemix_requests_rejected_total", model=BF16) >= 2
+    assert client.completions.create(model=BF16, prompt="x", max_tokens=2).usage.completion_tokens == 2
+
+
+# ------------------------------------------------------------------------------- health, metrics, misc
+
+
+def test_health_version_tokenize(server):
+    r = httpx.get(server.url + "/health")
+    assert r.status_code == 200 and r.json()["models"] == {BF16: "ok", MOEMIX: "ok"}
+    v = httpx.get(server.url + "/version").json()
+    assert v["vllm"] == "0.32.0" and v["version"]
+    tok = server.post("/tokenize", {"model": MOEMIX, "prompt": "import os"}).json()
+    assert tok["count"] == len(tok["tokens"]) > 0 and tok["max_model_len"] == 256
+    assert server.post("/tokenize", {"model": "nope", "prompt": "x"}).status_code == 404
+    assert httpx.post(server.url + "/tokenize", json={"model": MOEMIX, "prompt": "x"}).status_code == 401
+
+
+def test_metrics_vllm_per_model_and_moemix(server, moemix_ckpt):
+    server.client().completions.create(model=MOEMIX, prompt=PROMPT, max_tokens=8, extra_body={"ignore_eos": True})
+    m = server.metrics()
+    for model in (BF16, MOEMIX):  # vLLM's own metrics, one series per model in one registry
+        for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"):
+            assert metric(m, name, model_name=model) is not None, (name, model)
+        assert metric(m, "vllm:generation_tokens_total", model_name=model) > 0
+        assert metric(m, "vllm:e2e_request_latency_seconds_count", model_name=model) > 0
+        assert metric(m, "vllm:time_to_first_token_seconds_count", model_name=model) > 0
+        assert metric(m, "moemix_engine_healthy", model=model) == 1
+        assert metric(m, "moemix_engine_resident_memory_bytes", model=model) > 50 * 2**20
+    summary = json.loads((moemix_ckpt / "config.json").read_text())["quantization_config"]["summary"]
+    assert metric(m, "moemix_weight_average_bits", model=MOEMIX) == pytest.approx(summary["avg_bits"])
+    assert metric(m, "moemix_weight_average_payload_bits", model=MOEMIX) == pytest.approx(summary["avg_payload_bits"])
+    assert metric(m, "moemix_weight_average_bits", model=BF16) == 16
+    for width, n in summary["bytes_by_width"].items():
+        assert metric(m, "moemix_quantized_linear_bytes", model=MOEMIX, bits=width) == n
+    experts = {dict(lab)["bits"]: v for (n, lab), v in m.items()
+               if n == "moemix_weight_bytes" and ("model", MOEMIX) in lab and ("component", "experts") in lab}
+    assert set(experts) == {"2", "3", "4", "8"}
+    assert metric(m, "moemix_weight_bytes", model=BF16, component="experts", bits="bf16") > sum(experts.values())
+    assert metric(m, "moemix_generation_tokens_per_second", model=MOEMIX) > 0
+    assert metric(m, "moemix_server_resident_memory_bytes") > 0
+    assert metric(m, "http_requests_total", handler="/v1/completions", status="2xx") > 0
+
+
+def test_prometheus_scrapes_the_server(server, tmp_path):
+    """A real Prometheus (Debian package `prometheus`) scrapes /metrics; the value read back through its HTTP
+    API is the checkpoint's average bits."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("Prometheus not installed (apt-get install -y --no-install-recommends prometheus)")
+    port = free_port()
+    (tmp_path / "prometheus.yml").write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        "scrape_configs:\n"
+        f"  - job_name: moemix\n    static_configs: [{{targets: ['127.0.0.1:{server.port}']}}]\n")
+    log = open(tmp_path / "prometheus.log", "wb")
+    proc = subprocess.Popen([binary, f"--config.file={tmp_path / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        query = f'moemix_weight_average_bits{{model="{MOEMIX}"}}'
+        expected = metric(server.metrics(), "moemix_weight_average_bits", model=MOEMIX)
+        deadline, result = time.monotonic() + 60, []
+        while not result:
+            assert time.monotonic() < deadline, (tmp_path / "prometheus.log").read_text()[-3000:]
+            time.sleep(1)
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": query}, timeout=5)
+                result = r.json()["data"]["result"] if r.status_code == 200 else []
+            except httpx.TransportError:
+                continue
+        assert float(result[0]["value"][1]) == pytest.approx(expected)
+        r = httpx.get(f"http://127.0.0.1:{port}/api/v1/query",
+                      params={"query": 'sum by (model_name) (vllm:generation_tokens_total)'}, timeout=5)
+        assert {s["metric"]["model_name"] for s in r.json()["data"]["result"]} == {BF16, MOEMIX}
+        targets = httpx.get(f"http://127.0.0.1:{port}/api/v1/targets", timeout=5).json()["data"]["activeTargets"]
+        assert targets[0]["health"] == "up"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+
+
+# -------------------------------------------------------------------------------- graceful shutdown (last)
+
+
+def test_sigterm_drains_in_flight_requests(server):
+    """SIGTERM: new connections are refused, the stream already running finishes, the process exits 0."""
+    client = server.client()
+    stream = client.completions.create(model=MOEMIX, prompt=PROMPT, max_tokens=60, stream=True,
+                                       stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    it = iter(stream)
+    first = next(it)
+    server.proc.send_signal(signal.SIGTERM)
+    rest = list(it)
+    chunks = [first, *rest]
+    assert chunks[-1].usage.completion_tokens == 60
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    with pytest.raises(httpx.TransportError):
+        httpx.get(server.url + "/health", timeout=5)
+    assert server.proc.wait(60) == 0, server.log_tail()
