@@ -287,14 +287,17 @@ def test_api_key_is_required_on_v1(server):
 
 def test_overload_is_429_and_disconnect_aborts(server):
     """tiny-bf16 admits max_num_seqs + max_queue = 2 requests; the 3rd gets 429 + Retry-After. Dropping the two
-    streams aborts them in the engine (vLLM counts finished_reason="abort") and frees the slots."""
+    streams aborts them in the engine: it stops generating long before their 2 x 250 tokens, and the slots
+    are free again."""
     import openai
 
     client = server.client()
-    before = metric(server.metrics(), "vllm:request_success_total", model_name=BF16, finished_reason="abort") or 0
+    m0 = server.metrics()
+    tokens_before = metric(m0, "vllm:generation_tokens_total", model_name=BF16)
+    incomplete_before = metric(m0, "moemix_requests_incomplete_total", model=BF16)
     streams = []
     for i in range(BF16_MAX_NUM_SEQS):
-        s = client.completions.create(model=BF16, prompt=f"{PROMPT} {i}", max_tokens=200, stream=True,
+        s = client.completions.create(model=BF16, prompt=f"{PROMPT} {i}", max_tokens=250, stream=True,
                                       extra_body={"ignore_eos": True})
         next(iter(s))  # admitted and generating
         streams.append(s)
@@ -304,8 +307,6 @@ def test_overload_is_429_and_disconnect_aborts(server):
         assert r.headers["retry-after"] == "2"
         with pytest.raises(openai.RateLimitError):
             client.chat.completions.create(model=BF16, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
-        # the other model is not affected
-        assert client.completions.create(model=MOEMIX, prompt="x", max_tokens=2).usage.completion_tokens == 2
     finally:
         for s in streams:
             s.close()  # client disconnect mid-stream
@@ -313,14 +314,19 @@ def test_overload_is_429_and_disconnect_aborts(server):
     deadline = time.monotonic() + 30
     while True:
         m = server.metrics()
-        aborted = metric(m, "vllm:request_success_total", model_name=BF16, finished_reason="abort")
         running = metric(m, "vllm:num_requests_running", model_name=BF16)
         in_flight = metric(m, "moemix_requests_in_flight", model=BF16)
-        if aborted - before >= BF16_MAX_NUM_SEQS and running == 0 and in_flight == 0:
+        incomplete = metric(m, "moemix_requests_incomplete_total", model=BF16) - incomplete_before
+        if running == 0 and in_flight == 0 and incomplete == BF16_MAX_NUM_SEQS:
             break
-        assert time.monotonic() < deadline, (aborted, before, running, in_flight)
-        time.sleep(0.5)
+        assert time.monotonic() < deadline, (running, in_flight, incomplete)
+        time.sleep(0.2)
+    time.sleep(1)  # an engine that had not aborted would keep generating
+    generated = metric(server.metrics(), "vllm:generation_tokens_total", model_name=BF16) - tokens_before
+    assert generated < BF16_MAX_NUM_SEQS * 250 / 2, generated
     assert metric(m, "moemix_requests_rejected_total", model=BF16) >= 2
+    # the other model was never limited, and this one admits again
+    assert client.completions.create(model=MOEMIX, prompt="x", max_tokens=2).usage.completion_tokens == 2
     assert client.completions.create(model=BF16, prompt="x", max_tokens=2).usage.completion_tokens == 2
 
 
@@ -403,13 +409,75 @@ def test_prometheus_scrapes_the_server(server, tmp_path):
         log.close()
 
 
+FUZZ_EXAMPLES = 15  # per operation and mode: ~90 requests, ~10 s
+
+
+@pytest.mark.parametrize("mode", ["negative", "positive"])
+def test_fuzz_never_a_server_error(server, mode):
+    """Schemathesis, from the server's own OpenAPI schema: bodies that violate it (negative) and bodies that fit
+    it (positive) for the three POST endpoints. Every answer is < 500 and non-200 answers are OpenAI error
+    JSON. Positive bodies get max_tokens <= 4 and n <= 2 so the engine work stays bounded."""
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+
+    schema = schemathesis.openapi.from_dict(httpx.get(server.url + "/openapi.json", timeout=30).json())
+    generation_mode = schemathesis.GenerationMode(mode)
+    seen: dict[int, int] = {}
+    for path in ("/v1/completions", "/v1/chat/completions", "/tokenize"):
+        @given(case=schema[path]["POST"].as_strategy(generation_mode=generation_mode))
+        @settings(max_examples=FUZZ_EXAMPLES, deadline=None, phases=[Phase.generate], database=None,
+                  suppress_health_check=list(HealthCheck))
+        def check(case):
+            if generation_mode.is_positive and isinstance(case.body, dict):
+                for key in ("max_tokens", "max_completion_tokens"):
+                    value = case.body.get(key)
+                    case.body[key] = min(value, 4) if isinstance(value, int) and not isinstance(value, bool) else 4
+                if isinstance(case.body.get("n"), int):
+                    case.body["n"] = min(case.body["n"], 2)
+            r = case.call(base_url=server.url, headers=server.auth, timeout=60)
+            seen[r.status_code] = seen.get(r.status_code, 0) + 1
+            assert r.status_code < 500, (path, case.body, r.text[:2000])
+            if r.status_code != 200:
+                err = r.json()["error"]
+                assert err["code"] == r.status_code and err["message"] and err["type"], r.text
+
+        check()
+    assert sum(seen.values()) >= 3 * FUZZ_EXAMPLES / 2 and 400 in seen, seen
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_dead_engine_is_503_and_the_rest_keeps_serving(server):
+    """SIGKILL one model's engine-core process: /health turns 503 naming it, its requests get 503, the other
+    model and the server go on."""
+    import psutil
+
+    cores = [p for p in psutil.Process(server.proc.pid).children() if "EngineCore" in " ".join(p.cmdline() + [p.name()])]
+    assert len(cores) == 2, [(p.pid, p.name(), p.cmdline()) for p in cores]
+    victim = min(cores, key=lambda p: p.pid)
+    victim.kill()
+    deadline = time.monotonic() + 30
+    while (r := httpx.get(server.url + "/health", timeout=10)).status_code != 503:
+        assert time.monotonic() < deadline, r.text
+        time.sleep(0.5)
+    status = r.json()["models"]
+    assert sorted(status.values()) == ["dead", "ok"]
+    dead = next(name for name, s in status.items() if s == "dead")
+    alive = next(name for name, s in status.items() if s == "ok")
+    assert_openai_error(server.post("/v1/completions", {"model": dead, "prompt": "x", "max_tokens": 2}), 503,
+                        "ServiceUnavailableError")
+    assert server.client().completions.create(model=alive, prompt="x", max_tokens=2).usage.completion_tokens == 2
+    assert metric(server.metrics(), "moemix_engine_healthy", model=dead) == 0
+    server.alive_model = alive
+
+
 # -------------------------------------------------------------------------------- graceful shutdown (last)
 
 
 def test_sigterm_drains_in_flight_requests(server):
     """SIGTERM: new connections are refused, the stream already running finishes, the process exits 0."""
     client = server.client()
-    stream = client.completions.create(model=MOEMIX, prompt=PROMPT, max_tokens=60, stream=True,
+    model = getattr(server, "alive_model", MOEMIX)  # after test_dead_engine_is_503..., the surviving one
+    stream = client.completions.create(model=model, prompt=PROMPT, max_tokens=60, stream=True,
                                        stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
     it = iter(stream)
     first = next(it)

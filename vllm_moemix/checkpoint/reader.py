@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from vllm_moemix.checkpoint.format import load_config, read_quantization_config
+from vllm_moemix.checkpoint.format import SUFFIXES, load_config, read_quantization_config
 from vllm_moemix.checkpoint.source import SafetensorsSource
 from vllm_moemix.plan import Resolved
 from vllm_moemix.quant.tensors import dequantize_kn
@@ -36,7 +36,7 @@ def dequantized_state_dict(ckpt_dir: str | Path, dtype: torch.dtype = torch.floa
     state: dict[str, torch.Tensor] = {}
     for name in source.names():
         module, _, suffix = name.rpartition(".")
-        if module in quantized and suffix in ("qweight", "scales", "qzeros"):
+        if module in quantized and suffix in SUFFIXES:
             continue
         tensor = source.get(name)
         state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor

@@ -23,13 +23,13 @@ from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 from vllm.model_executor.utils import set_weight_attrs
 
 from vllm_moemix import packing
+from vllm_moemix.checkpoint.format import SUFFIXES
 from vllm_moemix.layers.kernels.base import ExpertsConfig, ExpertsKernel
 from vllm_moemix.layers.kernels.select import choose_experts_kernel
 from vllm_moemix.quant.tensors import SCALE_DTYPE
 from vllm_moemix.spec import PlanError, QuantSpec
 
 PROJECTIONS = ("w13", "w2")
-SUFFIXES = ("qweight", "scales", "qzeros")
 
 
 @dataclass
