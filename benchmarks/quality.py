@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def evaluate(ckpt: Path, windows: Windows, ref, use_vllm: bool) -> dict:
     cmp = compare_to_reference(ckpt, windows, ref)
-    row = {"kl": cmp.kl, "top1": cmp.top1, "ppl_hf": cmp.perplexity}
+    row = {"kl": cmp.kl, "top1": cmp.top1, "ppl_hf": cmp.perplexity, "ppl_vllm": None}
     if use_vllm:
         row["ppl_vllm"] = perplexity_vllm(ckpt, windows)
     return row
@@ -52,7 +52,9 @@ def main() -> None:
     parser.add_argument("--heldout", default=str(REPO / "models" / "heldout.txt"))
     parser.add_argument("--calib", default=str(REPO / "models" / "calib.txt"))
     parser.add_argument("--windows", type=int, default=24, help="held-out windows of 256 tokens")
-    parser.add_argument("--no-vllm", action="store_true", help="perplexity from transformers only (faster)")
+    parser.add_argument("--vllm-at", type=float, nargs="*", default=[2.5],
+                        help="budgets whose rows (and all baselines) also get perplexity through vLLM (an engine "
+                             "start each); other rows use transformers, equal to vLLM within 1e-3 (tests)")
     parser.add_argument("--out", default=str(REPO / "docs" / "quality"))
     args = parser.parse_args()
 
@@ -68,19 +70,19 @@ def main() -> None:
     console.print("calibrating (usage, block similarity, per-width GPTQ errors) ...")
     context = build_context(model, "optimizer", calib, args.group_size, False, {}, progress=True)
     gptq = HessianGPTQ.collect(model, calib.texts, calib.num_samples, calib.seq_len)
-    rows = [{"strategy": "bf16", "budget": 16.0, "avg_bits": 16.0, **evaluate(model, windows, ref, not args.no_vllm)}]
+    rows = [{"strategy": "bf16", "budget": 16.0, "avg_bits": 16.0, **evaluate(model, windows, ref, True)}]
 
     work = Path(tempfile.mkdtemp(prefix="moemix-quality-"))
     try:
         def measure(name: str, budget: float, plan: Plan, quantizer, avg_bits: float) -> None:
             ckpt = work / f"{name}-{budget}"
             quantize_checkpoint(model, plan, ckpt, quantizer=quantizer, progress=False)
-            row = {"strategy": name, "budget": budget, "avg_bits": avg_bits,
-                   **evaluate(ckpt, windows, ref, not args.no_vllm)}
+            use_vllm = name.startswith("uniform-") or budget in args.vllm_at
+            row = {"strategy": name, "budget": budget, "avg_bits": avg_bits, **evaluate(ckpt, windows, ref, use_vllm)}
             rows.append(row)
             shutil.rmtree(ckpt)
             console.print(f"{name:>18} @ {budget:<5} bits={avg_bits:.3f} KL={row['kl']:.4f} "
-                          f"top1={row['top1']:.3f} ppl={row.get('ppl_vllm', row['ppl_hf']):.2f}")
+                          f"top1={row['top1']:.3f} ppl={row['ppl_hf']:.2f} ppl_vllm={row['ppl_vllm']}")
 
         for bits in (2, 3, 4):
             for quantizer, label in ((RTNQuantizer(), "uniform-rtn"), (gptq, "uniform-gptq")):
@@ -104,16 +106,17 @@ def main() -> None:
 
 
 def write_markdown(path: Path, name: str, meta: dict, rows: list[dict], budgets: list[float]) -> None:
-    ppl_key = "ppl_vllm" if "ppl_vllm" in rows[0] else "ppl_hf"
     lines = [f"# Quality of bit-allocation strategies on {name}", "",
              f"Held-out: {meta['heldout_tokens']:,} tokens of Python docs not seen in training; group size "
-             f"{meta['group_size']}; {meta['quantizer']}; perplexity column: `{ppl_key}`. KL = mean "
+             f"{meta['group_size']}; {meta['quantizer']}. Perplexity from transformers on the dequantized weights; "
+             "`vLLM ppl` is the same text scored by vLLM's moemix method where measured. KL = mean "
              "KL(bf16 || quantized) of next-token distributions (nats/token), lower is better; top-1 = agreement "
              "of argmax with bf16. Bits = average integer bits over attention and expert linears.", ""]
-    lines += ["| strategy | budget | bits | KL | top-1 | perplexity |", "|---|---|---|---|---|---|"]
+    lines += ["| strategy | budget | bits | KL | top-1 | perplexity | vLLM ppl |", "|---|---|---|---|---|---|---|"]
     for r in rows:
+        vllm = "" if r["ppl_vllm"] is None else f"{r['ppl_vllm']:.2f}"
         lines.append(f"| {r['strategy']} | {r['budget']:g} | {r['avg_bits']:.3f} | {r['kl']:.4f} | "
-                     f"{r['top1']:.3f} | {r[ppl_key]:.2f} |")
+                     f"{r['top1']:.3f} | {r['ppl_hf']:.2f} | {vllm} |")
     lines += ["", "Best strategy per budget (by KL):", ""]
     for b in budgets:
         at = [r for r in rows if r["budget"] == b and r["strategy"] not in ("bf16",) and not r["strategy"].startswith("uniform-")]
@@ -131,7 +134,7 @@ def plot(path: Path, name: str, rows: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ppl_key = "ppl_vllm" if "ppl_vllm" in rows[0] else "ppl_hf"
+    ppl_key = "ppl_hf"
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     strategies = sorted({r["strategy"] for r in rows if r["strategy"] != "bf16"})
     for strategy in strategies:
@@ -144,7 +147,7 @@ def plot(path: Path, name: str, rows: list[dict]) -> None:
     axes[1].axhline(bf16[ppl_key], color="gray", linestyle=":", label="bf16")
     axes[0].set_yscale("log")
     axes[0].set_ylabel("KL(bf16 || quantized), nats/token (log)")
-    axes[1].set_ylabel(f"held-out perplexity ({ppl_key})")
+    axes[1].set_ylabel("held-out perplexity")
     for ax in axes:
         ax.set_xlabel("average bits per weight (attention + experts)")
         ax.grid(alpha=0.3)

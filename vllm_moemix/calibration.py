@@ -17,6 +17,9 @@ Experts that few calibration tokens reach still get a usable GPTQ Hessian: each
 expert also sees *all* tokens (as llm-compressor's MoE calibration context and
 MoEQuant's balanced sampling do), and its Hessian is the routed one blended with
 the all-token one: (n_e H_routed + a H_all) / (n_e + a), a = ALL_TOKEN_PRIOR.
+
+Memory per MoE layer beyond the layer's float32 weights and the activations:
+float32 accumulators of 2 H^2 + 3 I^2 per expert (H hidden, I expert intermediate).
 """
 
 from __future__ import annotations
@@ -137,28 +140,27 @@ def _hook_experts(layer: torch.nn.Module, index: int, model: LayerwiseModel, sta
              for e in range(num_experts)}
     sums = {"tokens": torch.zeros(num_experts), "mass": torch.zeros(num_experts)}
     acc = {
-        e: {"r13": torch.zeros(hidden, hidden, dtype=torch.float64), "r2": torch.zeros(inter, inter, dtype=torch.float64),
-            "w13": torch.zeros(hidden, hidden, dtype=torch.float64), "w2": torch.zeros(inter, inter, dtype=torch.float64)}
+        e: {"r13": torch.zeros(hidden, hidden, dtype=torch.float32), "r2": torch.zeros(inter, inter, dtype=torch.float32),
+            "w13": torch.zeros(hidden, hidden, dtype=torch.float32), "w2": torch.zeros(inter, inter, dtype=torch.float32)}
         for e in range(num_experts)
     }
-    all13 = torch.zeros(hidden, hidden, dtype=torch.float64)
-    all2 = {e: torch.zeros(inter, inter, dtype=torch.float64) for e in range(num_experts)}
+    all13 = torch.zeros(hidden, hidden, dtype=torch.float32)
+    all2 = {e: torch.zeros(inter, inter, dtype=torch.float32) for e in range(num_experts)}
     total = {"n": 0}
 
     def hook(module, args):
         x, top_k_index, top_k_weights = args[0].reshape(-1, hidden).float(), args[1], args[2].float()
-        xd = x.double()
-        all13.add_(xd.t() @ xd)
+        all13.add_(x.t() @ x)
         total["n"] += x.shape[0]
         for e in range(num_experts):
             gate_up = x @ module.gate_up_proj[e].t()
-            act = (F.silu(gate_up[:, :inter]) * gate_up[:, inter:]).double()
+            act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
             all2[e].add_(act.t() @ act)
             rows, slots = torch.where(top_k_index == e)
             if rows.numel() == 0:
                 continue
-            w = top_k_weights[rows, slots].double().unsqueeze(1)
-            xe, ae = xd[rows], act[rows]
+            w = top_k_weights[rows, slots].unsqueeze(1)
+            xe, ae = x[rows], act[rows]
             sums["tokens"][e] += rows.numel()
             sums["mass"][e] += w.sum().item()
             acc[e]["r13"].add_(xe.t() @ xe)
