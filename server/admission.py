@@ -20,9 +20,11 @@ class Slot:
         self._gate: AdmissionGate | None = gate
         self.n = n
 
-    def release(self) -> None:
+    def release(self, completed: bool = True) -> None:
+        """completed=False: the response was cut off (client went away mid-stream, or an error)."""
         if self._gate is not None:
             self._gate.in_flight -= self.n
+            self._gate.incomplete += not completed
             self._gate = None
 
 
@@ -30,7 +32,8 @@ class Slot:
 class AdmissionGate:
     limit: int | None  # None: unbounded
     in_flight: int = 0
-    rejected: int = 0
+    rejected: int = 0  # answered 429
+    incomplete: int = 0  # admitted, response not sent to its end
 
     def try_acquire(self, n: int = 1) -> Slot | None:
         n = max(1, n)

@@ -86,7 +86,8 @@ def build_app(pool: EnginePool, settings: ServerSettings, shutdown_engines: bool
     async def body_too_large(_: Request, exc: BodyTooLarge):
         return error_response(413, str(exc))
 
-    # Added last = outermost: auth and size checks happen before anything else; slots are released last.
+    # Added later = further out: HTTP metrics see everything, then auth and the size check run before any
+    # parsing; admission slots are released when the whole exchange is over.
     app.add_middleware(AdmissionReleaseMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.api_key:

@@ -176,8 +176,3 @@ async def start_pool(settings: ServerSettings) -> EnginePool:
         raise errors[0]
     return EnginePool({eng.name: eng for eng in started})
 
-
-async def wait_idle(pool: EnginePool, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(e.gate.in_flight for e in pool.engines.values()):
-        await asyncio.sleep(0.1)

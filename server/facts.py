@@ -134,7 +134,8 @@ def read_weight_facts(model_dir: str | Path) -> WeightFacts:
             start, end = info["data_offsets"]
             component = component_of(name)
             spec = modules.get(_module_of(name))
-            bits = str(spec["bits"]) if isinstance(spec, dict) else _DTYPE_BITS.get(info["dtype"], info["dtype"].lower())
+            dtype = _DTYPE_BITS.get(info["dtype"], info["dtype"].lower())
+            bits = str(spec["bits"]) if isinstance(spec, dict) else dtype
             bytes_by[(component, bits)] += end - start
             if component != "other" and bits in _FLOAT_WIDTH and name.endswith("weight") and not isinstance(spec, dict):
                 n = math.prod(info["shape"])

@@ -191,6 +191,9 @@ class MoemixCollector(Collector):
                                   "absent when unbounded.", labels=["model"])
         rejected = CounterMetricFamily("moemix_requests_rejected", "Requests answered 429 because the model's "
                                        "admission bound was reached.", labels=["model"])
+        incomplete = CounterMetricFamily("moemix_requests_incomplete", "Admitted generation requests whose "
+                                         "response was not sent to its end (client disconnected: the engine "
+                                         "aborted them).", labels=["model"])
         for eng in engines:
             name = eng.name
             for (component, bits), n in sorted(eng.facts.bytes_by.items()):
@@ -210,7 +213,9 @@ class MoemixCollector(Collector):
             if eng.gate.limit is not None:
                 limit.add_metric([name], eng.gate.limit)
             rejected.add_metric([name], eng.gate.rejected)
-        yield from (weight, avg, avg_payload, by_width, engine_rss, healthy, tps, in_flight, limit, rejected)
+            incomplete.add_metric([name], eng.gate.incomplete)
+        yield from (weight, avg, avg_payload, by_width, engine_rss, healthy, tps, in_flight, limit, rejected,
+                    incomplete)
 
         server_rss = GaugeMetricFamily("moemix_server_resident_memory_bytes", "Resident memory of the API server "
                                        "process alone (engines are separate processes).")

@@ -126,6 +126,9 @@ def build_settings(models: list[str], config: str | None = None, **flags: Any) -
     specs += [parse_model_arg(m) for m in models]
     if not specs:
         raise SettingsError("no model to serve: give MODEL arguments or `models:` in --config")
+    for m in specs:  # a filesystem path that is not there (anything else may be a Hugging Face repo id)
+        if (Path(m.path).is_absolute() or m.path.startswith((".", "~"))) and not Path(m.path).expanduser().exists():
+            raise SettingsError(f"model {m.name}: {m.path} does not exist")
     names = [m.name for m in specs]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

@@ -54,12 +54,12 @@ class Server:
         return openai.OpenAI(**{"base_url": f"{self.url}/v1", "api_key": API_KEY, "max_retries": 0, "timeout": 60,
                                 **kwargs})
 
-    def post(self, path: str, body, headers=None, **kwargs) -> httpx.Response:
+    def post(self, path: str, body, headers=None, timeout=60, **kwargs) -> httpx.Response:
         headers = {**self.auth, **(headers or {})}
         if isinstance(body, (bytes, str)):
             return httpx.post(self.url + path, content=body, headers={"content-type": "application/json", **headers},
-                              timeout=60, **kwargs)
-        return httpx.post(self.url + path, json=body, headers=headers, timeout=60, **kwargs)
+                              timeout=timeout, **kwargs)
+        return httpx.post(self.url + path, json=body, headers=headers, timeout=timeout, **kwargs)
 
     def metrics(self) -> dict[tuple[str, frozenset], float]:
         from prometheus_client.parser import text_string_to_metric_families
@@ -179,10 +179,13 @@ def test_completion_usage_and_streaming(server, model):
 
 
 def test_chat_uses_the_models_template(server):
+    from transformers import AutoTokenizer
+
     messages = [{"role": "user", "content": "What is a list?"}]
     template_tokens = server.tokens(model=MOEMIX, messages=messages, add_generation_prompt=True)
-    rendered = "user: What is a list?\nassistant:"  # models/tiny-mixtral/chat_template.jinja
-    assert template_tokens == server.tokens(model=MOEMIX, prompt=rendered, add_special_tokens=False)
+    hf = AutoTokenizer.from_pretrained(TRAINED_MIXTRAL).apply_chat_template(messages, add_generation_prompt=True,
+                                                                             tokenize=True, return_dict=True)
+    assert template_tokens == hf["input_ids"]  # models/tiny-mixtral/chat_template.jinja, as transformers applies it
 
     client = server.client()
     args = dict(model=MOEMIX, messages=messages, max_tokens=10, temperature=0.0, extra_body={"ignore_eos": True})
@@ -330,6 +333,22 @@ def test_overload_is_429_and_disconnect_aborts(server):
     assert client.completions.create(model=BF16, prompt="x", max_tokens=2).usage.completion_tokens == 2
 
 
+def test_non_streaming_disconnect_aborts(server):
+    """A client that gives up on a non-streaming request (timeout) frees its slot and stops the generation."""
+    m0 = server.metrics()
+    tokens_before = metric(m0, "vllm:generation_tokens_total", model_name=MOEMIX)
+    with pytest.raises(httpx.ReadTimeout):
+        server.post("/v1/completions", {"model": MOEMIX, "prompt": PROMPT, "max_tokens": 250, "ignore_eos": True},
+                    timeout=httpx.Timeout(60, read=0.5))
+    deadline = time.monotonic() + 30
+    while (metric(m := server.metrics(), "moemix_requests_in_flight", model=MOEMIX)
+           or metric(m, "vllm:num_requests_running", model_name=MOEMIX)):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    time.sleep(1)
+    assert metric(server.metrics(), "vllm:generation_tokens_total", model_name=MOEMIX) - tokens_before < 200
+
+
 # ------------------------------------------------------------------------------- health, metrics, misc
 
 
@@ -451,7 +470,8 @@ def test_dead_engine_is_503_and_the_rest_keeps_serving(server):
     model and the server go on."""
     import psutil
 
-    cores = [p for p in psutil.Process(server.proc.pid).children() if "EngineCore" in " ".join(p.cmdline() + [p.name()])]
+    cores = [p for p in psutil.Process(server.proc.pid).children()
+             if "EngineCore" in " ".join([p.name(), *p.cmdline()])]
     assert len(cores) == 2, [(p.pid, p.name(), p.cmdline()) for p in cores]
     victim = min(cores, key=lambda p: p.pid)
     victim.kill()

@@ -21,23 +21,27 @@ def test_model_args():
 
 
 def test_yaml_and_flags(tmp_path, monkeypatch):
+    for d in ("a", "b", "c"):
+        (tmp_path / d).mkdir()
     cfg = tmp_path / "server.yaml"
     cfg.write_text("port: 9000\nmax_queue: 3\napi_key_env: TEST_KEY\nvllm_args: {max_model_len: 128}\n"
-                   "models:\n  - {name: a, path: /m/a, max_queue: 0, vllm_args: {max_num_seqs: 2}}\n  - /m/b\n")
+                   "models:\n  - {name: a, path: a, max_queue: 0, vllm_args: {max_num_seqs: 2}}\n"
+                   f"  - {tmp_path / 'b'}\n")
     monkeypatch.setenv("TEST_KEY", "s3cret")
-    s = build_settings(["c=/m/c"], str(cfg), port=9100, override_vllm_args={"enforce_eager": True})
-    assert [m.name for m in s.models] == ["a", "/m/b", "c"]
+    s = build_settings([f"c={tmp_path / 'c'}"], str(cfg), port=9100, override_vllm_args={"enforce_eager": True})
+    assert [m.name for m in s.models] == ["a", str(tmp_path / "b"), "c"]
+    assert s.models[0].path == str(tmp_path / "a")  # relative to the YAML file
     assert s.port == 9100 and s.api_key == "s3cret"  # flag wins over YAML; key from the env var
     assert [s.max_queue_for(m) for m in s.models] == [0, 3, 3]
     assert s.vllm_args_for(s.models[0]) == {"max_model_len": 128, "max_num_seqs": 2, "enforce_eager": True}
 
 
 @pytest.mark.parametrize("text, message", [
-    ("models: [{path: /a}, {path: /a}]", "unique"),
-    ("modles: [/a]", "unknown keys"),
+    ("models: [{path: a/b}, {path: a/b}]", "unique"),
+    ("modles: [a/b]", "unknown keys"),
     ("models: [{name: x}]", "path"),
-    ("models: [/a]\nmax_queue: -1", "non-negative"),
-    ("models: [{path: /a, vllm_args: [1]}]", "mapping"),
+    ("models: [a/b]\nmax_queue: -1", "non-negative"),
+    ("models: [{path: a/b, vllm_args: [1]}]", "mapping"),
     ("[1, 2]", "mapping"),
 ])
 def test_yaml_mistakes_are_named(tmp_path, text, message):
@@ -50,6 +54,9 @@ def test_yaml_mistakes_are_named(tmp_path, text, message):
 def test_no_model_is_an_error():
     with pytest.raises(SettingsError, match="no model"):
         build_settings([])
+    with pytest.raises(SettingsError, match="does not exist"):
+        build_settings(["/no/such/model"])
+    assert build_settings(["org/some-model"]).models[0].path == "org/some-model"  # a hub id: vLLM's business
 
 
 def test_vllm_argv():

@@ -1,4 +1,4 @@
-"""`moemix` command line: plan, quantize, inspect, eval, demo.
+"""`moemix` command line: plan, quantize, inspect, eval, serve, demo.
 
 Thin by design: parse arguments, call the library, turn PlanError into a clear
 message and exit code 2.
@@ -140,6 +140,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moemix", description="Mixed-bit MoE quantization for vLLM")
     sub = parser.add_subparsers(dest="command", required=True)
+    from server.cli import add_serve_parser
+
+    add_serve_parser(sub)
 
     def planning_args(p: argparse.ArgumentParser, default_strategy: str) -> None:
         from vllm_moemix.planning.strategies import STRATEGIES

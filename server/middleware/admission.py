@@ -2,6 +2,7 @@
 
 The route appends its Slot to scope[SLOTS_SCOPE_KEY]; this middleware releases them in `finally`, after a
 streamed body has been sent to the end, the client disconnected, or anything raised: slots cannot leak.
+A response whose last body message was never sent counts as incomplete (moemix_requests_incomplete_total).
 """
 
 from __future__ import annotations
@@ -17,8 +18,16 @@ class AdmissionReleaseMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         slots = scope[SLOTS_SCOPE_KEY] = []
+        completed = False
+
+        async def tracking_send(message):
+            nonlocal completed
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                completed = True
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, tracking_send)
         finally:
             for slot in slots:
-                slot.release()
+                slot.release(completed)
