@@ -108,7 +108,7 @@ def train(name: str, config, train_ids: torch.Tensor, held_ids: torch.Tensor, ar
     start, step, loss_ema = time.time(), 0, None
     bar = tqdm(desc=name, unit="step")
     while time.time() - start < budget and step < args.max_steps:
-        frac = (time.time() - start) / budget
+        frac = max((time.time() - start) / budget, step / args.max_steps)  # whichever budget ends first
         lr = args.lr * min(1.0, (step + 1) / 30) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
         for group in opt.param_groups:
             group["lr"] = lr
