@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
 from vllm_moemix.checkpoint.writer import RTNQuantizer, quantize_checkpoint
 from vllm_moemix.evaluate import Windows, compare_to_reference, perplexity_vllm, reference_logprobs

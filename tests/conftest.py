@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -62,3 +67,53 @@ def random_mixtral(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def random_qwen2moe(tmp_path_factory) -> Path:
     return build_random_model(tmp_path_factory.mktemp("models") / "rand-qwen2moe", arch="qwen2_moe")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def demo_server(tmp_path_factory):
+    """`python -m server serve` on a free loopback port: tiny-mixtral quantized with the demo plan (RTN).
+
+    Shared by the deploy and load-test suites (one engine start). Yields (url, port)."""
+    import httpx
+
+    from vllm_moemix.checkpoint.writer import quantize_checkpoint
+    from vllm_moemix.plan import Plan
+
+    tmp = tmp_path_factory.mktemp("demo-server")
+    ckpt = tmp / "tiny-moemix"
+    quantize_checkpoint(TRAINED_MIXTRAL, Plan.load(REPO / "plans" / "tiny-mixtral-mixed.json"), ckpt, progress=False)
+    port = free_port()
+    log = tmp / "server.log"
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", PYTHONUNBUFFERED="1")
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "server", "serve", f"tiny-moemix={ckpt}", "--host",
+                                 "127.0.0.1", "--port", str(port), "--max-model-len", "256", "--max-num-seqs", "4",
+                                 "--max-queue", "8", "--enforce-eager"],
+                                cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited during start-up:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"server not healthy after 240 s:\n{log.read_text()[-3000:]}")
+        time.sleep(1)
+    yield url, port
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -44,7 +44,7 @@ def test_layout_config_and_reader(random_mixtral, tmp_path):
     e0 = "model.layers.1.block_sparse_moe.experts.0.w2"
     assert tensors[f"{e0}.qweight"].shape == (128 * 2 // 32, 128) and tensors[f"{e0}.qweight"].dtype == torch.int32
     assert tensors[f"{e0}.scales"].shape == (4, 128) and tensors[f"{e0}.qzeros"].dtype == torch.uint8
-    assert f"model.layers.0.block_sparse_moe.experts.1.w1.qzeros" not in tensors  # symmetric
+    assert "model.layers.0.block_sparse_moe.experts.1.w1.qzeros" not in tensors  # symmetric
     assert f"{e0}.weight" not in tensors and "model.embed_tokens.weight" in tensors
     assert "model.layers.0.block_sparse_moe.gate.weight" in tensors  # routers stay float
 

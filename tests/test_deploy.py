@@ -25,7 +25,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -36,7 +35,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, TRAINED_MIXTRAL
+from tests.conftest import REPO, TRAINED_MIXTRAL, free_port
 
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
@@ -572,56 +571,17 @@ def test_queried_metrics_exist_in_the_server_and_vllm_sources():
             pytest.fail(f"unexpected metric {name} (expected vllm:*, moemix_* or up)")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def live_server(tmp_path_factory):
-    """`python -m server serve` on a loopback port, tiny-mixtral quantized with the mixed demo plan."""
+def live_server(demo_server):
+    """The shared demo server, with latency histograms populated."""
     import httpx
 
-    from vllm_moemix.checkpoint.writer import quantize_checkpoint
-    from vllm_moemix.plan import Plan
-
-    tmp = tmp_path_factory.mktemp("deploy")
-    ckpt = tmp / "tiny-moemix"
-    quantize_checkpoint(TRAINED_MIXTRAL, Plan.load(REPO / "plans" / "tiny-mixtral-mixed.json"), ckpt, progress=False)
-    port = free_port()
-    log = tmp / "server.log"
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", PYTHONUNBUFFERED="1")
-    with open(log, "wb") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "server", "serve", f"tiny-moemix={ckpt}", "--host",
-                                 "127.0.0.1", "--port", str(port), "--max-model-len", "256", "--max-num-seqs", "2",
-                                 "--max-queue", "4", "--enforce-eager"],
-                                cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited during start-up:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=5).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"server not healthy after 240 s:\n{log.read_text()[-3000:]}")
-        time.sleep(1)
-    for stream in (False, True):  # populate the latency histograms
+    url, port = demo_server
+    for stream in (False, True):
         r = httpx.post(url + "/v1/completions", json={"model": "tiny-moemix", "prompt": "The Python interpreter",
                                                       "max_tokens": 8, "stream": stream}, timeout=60)
         assert r.status_code == 200
-    yield url, port
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    return url, port
 
 
 @pytest.mark.vllm

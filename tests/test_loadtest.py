@@ -7,12 +7,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -24,7 +20,7 @@ from loadtests.metrics import (
     DONE, Distribution, RequestRecord, StreamTimer, chunk_text, describe, iter_sse_data, meets_slos, parse_mix,
     parse_slo, percentile, read_records, summarize, tpot,
 )
-from tests.conftest import REPO, TRAINED_MIXTRAL
+from tests.conftest import free_port
 
 # ----------------------------------------------------------------------------------------------- metric math
 
@@ -236,11 +232,6 @@ def test_plots_and_comparison(tmp_path):
 # ------------------------------------------------------------------------ Locust end to end, fake server
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 FIRST_DELAY, TOKEN_GAP = 0.08, 0.02
 
@@ -376,44 +367,8 @@ def test_failed_requests_are_counted_and_exit_1(fake_server, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def real_server(tmp_path_factory):
-    """`python -m server serve` on a free loopback port: tiny-mixtral quantized with the mixed demo plan (RTN)."""
-    import httpx
-
-    from vllm_moemix.checkpoint.writer import quantize_checkpoint
-    from vllm_moemix.plan import Plan
-
-    tmp = tmp_path_factory.mktemp("loadtest")
-    ckpt = tmp / "tiny-moemix"
-    quantize_checkpoint(TRAINED_MIXTRAL, Plan.load(REPO / "plans" / "tiny-mixtral-mixed.json"), ckpt, progress=False)
-    port = free_port()
-    log = tmp / "server.log"
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", PYTHONUNBUFFERED="1")
-    with open(log, "wb") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "server", "serve", f"tiny-moemix={ckpt}", "--host",
-                                 "127.0.0.1", "--port", str(port), "--max-model-len", "256", "--max-num-seqs", "4",
-                                 "--enforce-eager"], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited during start-up:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=5).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"server not healthy after 240 s:\n{log.read_text()[-3000:]}")
-        time.sleep(1)
-    yield url
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+def real_server(demo_server):
+    return demo_server[0]
 
 
 def _counters(url: str) -> dict[str, float]:

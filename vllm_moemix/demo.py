@@ -64,9 +64,7 @@ def measure_engine(name: str, model: Path, dtype: str = "bfloat16") -> EngineRun
 
     batch1, _ = tok_s(PROMPTS[:1])
     batch8, texts = tok_s(PROMPTS)
-    del llm
-    gc.collect()
-    return EngineRun(name, load_s, batch1, batch8, texts)
+    return EngineRun(name, load_s, batch1, batch8, texts)  # the engine shuts down with `llm` going out of scope
 
 
 def run_demo(model: str | Path, plan_path: Path, workdir: Path, calib: Path, baseline: bool = True) -> None:
@@ -95,6 +93,7 @@ def run_demo(model: str | Path, plan_path: Path, workdir: Path, calib: Path, bas
 
     console.rule("2. serve in vLLM (quantization=moemix, read from config.json)")
     runs = [measure_engine("moemix", out)]
+    gc.collect()
     if baseline:
         console.rule("3. the bf16 original, same prompts, for comparison")
         runs.append(measure_engine("bf16", model))
