@@ -62,6 +62,19 @@ class ModelEngine:
     start_seconds: float = 0.0
     stopped: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
+    routing: dict | None = None  # last expert-routing profile (vllm_moemix.routing.merge), moemix models only
+
+    async def refresh_routing(self) -> dict | None:
+        """Ask the workers for their routed-token counts (moemix checkpoints only; cheap: a few small lists)."""
+        from vllm_moemix.routing import merge, worker_routing
+
+        if self.dead or self.facts.quant_method != "moemix":
+            return None
+        try:
+            self.routing = merge(await self.client.collective_rpc(worker_routing, timeout=10))
+        except Exception:  # a metrics scrape must never fail because of this
+            logger.warning("model %s: could not read expert routing counts", self.name, exc_info=True)
+        return self.routing
 
     @property
     def completion(self):
@@ -156,6 +169,10 @@ async def start_engine(model: ModelSettings, settings: ServerSettings) -> ModelE
     except BaseException:
         client.shutdown()
         raise
+    if facts.quant_method == "moemix":  # start the usage profile at zero, not at the warm-up runs
+        from vllm_moemix.routing import reset_routing
+
+        await client.collective_rpc(reset_routing)
     max_queue = settings.max_queue_for(model)
     limit = None if max_queue is None else client.vllm_config.scheduler_config.max_num_seqs + max_queue
     eng = ModelEngine(name=model.name, path=model.path, args=args, client=client, state=state, facts=facts,

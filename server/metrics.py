@@ -19,13 +19,14 @@ from typing import TYPE_CHECKING, Any, Callable
 import prometheus_client
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-
 from vllm.distributed.ec_transfer.ec_connector.metrics import ECConnectorProm
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorProm
 from vllm.v1.metrics.loggers import PrometheusStatLogger, StatLoggerBase
 from vllm.v1.metrics.perf import PerfMetricsProm
 from vllm.v1.metrics.prometheus import get_prometheus_registry
 from vllm.v1.spec_decode.metrics import SpecDecodingProm
+
+from vllm_moemix.routing import by_layer_and_bits
 
 if TYPE_CHECKING:
     from server.engine import EnginePool
@@ -194,8 +195,14 @@ class MoemixCollector(Collector):
         incomplete = CounterMetricFamily("moemix_requests_incomplete", "Admitted generation requests whose "
                                          "response was not sent to its end (client disconnected: the engine "
                                          "aborted them).", labels=["model"])
+        routed = CounterMetricFamily("moemix_expert_routed_tokens", "Tokens routed to experts since start, summed "
+                                     "by MoE layer and the experts' bit width (per expert: GET /v1/moemix/routing).",
+                                     labels=["model", "layer", "bits"])
         for eng in engines:
             name = eng.name
+            if eng.routing:
+                for (layer, bits), n in sorted(by_layer_and_bits(eng.routing).items()):
+                    routed.add_metric([name, str(layer), str(bits)], n)
             for (component, bits), n in sorted(eng.facts.bytes_by.items()):
                 weight.add_metric([name, component, bits], n)
             if eng.facts.avg_bits is not None:
@@ -215,7 +222,7 @@ class MoemixCollector(Collector):
             rejected.add_metric([name], eng.gate.rejected)
             incomplete.add_metric([name], eng.gate.incomplete)
         yield from (weight, avg, avg_payload, by_width, engine_rss, healthy, tps, in_flight, limit, rejected,
-                    incomplete)
+                    incomplete, routed)
 
         server_rss = GaugeMetricFamily("moemix_server_resident_memory_bytes", "Resident memory of the API server "
                                        "process alone (engines are separate processes).")

@@ -38,6 +38,7 @@ class FakeLayer(torch.nn.Module):
         self.register_buffer("w13_where", self.moemix_groups["w13"].where_tensor(e))
         self.register_buffer("w2_where", self.moemix_groups["w2"].where_tensor(e))
         self.register_buffer("moemix_no_map", torch.empty(0, dtype=torch.int32))
+        self.register_buffer("moemix_routed_tokens", torch.zeros(e, dtype=torch.int64))
         self.expert_map = None
 
     def naive(self, x, topk_weights, topk_ids):
@@ -75,6 +76,8 @@ def test_mixed_width_experts_match_naive(tokens, skew):
     kernel = DequantExpertsKernel(ExpertsConfig(tuple(SPECS13), tuple(SPECS2), H, I, torch.float32))
     out = kernel.apply(layer, x, topk_weights, topk_ids)
     torch.testing.assert_close(out, layer.naive(x, topk_weights, topk_ids), rtol=1e-4, atol=1e-4)
+    expected = torch.bincount(topk_ids.flatten().long(), minlength=len(SPECS13))
+    assert torch.equal(layer.moemix_routed_tokens, expected)  # the usage profile serving collects
 
 
 def test_expert_parallel_map_skips_remote_experts():
@@ -84,6 +87,8 @@ def test_expert_parallel_map_skips_remote_experts():
     topk_weights, topk_ids = _routing(9, 6, seed=3)
     out = DequantExpertsKernel(None).apply(layer, x, topk_weights, topk_ids)
     torch.testing.assert_close(out, layer.naive(x, topk_weights, topk_ids), rtol=1e-4, atol=1e-4)
+    global_counts = torch.bincount(topk_ids.flatten().long(), minlength=6)
+    assert layer.moemix_routed_tokens.tolist() == global_counts[2:5].tolist()  # only this rank's experts
 
 
 def test_moe_op_compiles_fullgraph_and_runs_bf16():

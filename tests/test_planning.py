@@ -174,3 +174,34 @@ def test_units_group_fused_linears(data_context):
     assert "model.layers.0.mlp.experts.2.{gate_proj,up_proj}" in keys
     assert "model.layers.0.mlp.experts.2.down_proj" in keys
 
+
+
+def test_serving_usage_profile_drives_frequent_experts(random_qwen2moe, tmp_path):
+    import json
+
+    from vllm_moemix.routing import load_profile, merge
+
+    per_rank = [[{"layer": "model.layers.0.mlp.experts", "experts": [0, 1, 2, 3], "tokens": [1, 2, 90, 3],
+                  "bits": [2, 2, 4, 2]}],
+                [{"layer": "model.layers.1.mlp.experts", "experts": [0, 1, 2, 3], "tokens": [50, 1, 1, 1],
+                  "bits": [2, 2, 2, 2]}]]
+    path = tmp_path / "routing.json"
+    path.write_text(json.dumps(merge(per_rank)))
+    usage = load_profile(path)
+    assert usage[0][2] == 90 and usage[1][0] == 50  # merged across ranks
+    result = plan_model(random_qwen2moe, "frequent-experts", Budget(avg_bits=2.3), group_size=32, usage=usage,
+                        progress=False)
+    resolved = result.plan.resolve(quantizable_linears_of(random_qwen2moe))
+    assert resolved["model.layers.0.mlp.experts.2.gate_proj"].bits == 4
+    assert resolved["model.layers.0.mlp.experts.0.gate_proj"].bits == 2
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(PlanError, match="not a moemix routing profile"):
+        load_profile(tmp_path / "bad.json")
+
+
+def quantizable_linears_of(path):
+    from transformers import AutoConfig
+
+    from vllm_moemix.arch import quantizable_linears
+
+    return quantizable_linears(AutoConfig.from_pretrained(path))

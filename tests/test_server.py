@@ -389,6 +389,33 @@ def test_metrics_vllm_per_model_and_moemix(server, moemix_ckpt):
     assert metric(m, "http_requests_total", handler="/v1/completions", status="2xx") > 0
 
 
+def test_expert_routing_counts_by_layer_and_width(server, tmp_path):
+    import httpx
+
+    from vllm_moemix.routing import load_profile
+
+    server.client().completions.create(model=MOEMIX, prompt=PROMPT, max_tokens=8, extra_body={"ignore_eos": True})
+    m = server.metrics()
+    per_layer: dict[str, float] = {}
+    for (name, labels), value in m.items():
+        lab = dict(labels)
+        if name == "moemix_expert_routed_tokens_total" and lab.get("model") == MOEMIX:
+            assert lab["bits"] in {"2", "3", "4", "8"}
+            per_layer[lab["layer"]] = per_layer.get(lab["layer"], 0) + value
+    assert sorted(per_layer) == ["0", "1", "2", "3"]
+    totals = set(per_layer.values())
+    assert len(totals) == 1 and totals.pop() % 2 == 0 and min(per_layer.values()) >= 2 * 8  # top-2, same tokens
+    r = httpx.get(server.url + "/v1/moemix/routing", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
+    assert r.status_code == 200
+    body = r.json()
+    assert body[BF16] is None and len(body[MOEMIX]["experts"]) == 4 * 8
+    profile = tmp_path / "routing.json"
+    profile.write_text(json.dumps(body[MOEMIX]))
+    usage = load_profile(profile)
+    assert sum(usage[0].values()) >= per_layer["0"]  # counted again by the second request's scrape
+    assert not any(name == "moemix_expert_routed_tokens_total" and dict(lab).get("model") == BF16 for name, lab in m)
+
+
 def test_prometheus_scrapes_the_server(server, tmp_path):
     """A real Prometheus (Debian package `prometheus`) scrapes /metrics; the value read back through its HTTP
     API is the checkpoint's average bits."""

@@ -55,8 +55,13 @@ def _quantizer(args: argparse.Namespace) -> str:
 def _plan_from_strategy(args: argparse.Namespace):
     from vllm_moemix.planning.pipeline import plan_model
 
+    usage = None
+    if args.usage:
+        from vllm_moemix.routing import load_profile
+
+        usage = load_profile(args.usage)
     result = plan_model(args.model, args.strategy, _budget(args), _calibration(args), group_size=args.group_size or 128,
-                        sym=args.sym, pins=_pins(args), progress=not args.quiet)
+                        sym=args.sym, pins=_pins(args), progress=not args.quiet, usage=usage)
     print(f"{args.strategy} under {result.budget.describe()}: {result.footprint.avg_payload_bits:.3f} bits "
           f"({result.footprint.avg_bits:.3f} with scales/zeros), {result.footprint.nbytes / 2**20:.2f} MiB")
     return result.plan
@@ -153,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--budget-bytes", type=int, help="or: bytes of the quantizable linears incl. scales/zeros")
         p.add_argument("--pin", action="append", help="fix a width, e.g. 'model.layers.*.self_attn=8' (repeatable)")
         p.add_argument("--calib", nargs="+", help="calibration text file(s) (default: models/calib.txt)")
+        p.add_argument("--usage", help="routing profile saved from a server (GET /v1/moemix/routing, one model's "
+                                       "entry): expert frequencies for --strategy frequent-experts")
         p.add_argument("--calib-samples", type=int, default=32, help="windows of 256 tokens")
         p.add_argument("--quantizer", choices=["gptq", "rtn"],
                        help="default: gptq when a strategy plans or --calib is given, else rtn")

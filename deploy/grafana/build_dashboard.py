@@ -115,11 +115,6 @@ def piechart(title: str, targets: list[tuple[str, str]], unit: str, w: int = 8, 
                                                        "values": ["value", "percent"]}}}
 
 
-def text(title: str, content: str, w: int = 24, h: int = 4) -> dict:
-    return {"type": "text", "title": title, "id": L.id(), "gridPos": L.place(w, h),
-            "options": {"mode": "markdown", "content": content}}
-
-
 def quantiles(metric: str, qs=(0.5, 0.95, 0.99)) -> list[tuple[str, str]]:
     return [(f"histogram_quantile({q}, sum by (le, model_name) (rate({metric}_bucket{{{VM}}}[{RATE}])))",
              f"{{{{model_name}}}} p{int(q * 100)}") for q in qs]
@@ -217,11 +212,17 @@ def build() -> dict:
     ]
 
     panels.append(row("Expert routing by bit width"))
-    panels.append(text("Expert routing by bit width", (
-        "**Not exported yet.** The share of routed tokens that land on 2/3/4/8-bit experts needs the routed "
-        "expert ids, which vLLM 0.32 returns only with Model Runner V2 (not available on CPU); the server does "
-        "not export a routing metric yet (docs/serving.md, *Not done*). This panel becomes a query when it "
-        "does. Until then: the weight panels above show where the bytes are.")))
+    panels += [
+        timeseries("Routed tokens/s by expert bit width", [
+            (f"sum by (model, bits) (rate(moemix_expert_routed_tokens_total{{{MM}}}[{RATE}]))",
+             "{{model}} {{bits}}-bit experts"),
+        ], "short", stack=True, w=12, description="Tokens the router sends to experts of each width (counted in the "
+                                                     "moemix MoE kernel); per expert: GET /v1/moemix/routing."),
+        timeseries("Routed tokens/s by layer", [
+            (f"sum by (model, layer) (rate(moemix_expert_routed_tokens_total{{{MM}}}[{RATE}]))",
+             "{{model}} layer {{layer}}"),
+        ], "short", w=12, description="Every MoE layer routes top-k experts per token, so layers should agree."),
+    ]
 
     return {
         "title": "moemix: mixed-bit MoE serving",

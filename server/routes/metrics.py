@@ -4,7 +4,7 @@ prometheus-fastapi-instrumentator, as in vLLM's server (health/metrics/version e
 from __future__ import annotations
 
 import prometheus_client
-from fastapi import APIRouter, FastAPI, Response
+from fastapi import APIRouter, FastAPI, Request, Response
 
 from vllm.v1.metrics.prometheus import get_prometheus_registry
 
@@ -12,9 +12,18 @@ router = APIRouter()
 
 
 @router.get("/metrics", include_in_schema=False)
-async def metrics():
+async def metrics(request: Request):
+    for eng in request.app.state.pool.engines.values():
+        await eng.refresh_routing()  # the collector then reports the fresh counts
     registry = get_prometheus_registry()
     return Response(prometheus_client.generate_latest(registry), media_type=prometheus_client.CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/moemix/routing")
+async def routing(request: Request):
+    """Per-expert routed-token counts of every moemix model since start: save one and pass it to
+    `moemix plan --usage` as the usage profile."""
+    return {eng.name: await eng.refresh_routing() for eng in request.app.state.pool.engines.values()}
 
 
 def attach_router(app: FastAPI) -> None:

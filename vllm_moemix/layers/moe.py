@@ -116,6 +116,8 @@ class MoeMixMoEMethod(FusedMoEMethodBase):
         layer.register_buffer("w13_where", groups["w13"].where_tensor(num_experts), persistent=False)
         layer.register_buffer("w2_where", groups["w2"].where_tensor(num_experts), persistent=False)
         layer.register_buffer("moemix_no_map", torch.empty(0, dtype=torch.int32), persistent=False)
+        layer.register_buffer("moemix_routed_tokens", torch.zeros(num_experts, dtype=torch.int64), persistent=False)
+        layer.moemix_local_to_global = local_to_global
         layer.moemix_loaded = set()
 
         loader = self._make_loader(layer, inter)

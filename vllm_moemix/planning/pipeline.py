@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from vllm_moemix.calibration import DEFAULT_CALIB, LayerwiseModel, calibration_samples, iterate_layers
+from vllm_moemix.calibration import DEFAULT_CALIB, LayerStats, LayerwiseModel, calibration_samples, iterate_layers
 from vllm_moemix.footprint import Footprint, footprint
 from vllm_moemix.plan import Plan
 from vllm_moemix.planning import scores
@@ -63,7 +63,10 @@ def pins_from_modules(modules: dict[str, QuantSpec | None], units: list[Unit]) -
 
 
 def build_context(model_dir: str | Path, strategy: str, calib: CalibrationConfig | None, group_size: int, sym: bool,
-                  pins: dict[str, QuantSpec | None], progress: bool = True) -> PlanningContext:
+                  pins: dict[str, QuantSpec | None], progress: bool = True,
+                  usage: dict[int, dict[int, int]] | None = None) -> PlanningContext:
+    """`usage` (layer -> expert -> routed tokens, e.g. a profile saved while serving) replaces
+    calibration as the source of expert frequencies for `frequent-experts`."""
     if strategy not in STRATEGIES:
         raise PlanError(f"unknown strategy {strategy!r}; choose one of {sorted(STRATEGIES)}")
     model = LayerwiseModel(model_dir)
@@ -80,6 +83,13 @@ def build_context(model_dir: str | Path, strategy: str, calib: CalibrationConfig
         router_name=lambda layer: f"model.layers.{layer}.{model.arch.router}.weight",
         pins=pins_from_modules(pins, units),
     )
+    if usage is not None and strategy == "frequent-experts":
+        num_experts = model.arch.num_experts(model.config)
+        ctx.layer_stats = {
+            layer: LayerStats(layer, expert_tokens=torch.tensor([float(counts.get(e, 0)) for e in range(num_experts)]))
+            for layer, counts in usage.items()
+        }
+        return ctx
     if not STRATEGIES[strategy].needs_data:
         return ctx
     calib = calib or CalibrationConfig.default()
@@ -120,9 +130,10 @@ class PlanResult:
 
 def plan_model(model_dir: str | Path, strategy: str, budget: Budget, calib: CalibrationConfig | None = None,
                group_size: int = 128, sym: bool = False, pins: dict[str, QuantSpec | None] | None = None,
-               progress: bool = True, context: PlanningContext | None = None) -> PlanResult:
+               progress: bool = True, context: PlanningContext | None = None,
+               usage: dict[int, dict[int, int]] | None = None) -> PlanResult:
     """Run `strategy` under `budget`; pass a `context` to reuse one calibration across strategies."""
-    ctx = context or build_context(model_dir, strategy, calib, group_size, sym, pins or {}, progress)
+    ctx = context or build_context(model_dir, strategy, calib, group_size, sym, pins or {}, progress, usage)
     if STRATEGIES[strategy].needs_data and (ctx.layer_stats is None or (strategy == "optimizer" and ctx.errors is None)):
         raise PlanError(f"strategy {strategy!r} needs calibration data; build the context with it")
     assignment = STRATEGIES[strategy].run(ctx, budget)

@@ -30,12 +30,13 @@ def _expert_weight(qweights: list[torch.Tensor], scales: list[torch.Tensor], qze
     return dequantize_kn(qweights[group][slot], scales[group][slot], qzeros[group][slot] if qzeros[group].numel() else None, bits[group], dtype)
 
 
-@torch.library.custom_op("moemix::dequant_moe", mutates_args=())
+@torch.library.custom_op("moemix::dequant_moe", mutates_args=("routed_tokens",))
 def dequant_moe(
     x: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     expert_map: torch.Tensor,
+    routed_tokens: torch.Tensor,
     w13_where: torch.Tensor,
     w2_where: torch.Tensor,
     w13_qweights: list[torch.Tensor],
@@ -51,7 +52,8 @@ def dequant_moe(
 
     `*_where[e] = (group, slot)` locates local expert e in the per-width groups.
     `expert_map` maps global to local ids (-1: not on this rank); empty = identity.
-    Opaque to torch.compile: routing is data-dependent.
+    `routed_tokens[e]` (int64, per local expert) is incremented by the tokens routed to e: the
+    serving-time usage profile. Opaque to torch.compile: routing is data-dependent.
     """
     num_tokens, top_k = topk_ids.shape
     ids = topk_ids.to(torch.int64)
@@ -63,6 +65,8 @@ def dequant_moe(
     out = torch.zeros(num_tokens, x.shape[1], dtype=torch.float32, device=x.device)
     order = torch.argsort(flat_ids, stable=True)
     experts, counts = torch.unique_consecutive(flat_ids[order], return_counts=True)
+    local = experts >= 0
+    routed_tokens.index_add_(0, experts[local], counts[local].to(routed_tokens.dtype))
     start = 0
     for expert, count in zip(experts.tolist(), counts.tolist()):
         rows = order[start : start + count]
@@ -82,7 +86,7 @@ def dequant_moe(
 
 
 @dequant_moe.register_fake
-def _(x, topk_weights, topk_ids, expert_map, w13_where, w2_where, w13_qweights, w13_scales, w13_qzeros, w13_bits,
+def _(x, topk_weights, topk_ids, expert_map, routed_tokens, w13_where, w2_where, w13_qweights, w13_scales, w13_qzeros, w13_bits,
       w2_qweights, w2_scales, w2_qzeros, w2_bits):
     return torch.empty_like(x)
 
@@ -98,6 +102,6 @@ class DequantExpertsKernel(ExpertsKernel):
         if expert_map is None:
             expert_map = layer.moemix_no_map
         return torch.ops.moemix.dequant_moe(
-            x, topk_weights, topk_ids, expert_map, layer.w13_where, layer.w2_where,
+            x, topk_weights, topk_ids, expert_map, layer.moemix_routed_tokens, layer.w13_where, layer.w2_where,
             *w13.tensor_lists(layer), w13.bits, *w2.tensor_lists(layer), w2.bits,
         )

@@ -1,0 +1,80 @@
+"""Expert routing counts collected while serving: the usage profile.
+
+The moemix MoE op counts the tokens routed to each local expert (a per-layer
+int64 buffer on the worker). `worker_routing` runs inside vLLM workers through
+`collective_rpc`; `merge` turns the per-rank answers into one profile keyed by
+checkpoint expert name, which the server exports (Prometheus, aggregated by
+layer and bit width; JSON per expert) and `moemix plan --usage` reads back.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from vllm_moemix.spec import PlanError
+
+PROFILE_FORMAT = "moemix-routing"
+
+
+def worker_routing(worker: Any, reset: bool = False) -> list[dict[str, Any]]:
+    """Per MoE layer on this rank: global expert ids, routed tokens, bits. Runs in a vLLM worker."""
+    out = []
+    for name, module in worker.get_model().named_modules():
+        counts = getattr(module, "moemix_routed_tokens", None)
+        if counts is None:
+            continue
+        moe = module.moe_config
+        if not moe.moe_parallel_config.use_ep and moe.tp_rank != 0:
+            continue  # tensor-parallel ranks see the same routing: count it once
+        w13 = module.moemix_groups["w13"]
+        out.append({
+            "layer": name,
+            "experts": list(module.moemix_local_to_global),
+            "tokens": counts.tolist(),
+            "bits": [w13.specs[w13.where[e][0]].bits for e in range(len(counts))],
+        })
+        if reset:
+            counts.zero_()
+    return out
+
+
+def reset_routing(worker: Any) -> None:
+    worker_routing(worker, reset=True)
+
+
+def merge(per_rank: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """{"format", "experts": {"<layer prefix>.<expert>": {"layer": i, "expert": e, "bits": b, "tokens": n}}}."""
+    experts: dict[str, dict[str, Any]] = {}
+    for rank in per_rank:
+        for entry in rank:
+            layer = int(re.search(r"layers\.(\d+)\.", entry["layer"] + ".").group(1))
+            for expert, tokens, bits in zip(entry["experts"], entry["tokens"], entry["bits"]):
+                key = f"{entry['layer']}.{expert}"
+                row = experts.setdefault(key, {"layer": layer, "expert": expert, "bits": bits, "tokens": 0})
+                row["tokens"] += tokens
+    return {"format": PROFILE_FORMAT, "version": 1, "experts": dict(sorted(experts.items()))}
+
+
+def by_layer_and_bits(profile: dict[str, Any]) -> dict[tuple[int, int], int]:
+    totals: dict[tuple[int, int], int] = defaultdict(int)
+    for row in profile["experts"].values():
+        totals[(row["layer"], row["bits"])] += row["tokens"]
+    return dict(totals)
+
+
+def load_profile(path: str | Path) -> dict[int, dict[int, int]]:
+    """A saved profile as layer -> expert -> routed tokens (what planners call usage)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise PlanError(f"routing profile {path}: {err}") from None
+    if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
+        raise PlanError(f"{path} is not a moemix routing profile (GET /v1/moemix/routing)")
+    usage: dict[int, dict[int, int]] = defaultdict(dict)
+    for row in data["experts"].values():
+        usage[int(row["layer"])][int(row["expert"])] = int(row["tokens"])
+    return dict(usage)
