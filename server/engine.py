@@ -25,6 +25,8 @@ from server.admission import AdmissionGate
 from server.facts import WeightFacts, read_weight_facts
 from server.metrics import SharedPrometheusStatLogger, Throughput, throughput_logger_factory
 from server.settings import ModelSettings, ServerSettings, SettingsError, to_vllm_argv
+from vllm_moemix.routing import EXTENSION as ROUTING_EXTENSION
+from vllm_moemix.routing import merge as merge_routing
 
 logger = logging.getLogger("moemix.server")
 
@@ -64,14 +66,16 @@ class ModelEngine:
     created: int = field(default_factory=lambda: int(time.time()))
     routing: dict | None = None  # last expert-routing profile (vllm_moemix.routing.merge), moemix models only
 
+    @property
+    def counts_routing(self) -> bool:
+        return self.args.worker_extension_cls == ROUTING_EXTENSION
+
     async def refresh_routing(self) -> dict | None:
         """Ask the workers for their routed-token counts (moemix checkpoints only; cheap: a few small lists)."""
-        from vllm_moemix.routing import merge, worker_routing
-
-        if self.dead or self.facts.quant_method != "moemix":
+        if self.dead or not self.counts_routing:
             return None
         try:
-            self.routing = merge(await self.client.collective_rpc(worker_routing, timeout=10))
+            self.routing = merge_routing(await self.client.collective_rpc("moemix_routing", timeout=10))
         except Exception:  # a metrics scrape must never fail because of this
             logger.warning("model %s: could not read expert routing counts", self.name, exc_info=True)
         return self.routing
@@ -155,6 +159,8 @@ async def start_engine(model: ModelSettings, settings: ServerSettings) -> ModelE
 
     args = vllm_serve_args(model, settings.vllm_args_for(model))
     facts = read_weight_facts(model.path) if Path(model.path).is_dir() else WeightFacts(path=model.path)
+    if facts.quant_method == "moemix" and not args.worker_extension_cls:
+        args.worker_extension_cls = ROUTING_EXTENSION  # lets /metrics read the experts' routed-token counts
     throughput = Throughput()
     t0 = time.perf_counter()
     # In a worker thread: the constructor blocks until the engine core is up (tens of seconds), and other
@@ -169,10 +175,8 @@ async def start_engine(model: ModelSettings, settings: ServerSettings) -> ModelE
     except BaseException:
         client.shutdown()
         raise
-    if facts.quant_method == "moemix":  # start the usage profile at zero, not at the warm-up runs
-        from vllm_moemix.routing import reset_routing
-
-        await client.collective_rpc(reset_routing)
+    if args.worker_extension_cls == ROUTING_EXTENSION:  # start the usage profile at zero, not at the warm-up runs
+        await client.collective_rpc("moemix_routing", kwargs={"reset": True})
     max_queue = settings.max_queue_for(model)
     limit = None if max_queue is None else client.vllm_config.scheduler_config.max_num_seqs + max_queue
     eng = ModelEngine(name=model.name, path=model.path, args=args, client=client, state=state, facts=facts,

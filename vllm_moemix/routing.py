@@ -2,7 +2,7 @@
 
 The moemix MoE op counts the tokens routed to each local expert (a per-layer
 int64 buffer on the worker). `worker_routing` runs inside vLLM workers through
-`collective_rpc`; `merge` turns the per-rank answers into one profile keyed by
+`collective_rpc("moemix_routing")` (see RoutingWorkerExtension); `merge` turns the per-rank answers into one profile keyed by
 checkpoint expert name, which the server exports (Prometheus, aggregated by
 layer and bit width; JSON per expert) and `moemix plan --usage` reads back.
 """
@@ -42,8 +42,15 @@ def worker_routing(worker: Any, reset: bool = False) -> list[dict[str, Any]]:
     return out
 
 
-def reset_routing(worker: Any) -> None:
-    worker_routing(worker, reset=True)
+class RoutingWorkerExtension:
+    """Mixed into vLLM's worker class (engine arg `worker_extension_cls`, vLLM's mechanism for this), so a
+    front end can call `collective_rpc("moemix_routing")` with a method name: no pickled code crosses."""
+
+    def moemix_routing(self, reset: bool = False) -> list[dict[str, Any]]:
+        return worker_routing(self, reset)
+
+
+EXTENSION = f"{__name__}.{RoutingWorkerExtension.__name__}"
 
 
 def merge(per_rank: list[list[dict[str, Any]]]) -> dict[str, Any]:
