@@ -80,8 +80,6 @@ def demo_server(tmp_path_factory):
     """`python -m server serve` on a free loopback port: tiny-mixtral quantized with the demo plan (RTN).
 
     Shared by the deploy and load-test suites (one engine start). Yields (url, port)."""
-    import httpx
-
     from vllm_moemix.checkpoint.writer import quantize_checkpoint
     from vllm_moemix.plan import Plan
 
@@ -97,23 +95,36 @@ def demo_server(tmp_path_factory):
                                  "--max-queue", "8", "--enforce-eager"],
                                 cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
+    wait_healthy(proc, url, log, timeout=240)
+    yield url, port
+    stop_server(proc)
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, log: Path, timeout: float) -> None:
+    """Poll GET /health until 200; fail with the server log's tail if it exits or times out."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
-            pytest.fail(f"server exited during start-up:\n{log.read_text()[-3000:]}")
+            pytest.fail(f"server exited with {proc.returncode} during start-up:\n{log.read_text()[-3000:]}")
         try:
             if httpx.get(url + "/health", timeout=5).status_code == 200:
-                break
+                return
         except httpx.TransportError:
             pass
         if time.monotonic() > deadline:
             proc.kill()
-            pytest.fail(f"server not healthy after 240 s:\n{log.read_text()[-3000:]}")
+            pytest.fail(f"server not healthy after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
         time.sleep(1)
-    yield url, port
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM (graceful drain), then kill after 60 s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

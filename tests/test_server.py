@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import REPO, TRAINED_MIXTRAL
+from tests.conftest import REPO, TRAINED_MIXTRAL, free_port, stop_server, wait_healthy
 
 pytestmark = pytest.mark.vllm
 
@@ -30,12 +29,6 @@ API_KEY = "test-key"
 BF16, MOEMIX = "tiny-bf16", "tiny-moemix"
 BF16_MAX_NUM_SEQS = 2  # with max_queue 0: the 3rd concurrent request to tiny-bf16 gets 429
 PROMPT = "The Python interpreter"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -117,27 +110,9 @@ def server(moemix_ckpt, tmp_path_factory):
                                  "127.0.0.1", "--port", str(port), "--api-key", API_KEY],
                                 cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     srv = Server(proc, port, log)
-    deadline = time.monotonic() + 300
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode} during start-up:\n{srv.log_tail()}")
-        try:
-            if httpx.get(srv.url + "/health", timeout=5).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"server not healthy after 300 s:\n{srv.log_tail()}")
-        time.sleep(1)
+    wait_healthy(proc, srv.url, log, timeout=300)
     yield srv
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    stop_server(proc)
 
 
 # ----------------------------------------------------------------------------------------------- the API
