@@ -156,7 +156,8 @@ def quantize_checkpoint(
     resolved = plan.resolve(linears)
     fp = footprint(resolved, linears)
     config_json = json.loads((model_dir / "config.json").read_text())
-    config_json["quantization_config"] = quantization_config(plan, resolved, fp, getattr(quantizer, "name", type(quantizer).__name__))
+    quantizer_name = getattr(quantizer, "name", type(quantizer).__name__)
+    config_json["quantization_config"] = quantization_config(plan, resolved, fp, quantizer_name)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
