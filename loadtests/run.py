@@ -340,6 +340,16 @@ def _one_line(entry: dict) -> str:
 # ------------------------------------------------------------------------------------------- plots
 
 
+def _save(fig, title: str, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot(result: dict, out: Path) -> list[Path]:
     import matplotlib
 
@@ -373,11 +383,7 @@ def plot(result: dict, out: Path) -> list[Path]:
         ax.set_ylabel("ms")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle("Latency percentiles vs concurrency")
-    fig.tight_layout()
-    written.append(out / "latency_vs_concurrency.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    written.append(_save(fig, "Latency percentiles vs concurrency", out / "latency_vs_concurrency.png"))
 
     tput = [("output_throughput", "output tokens/s"), ("request_throughput", "requests/s")]
     if result["slos_s"]:
@@ -393,11 +399,7 @@ def plot(result: dict, out: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.set_ylim(bottom=0)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("Throughput vs concurrency")
-    fig.tight_layout()
-    written.append(out / "throughput_vs_concurrency.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    written.append(_save(fig, "Throughput vs concurrency", out / "throughput_vs_concurrency.png"))
 
     if result.get("compare"):
         a, b = result["compare"]
@@ -418,11 +420,7 @@ def plot(result: dict, out: Path) -> list[Path]:
             ax.set_title(title)
             ax.grid(axis="y", alpha=0.3)
         axes[0][0].legend(fontsize=8)
-        fig.suptitle(f"{a} vs {b} (same workload, same server)")
-        fig.tight_layout()
-        written.append(out / "compare.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        written.append(_save(fig, f"{a} vs {b} (same workload, same server)", out / "compare.png"))
     return written
 
 

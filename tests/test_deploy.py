@@ -24,7 +24,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -35,7 +34,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, TRAINED_MIXTRAL, free_port
+from tests.conftest import REPO, TRAINED_MIXTRAL, free_port, stop_server
 
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
@@ -666,9 +665,5 @@ def test_prometheus_with_the_deploy_config_scrapes_and_answers_every_query(live_
                 empty.append(title)
         assert not empty, f"queries without data: {empty}"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
         log.close()
