@@ -124,9 +124,10 @@ def test_linear_kernel_matches_float(spec):
 
 def test_selection_reports_every_reason(monkeypatch):
     config = LinearConfig(QuantSpec(4), 128, 64, torch.bfloat16)
+    monkeypatch.setenv("MOEMIX_DISABLED_KERNELS", "NativeCpuLinearKernel, NativeCpuExpertsKernel")
     assert choose_linear_kernel(config, torch.device("cpu")) is DequantLinearKernel
     assert choose_experts_kernel(ExpertsConfig((QuantSpec(2),), (QuantSpec(2),), 128, 128, torch.bfloat16),
                                  torch.device("cpu")) is DequantExpertsKernel
-    monkeypatch.setenv("MOEMIX_DISABLED_KERNELS", "DequantLinearKernel")
+    monkeypatch.setenv("MOEMIX_DISABLED_KERNELS", "NativeCpuLinearKernel,DequantLinearKernel")
     with pytest.raises(ValueError, match="DequantLinearKernel: disabled by MOEMIX_DISABLED_KERNELS"):
         choose_linear_kernel(config, torch.device("cpu"))

@@ -13,10 +13,11 @@ from typing import TypeVar
 import torch
 
 from vllm_moemix.layers.kernels.base import ExpertsConfig, ExpertsKernel, LinearConfig, LinearKernel
+from vllm_moemix.layers.kernels.cpu import NativeCpuExpertsKernel, NativeCpuLinearKernel
 from vllm_moemix.layers.kernels.reference import DequantExpertsKernel, DequantLinearKernel
 
-LINEAR_KERNELS: list[type[LinearKernel]] = [DequantLinearKernel]
-EXPERTS_KERNELS: list[type[ExpertsKernel]] = [DequantExpertsKernel]
+LINEAR_KERNELS: list[type[LinearKernel]] = [NativeCpuLinearKernel, DequantLinearKernel]
+EXPERTS_KERNELS: list[type[ExpertsKernel]] = [NativeCpuExpertsKernel, DequantExpertsKernel]
 
 K = TypeVar("K", LinearKernel, ExpertsKernel)
 
