@@ -325,12 +325,10 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qweight, const a
 // local ones (-1: another rank), empty = identity. routed_tokens[e] counts this call's tokens.
 at::Tensor fused_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
                      const at::Tensor& expert_map, at::Tensor& routed_tokens, const at::Tensor& w13_where,
-                     const at::Tensor& w2_where, const std::vector<at::Tensor>& w13_q,
-                     const std::vector<at::Tensor>& w13_s, const std::vector<at::Tensor>& w13_z,
-                     const std::vector<int64_t>& w13_bits, const std::vector<int64_t>& w13_group,
-                     const std::vector<at::Tensor>& w2_q, const std::vector<at::Tensor>& w2_s,
-                     const std::vector<at::Tensor>& w2_z, const std::vector<int64_t>& w2_bits,
-                     const std::vector<int64_t>& w2_group, int64_t intermediate) {
+                     const at::Tensor& w2_where, at::TensorList w13_q, at::TensorList w13_s, at::TensorList w13_z,
+                     at::IntArrayRef w13_bits, at::IntArrayRef w13_group, at::TensorList w2_q,
+                     at::TensorList w2_s, at::TensorList w2_z, at::IntArrayRef w2_bits, at::IntArrayRef w2_group,
+                     int64_t intermediate) {
   const int64_t T = x.size(0), H = x.size(1), top_k = topk_ids.size(1), E = w13_where.size(0);
   const int64_t I = intermediate, N13 = 2 * I;
   const at::Tensor xf = as_float_rows(x);
@@ -436,8 +434,22 @@ at::Tensor fused_moe(const at::Tensor& x, const at::Tensor& topk_weights, const 
   return out.to(x.scalar_type());
 }
 
+// Registered with the dispatcher (not pybind) so calls skip Python; fake (meta) implementations for
+// torch.compile live in vllm_moemix/layers/kernels/cpu.py.
+TORCH_LIBRARY_FRAGMENT(moemix, m) {
+  m.def("cpu_linear(Tensor x, Tensor qweight, Tensor scales, Tensor qzeros, int bits, int group_size) -> Tensor");
+  m.def(
+      "cpu_fused_moe(Tensor x, Tensor topk_weights, Tensor topk_ids, Tensor expert_map, Tensor(a!) routed_tokens, "
+      "Tensor w13_where, Tensor w2_where, Tensor[] w13_qweights, Tensor[] w13_scales, Tensor[] w13_qzeros, "
+      "int[] w13_bits, int[] w13_groups, Tensor[] w2_qweights, Tensor[] w2_scales, Tensor[] w2_qzeros, "
+      "int[] w2_bits, int[] w2_groups, int intermediate) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(moemix, CPU, m) {
+  m.impl("cpu_linear", &packed_linear);
+  m.impl("cpu_fused_moe", &fused_moe);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "moemix native CPU kernels (AVX-512 VNNI) reading packed 2/3/4/8-bit weights";
-  m.def("packed_linear", &packed_linear, "x @ W for one packed weight");
-  m.def("fused_moe", &fused_moe, "mixed-width SwiGLU fused MoE");
+  m.doc() = "moemix native CPU kernels (AVX-512 VNNI); importing registers torch.ops.moemix.cpu_*";
 }

@@ -42,10 +42,12 @@ def _native_status() -> tuple[object | None, str | None]:
         from vllm_moemix import _cpu_kernels
     except ImportError as err:
         return None, f"native extension not built ({err}); reinstall with `pip install --no-build-isolation -e .`"
+    _register_fakes()
     return _cpu_kernels, None
 
 
 def _native():
+    """Load the extension (registering torch.ops.moemix.cpu_*) or say why it cannot run here."""
     module, why = _native_status()
     if module is None:
         raise RuntimeError(f"moemix native CPU kernels unavailable: {why}")
@@ -107,51 +109,17 @@ def _replace(layer: torch.nn.Module, name: str, value: torch.Tensor) -> None:
     getattr(layer, name).data = value
 
 
-@torch.library.custom_op("moemix::cpu_linear", mutates_args=())
-def cpu_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
-               bits: int, group_size: int) -> torch.Tensor:
-    """x [T, K] @ W for one packed weight in the native layout (opaque to torch.compile)."""
-    return _native().packed_linear(x, qweight, scales, qzeros, bits, group_size)
+def _register_fakes() -> None:
+    """Shapes for torch.compile; the ops themselves are registered by the extension (C++, no Python hop)."""
 
+    @torch.library.register_fake("moemix::cpu_linear")
+    def _(x, qweight, scales, qzeros, bits, group_size):
+        return x.new_empty(x.shape[0], qweight.numel() * 32 // (x.shape[1] * bits))
 
-@cpu_linear.register_fake
-def _(x, qweight, scales, qzeros, bits, group_size):
-    n = qweight.numel() * 32 // (x.shape[1] * bits)
-    return x.new_empty(x.shape[0], n)
-
-
-@torch.library.custom_op("moemix::cpu_fused_moe", mutates_args=("routed_tokens",))
-def cpu_fused_moe(
-    x: torch.Tensor,
-    topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor,
-    expert_map: torch.Tensor,
-    routed_tokens: torch.Tensor,
-    w13_where: torch.Tensor,
-    w2_where: torch.Tensor,
-    w13_qweights: list[torch.Tensor],
-    w13_scales: list[torch.Tensor],
-    w13_qzeros: list[torch.Tensor],
-    w13_bits: list[int],
-    w13_groups: list[int],
-    w2_qweights: list[torch.Tensor],
-    w2_scales: list[torch.Tensor],
-    w2_qzeros: list[torch.Tensor],
-    w2_bits: list[int],
-    w2_groups: list[int],
-    intermediate: int,
-) -> torch.Tensor:
-    """Mixed-width SwiGLU experts, same contract as `moemix::dequant_moe` (routing counts included)."""
-    return _native().fused_moe(
-        x, topk_weights, topk_ids, expert_map, routed_tokens, w13_where, w2_where, w13_qweights, w13_scales,
-        w13_qzeros, w13_bits, w13_groups, w2_qweights, w2_scales, w2_qzeros, w2_bits, w2_groups, intermediate,
-    )
-
-
-@cpu_fused_moe.register_fake
-def _(x, topk_weights, topk_ids, expert_map, routed_tokens, w13_where, w2_where, w13_qweights, w13_scales,
-      w13_qzeros, w13_bits, w13_groups, w2_qweights, w2_scales, w2_qzeros, w2_bits, w2_groups, intermediate):
-    return torch.empty_like(x)
+    @torch.library.register_fake("moemix::cpu_fused_moe")
+    def _(x, topk_weights, topk_ids, expert_map, routed_tokens, w13_where, w2_where, w13_qweights, w13_scales,
+          w13_qzeros, w13_bits, w13_groups, w2_qweights, w2_scales, w2_qzeros, w2_bits, w2_groups, intermediate):
+        return torch.empty_like(x)
 
 
 class NativeCpuLinearKernel(LinearKernel):
@@ -160,6 +128,7 @@ class NativeCpuLinearKernel(LinearKernel):
         return _can_run(device, [(config.in_features, config.out_features)])
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        _native()
         zeros = getattr(layer, "qzeros", None)
         q, s, z = repack_for_cpu(layer.qweight.data, layer.scales.data, zeros.data if zeros is not None else None,
                                  self.config.spec.bits)
@@ -186,6 +155,7 @@ class NativeCpuExpertsKernel(ExpertsKernel):
         return _can_run(device, [(h, 2 * i), (i, h)])
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        _native()
         for grp in layer.moemix_groups.values():
             for g, spec in enumerate(grp.specs):
                 names = [grp.param_name(g, s) for s in ("qweight", "scales", "qzeros")]
