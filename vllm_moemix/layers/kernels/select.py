@@ -15,9 +15,10 @@ import torch
 from vllm_moemix.layers.kernels.base import ExpertsConfig, ExpertsKernel, LinearConfig, LinearKernel
 from vllm_moemix.layers.kernels.cpu import NativeCpuExpertsKernel, NativeCpuLinearKernel
 from vllm_moemix.layers.kernels.reference import DequantExpertsKernel, DequantLinearKernel
+from vllm_moemix.layers.kernels.triton_moe import TritonExpertsKernel
 
 LINEAR_KERNELS: list[type[LinearKernel]] = [NativeCpuLinearKernel, DequantLinearKernel]
-EXPERTS_KERNELS: list[type[ExpertsKernel]] = [NativeCpuExpertsKernel, DequantExpertsKernel]
+EXPERTS_KERNELS: list[type[ExpertsKernel]] = [NativeCpuExpertsKernel, TritonExpertsKernel, DequantExpertsKernel]
 
 K = TypeVar("K", LinearKernel, ExpertsKernel)
 

@@ -1,0 +1,122 @@
+"""Triton fused MoE for experts of mixed widths (CUDA; tests run it on CPU tensors under TRITON_INTERPRET=1).
+
+Stage 1 runs gate/up for every (token, expert) pair, one launch per w13 width group; SwiGLU; stage 2 runs
+down, one launch per w2 width group, scaled by the router weight; pairs are summed per token. An expert
+may sit in different width groups for w13 and w2: each stage sorts the pairs by its own groups. Weights
+are never dequantized to memory (see triton_gemm.py).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+from vllm_moemix.layers.kernels.base import ExpertsConfig, ExpertsKernel
+
+
+def _run_stage(a, a_row, slot_of_pair, group_of_pair, out, qweights, scales, qzeros, bits, groups, mult=None):
+    """One GEMM per width group over the pairs whose expert lives in that group."""
+    from vllm_moemix.layers.kernels.triton_gemm import packed_pairs_gemm
+
+    for g in range(len(qweights)):
+        slots = torch.where(group_of_pair == g, slot_of_pair, -1)
+        packed_pairs_gemm(a, a_row, slots, out, qweights[g], scales[g], qzeros[g], bits[g], groups[g], mult)
+
+
+def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    inter = gate_up.shape[1] // 2
+    return F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+
+
+def _moe(x, topk_weights, local_ids, where13, where2, w13, w2) -> torch.Tensor:
+    """Shared body: local_ids [T, k] with -1 for pairs that contribute nothing; where* [E, 2] (group, slot)."""
+    num_tokens, top_k = local_ids.shape
+    ids = local_ids.reshape(-1).to(torch.int64)
+    live = ids >= 0
+    safe = torch.where(live, ids, 0)
+    token_of_pair = torch.arange(num_tokens, device=x.device).repeat_interleave(top_k)
+    pair_index = torch.arange(ids.numel(), device=x.device)
+    inter2 = w13[0][0].shape[-1]
+    gate_up = torch.zeros(ids.numel(), inter2, dtype=torch.float32, device=x.device)
+    _run_stage(x, token_of_pair, torch.where(live, where13[safe, 1], -1), torch.where(live, where13[safe, 0], -1),
+               gate_up, *w13)
+    hidden = _swiglu(gate_up).contiguous()
+    down = torch.zeros(ids.numel(), x.shape[1], dtype=torch.float32, device=x.device)
+    weights = topk_weights.reshape(-1).to(torch.float32).contiguous()
+    _run_stage(hidden, pair_index, torch.where(live, where2[safe, 1], -1), torch.where(live, where2[safe, 0], -1),
+               down, *w2, mult=weights)
+    return torch.zeros(num_tokens, x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, token_of_pair, down)
+
+
+@torch.library.custom_op("moemix::triton_moe", mutates_args=("routed_tokens",))
+def triton_moe(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    expert_map: torch.Tensor,
+    routed_tokens: torch.Tensor,
+    w13_where: torch.Tensor,
+    w2_where: torch.Tensor,
+    w13_qweights: list[torch.Tensor],
+    w13_scales: list[torch.Tensor],
+    w13_qzeros: list[torch.Tensor],
+    w13_bits: list[int],
+    w13_groups: list[int],
+    w2_qweights: list[torch.Tensor],
+    w2_scales: list[torch.Tensor],
+    w2_qzeros: list[torch.Tensor],
+    w2_bits: list[int],
+    w2_groups: list[int],
+) -> torch.Tensor:
+    """Same contract as `moemix::dequant_moe` (routing counts included), opaque to torch.compile."""
+    ids = topk_ids.to(torch.int64)
+    if expert_map.numel():
+        ids = expert_map.to(torch.int64)[ids]
+    local = ids[ids >= 0]
+    routed_tokens += torch.bincount(local, minlength=routed_tokens.numel()).to(routed_tokens.dtype)
+    out = _moe(x, topk_weights, ids, w13_where, w2_where,
+               (w13_qweights, w13_scales, w13_qzeros, w13_bits, w13_groups),
+               (w2_qweights, w2_scales, w2_qzeros, w2_bits, w2_groups))
+    return out.to(x.dtype)
+
+
+@triton_moe.register_fake
+def _(x, topk_weights, topk_ids, expert_map, routed_tokens, w13_where, w2_where, w13_qweights, w13_scales,
+      w13_qzeros, w13_bits, w13_groups, w2_qweights, w2_scales, w2_qzeros, w2_bits, w2_groups):
+    return torch.empty_like(x)
+
+
+def moe_width_group(x, topk_weights, group_topk_ids, w13_qweight, w13_scales, w13_qzeros, w2_qweight, w2_scales,
+                    w2_qzeros, bits13, group13, bits2, group2) -> torch.Tensor:
+    """Partial fp32 [T, H] output of the experts of one width group (w13 and w2 of the same experts).
+
+    `group_topk_ids` [T, top_k] holds the slot within the group, or -1 (the pair contributes nothing):
+    how the Marlin glue runs the experts Marlin cannot (2/3-bit).
+    """
+    num = w13_qweight.shape[0]
+    where = torch.stack([torch.zeros(num, dtype=torch.int64, device=x.device),
+                         torch.arange(num, device=x.device)], 1)
+    return _moe(x, topk_weights, group_topk_ids, where, where,
+                ([w13_qweight], [w13_scales], [w13_qzeros], [bits13], [group13]),
+                ([w2_qweight], [w2_scales], [w2_qzeros], [bits2], [group2]))
+
+
+class TritonExpertsKernel(ExpertsKernel):
+    @classmethod
+    def can_implement(cls, config: ExpertsConfig, device: torch.device) -> tuple[bool, str | None]:
+        if importlib.util.find_spec("triton") is None:
+            return False, "triton is not installed"
+        if device.type == "cuda":
+            return True, None
+        return False, f"Triton kernels run on CUDA, not {device.type} (tests run them on CPU via TRITON_INTERPRET=1)"
+
+    def apply(self, layer, x, topk_weights, topk_ids):
+        w13, w2 = layer.moemix_groups["w13"], layer.moemix_groups["w2"]
+        expert_map = layer.expert_map if layer.expert_map is not None else layer.moemix_no_map
+        return torch.ops.moemix.triton_moe(
+            x, topk_weights, topk_ids, expert_map, layer.moemix_routed_tokens, layer.w13_where, layer.w2_where,
+            *w13.tensor_lists(layer), w13.bits, [s.group_size for s in w13.specs],
+            *w2.tensor_lists(layer), w2.bits, [s.group_size for s in w2.specs],
+        )
