@@ -42,12 +42,32 @@ def worker_routing(worker: Any, reset: bool = False) -> list[dict[str, Any]]:
     return out
 
 
+def worker_resident_bytes(worker: Any) -> dict[str, int]:
+    """Bytes the loaded model holds on this rank (parameters and buffers, shared storage once), by dtype.
+
+    Measured on the live model after every kernel's repacking, so it checks what the plan promised.
+    """
+    seen: set[int] = set()
+    by_dtype: dict[str, int] = defaultdict(int)
+    model = worker.get_model()
+    for tensor in [*model.parameters(), *model.buffers()]:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() in seen:
+            continue
+        seen.add(storage.data_ptr())
+        by_dtype[str(tensor.dtype).removeprefix("torch.")] += storage.nbytes()
+    return dict(by_dtype)
+
+
 class RoutingWorkerExtension:
     """Mixed into vLLM's worker class (engine arg `worker_extension_cls`, vLLM's mechanism for this), so a
     front end can call `collective_rpc("moemix_routing")` with a method name: no pickled code crosses."""
 
     def moemix_routing(self, reset: bool = False) -> list[dict[str, Any]]:
         return worker_routing(self, reset)
+
+    def moemix_resident_bytes(self) -> dict[str, int]:
+        return worker_resident_bytes(self)
 
 
 EXTENSION = f"{__name__}.{RoutingWorkerExtension.__name__}"

@@ -1,0 +1,237 @@
+"""End-to-end decode through vLLM (`LLM.generate`) on a ~1B-parameter random Mixtral-style MoE.
+
+Three checkpoints of the same random model, each served in its own engine, one after another:
+bf16; vLLM's own GPTQ 4-bit (symmetric, group 128, every attention and expert linear — the best a vLLM
+user has on CPU today); moemix at a 2.5-bit mixed plan (experts 0-3 of every layer 2-bit, 4-7 3-bit,
+attention 4-bit). Decode tokens/s = generated tokens after the first / (time of a long run - time of a
+1-token run), at batch 1 and 8. Resident weight bytes are measured in the worker on the loaded model
+(parameters and buffers after every kernel's repacking) and compared with what the plan predicts.
+Random weights: speed and bytes only, no quality.
+
+    .venv/bin/python benchmarks/e2e_decode.py            # ~0.9B model (about 15 minutes on 2 cores)
+    .venv/bin/python benchmarks/e2e_decode.py --quick    # a tiny model (smoke test)
+
+Checkpoints are cached under --work (default runs/bench/); writes <out>/e2e_decode.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parents[1]
+NEW_TOKENS = 64
+PROMPT = "def fibonacci(n):\n    "
+GROUP = 128
+
+
+def moemix_plan(experts: int) -> dict:
+    half = experts // 2
+    return {
+        "default": {"bits": 3, "group_size": GROUP},
+        "modules": {
+            f"model.layers.*.block_sparse_moe.experts.[0-{half - 1}]": {"bits": 2, "group_size": GROUP},
+            "model.layers.*.self_attn": {"bits": 4, "group_size": GROUP},
+        },
+    }
+
+
+def build_bf16(out: Path, layers: int, hidden: int, inter: int, experts: int) -> Path:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from tests.conftest import byte_tokenizer
+
+    if (out / "config.json").exists():
+        return out
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                           num_attention_heads=hidden // 128, num_key_value_heads=max(hidden // 512, 1),
+                           num_local_experts=experts, num_experts_per_tok=2, max_position_embeddings=1024,
+                           tie_word_embeddings=False)
+    with torch.device("cpu"):
+        model = MixtralForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(out, safe_serialization=True)
+    byte_tokenizer().save_pretrained(out)
+    return out
+
+
+def build_moemix(src: Path, out: Path, experts: int) -> Path:
+    from vllm_moemix.checkpoint.writer import quantize_checkpoint
+    from vllm_moemix.plan import Plan
+
+    if not (out / "config.json").exists():
+        quantize_checkpoint(src, Plan.from_dict(moemix_plan(experts)), out, progress=True)
+    return out
+
+
+def build_gptq(src: Path, out: Path) -> Path:
+    """vLLM's GPTQ format (v1: stored zero = zero - 1) from RTN 4-bit symmetric codes of every linear."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig
+
+    from vllm_moemix.arch import quantizable_linears
+    from vllm_moemix.quant.rtn import quantize_rtn
+    from vllm_moemix.spec import QuantSpec
+
+    if (out / "config.json").exists():
+        return out
+    out.mkdir(parents=True)
+    config = AutoConfig.from_pretrained(src)
+    linears = set(quantizable_linears(config))
+    spec = QuantSpec(4, GROUP, sym=True)
+    for shard in sorted(src.glob("*.safetensors")):
+        tensors = {}
+        for name, weight in tqdm(load_file(shard).items(), desc=f"GPTQ {shard.name}"):
+            prefix = name.removesuffix(".weight")
+            if prefix not in linears:
+                tensors[name] = weight
+                continue
+            qw = quantize_rtn(weight.float(), spec)
+            n, k = weight.shape
+            tensors[f"{prefix}.qweight"] = qw.qweight
+            tensors[f"{prefix}.scales"] = qw.scales
+            tensors[f"{prefix}.qzeros"] = torch.full((k // GROUP, n // 8), 0x77777777, dtype=torch.int32)
+            tensors[f"{prefix}.g_idx"] = torch.arange(k, dtype=torch.int32) // GROUP
+        save_file(tensors, out / shard.name, metadata={"format": "pt"})
+    for extra in src.iterdir():
+        if extra.suffix != ".safetensors" and extra.name != "config.json" and extra.is_file():
+            (out / extra.name).write_bytes(extra.read_bytes())
+    index = src / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {}
+        for shard in sorted(out.glob("*.safetensors")):
+            from safetensors import safe_open
+
+            with safe_open(shard, "pt") as f:
+                data["weight_map"].update({key: shard.name for key in f.keys()})
+        (out / index.name).write_text(json.dumps(data))
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": GROUP, "desc_act": False,
+                                  "sym": True, "checkpoint_format": "gptq"}
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    return out
+
+
+def measure(name: str, model: Path) -> dict:
+    """Load in vLLM (default compile mode), time decoding at batch 1 and 8, read resident weight bytes."""
+    from vllm import LLM, SamplingParams
+
+    from vllm_moemix.routing import EXTENSION
+
+    start = time.perf_counter()
+    llm = LLM(model=str(model), dtype="bfloat16", max_model_len=512, max_num_seqs=8, seed=0,
+              worker_extension_cls=EXTENSION)
+    load_s = time.perf_counter() - start
+    resident = llm.collective_rpc("moemix_resident_bytes")[0]
+
+    def run(batch: int, tokens: int) -> float:
+        params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+        t = time.perf_counter()
+        llm.generate([PROMPT] * batch, params, use_tqdm=False)
+        return time.perf_counter() - t
+
+    run(1, 8)  # warm-up outside the timings
+    row = {"name": name, "load_s": load_s, "resident_bytes": sum(resident.values()), "resident_by_dtype": resident}
+    for batch in (1, 8):
+        first = min(run(batch, 1) for _ in range(2))
+        full = min(run(batch, NEW_TOKENS + 1) for _ in range(2))
+        row[f"tok_s_batch{batch}"] = batch * NEW_TOKENS / (full - first)
+    del llm
+    gc.collect()
+    return row
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    bf16 = rows[0]
+    lines = [f"{meta['params'] / 1e9:.2f}B-parameter random Mixtral-style MoE ({meta['layers']} layers, "
+             f"E{meta['experts']} top-2, H{meta['hidden']}, I{meta['inter']}), vLLM CPU, bf16 activations, default "
+             f"compile mode, {meta['threads']} cores, {NEW_TOKENS} new tokens. moemix plan: "
+             f"{meta['moemix_avg_payload_bits']:.2f} payload bits ({meta['moemix_avg_bits']:.2f} with scales/zeros) "
+             f"over attention + experts; plan predicts {meta['moemix_predicted_bytes'] / 2**20:.0f} MiB resident.", "",
+             "| checkpoint | decode tok/s, batch 1 | ×bf16 | decode tok/s, batch 8 | ×bf16 | resident weights | ×bf16 |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['tok_s_batch1']:.1f} | {r['tok_s_batch1'] / bf16['tok_s_batch1']:.2f} "
+                     f"| {r['tok_s_batch8']:.1f} | {r['tok_s_batch8'] / bf16['tok_s_batch8']:.2f} "
+                     f"| {r['resident_bytes'] / 2**20:.0f} MiB | {r['resident_bytes'] / bf16['resident_bytes']:.2f} |")
+    moemix = rows[-1]
+    lines += ["", f"moemix resident bytes measured / predicted by the plan: "
+                  f"{moemix['resident_bytes'] / meta['moemix_predicted_bytes']:.3f}"]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    names = [r["name"] for r in rows]
+    for ax, key, title in zip(axes, ("tok_s_batch1", "tok_s_batch8", "resident_bytes"),
+                              ("decode tok/s, batch 1", "decode tok/s, batch 8", "resident weights (MiB)")):
+        values = [r[key] / (2**20 if key == "resident_bytes" else 1) for r in rows]
+        ax.bar(names, values, color=["#999999", "#6a9fd8", "#d8783a"][: len(rows)])
+        ax.set_title(title)
+        for i, v in enumerate(values):
+            ax.text(i, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
+        ax.tick_params(axis="x", labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=10)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--inter", type=int, default=3584)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--quick", action="store_true", help="2 layers, H256, I512")
+    parser.add_argument("--skip-gptq", action="store_true")
+    parser.add_argument("--work", default=str(REPO / "runs" / "bench"))
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    args = parser.parse_args()
+    if args.quick:
+        args.layers, args.hidden, args.inter = 2, 256, 512
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from transformers import AutoConfig
+
+    from vllm_moemix.arch import quantizable_linears
+    from vllm_moemix.footprint import footprint
+    from vllm_moemix.plan import Plan
+
+    work = Path(args.work) / f"mixtral-l{args.layers}-h{args.hidden}-i{args.inter}-e{args.experts}"
+    src = build_bf16(work / "bf16", args.layers, args.hidden, args.inter, args.experts)
+    checkpoints = [("bf16", src)]
+    if not args.skip_gptq:
+        checkpoints.append(("vLLM GPTQ 4-bit", build_gptq(src, work / "gptq4")))
+    checkpoints.append(("moemix 2.5-bit mixed", build_moemix(src, work / "moemix", args.experts)))
+
+    config = AutoConfig.from_pretrained(src)
+    linears = quantizable_linears(config)
+    fp = footprint(Plan.from_dict(moemix_plan(args.experts)).resolve(linears), linears)
+    rows = [measure(name, path) for name, path in checkpoints]
+    params = rows[0]["resident_by_dtype"].get("bfloat16", 0) // 2  # the bf16 engine holds 2 bytes per parameter
+    meta = {"layers": args.layers, "hidden": args.hidden, "inter": args.inter, "experts": args.experts,
+            "threads": os.cpu_count(), "params": params, "moemix_avg_bits": fp.avg_bits,
+            "moemix_avg_payload_bits": fp.avg_payload_bits,
+            "moemix_predicted_bytes": rows[0]["resident_bytes"] - fp.bf16_bytes + fp.nbytes}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown(rows, meta)
+    (out / "e2e_decode.md").write_text(table + "\n")
+    (out / "e2e_decode.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    plot(rows, out / "e2e_decode.png")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""One fused-MoE layer at real model shapes: moemix kernels vs vLLM's own CPU MoE paths, side by side.
+
+Rows, all timed in this process on the same routing: vLLM bf16 (`cpu_fused_moe`, AMX prepacked — what
+vLLM runs for an unquantized MoE on x86), vLLM's GPTQ-4bit CPU MoE (`fused_experts_cpu` W4A8, what it runs
+for a GPTQ/AWQ 4-bit checkpoint), and moemix with a 2.5-bit mixed layer (half the experts 2-bit, half
+3-bit), all-4-bit and all-2-bit experts (group 128, uint8 zero points), through whichever kernel the
+selector picks (the native CPU kernel here; `--disable` A/B tests others). Weights are random codes:
+speed does not depend on their values.
+
+Also measured in the same run: memory read bandwidth (a large tensor reduction), so each row can say how
+close it is to the bandwidth limit: bytes of the routed experts (each counted once per call) / time.
+
+    .venv/bin/python benchmarks/kernels.py                 # Mixtral, Qwen3-30B-A3B, DeepSeek-V2-Lite layers
+    .venv/bin/python benchmarks/kernels.py --quick         # a small shape (smoke test)
+
+Writes <out>/kernels.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    name: str
+    experts: int
+    top_k: int
+    hidden: int
+    inter: int
+
+
+SHAPES = {
+    "mixtral": LayerShape("Mixtral-8x7B", 8, 2, 4096, 14336),
+    "qwen3": LayerShape("Qwen3-30B-A3B", 128, 8, 2048, 768),
+    "dsv2lite": LayerShape("DeepSeek-V2-Lite (routed experts)", 64, 6, 2048, 1408),
+    "quick": LayerShape("quick", 8, 2, 512, 768),
+}
+GROUP = 128
+MOEMIX_ROWS = {"moemix 2.5-bit mixed": (2, 3), "moemix 4-bit": (4,), "moemix 2-bit": (2,)}
+
+
+def median_ms(fn, reps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def read_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
+    """Sustained read bandwidth of this machine with all torch threads (a reduction over 2 GiB)."""
+    data = torch.ones(nbytes // 4, dtype=torch.float32)
+    ms = median_ms(lambda: data.sum(), reps=5)
+    del data
+    return nbytes / ms / 1e6
+
+
+def routing(tokens: int, shape: LayerShape, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(tokens, shape.experts, generator=gen)
+    weights, ids = torch.softmax(logits, -1).topk(shape.top_k, dim=-1)
+    return (weights / weights.sum(-1, keepdim=True)).float(), ids.to(torch.int32)
+
+
+def random_codes(*shape: int) -> torch.Tensor:
+    return torch.empty(shape, dtype=torch.int32).random_()
+
+
+# ---- moemix -------------------------------------------------------------------------------------------
+
+
+def moemix_layer(shape: LayerShape, widths: tuple[int, ...]):
+    """A module laid out like MoeMixMoEMethod.create_weights, its experts cycling through `widths`."""
+    from vllm_moemix.layers.kernels.base import ExpertsConfig
+    from vllm_moemix.layers.kernels.select import choose_experts_kernel
+    from vllm_moemix.layers.moe import WidthGroups
+    from vllm_moemix.spec import QuantSpec
+
+    specs = [QuantSpec(widths[e % len(widths)], GROUP) for e in range(shape.experts)]
+    layer = torch.nn.Module()
+    layer.moemix_groups = {"w13": WidthGroups.build("w13", specs), "w2": WidthGroups.build("w2", specs)}
+    dims = {"w13": (shape.hidden, 2 * shape.inter), "w2": (shape.inter, shape.hidden)}
+    for proj, grp in layer.moemix_groups.items():
+        k, n = dims[proj]
+        for g, spec in enumerate(grp.specs):
+            e = len(grp.members[g])
+            layer.register_buffer(grp.param_name(g, "qweight"), random_codes(e, k * spec.bits // 32, n))
+            layer.register_buffer(grp.param_name(g, "scales"), (torch.rand(e, k // GROUP, n) * 1e-3).half())
+            layer.register_buffer(grp.param_name(g, "qzeros"),
+                                  torch.randint(0, 1 << spec.bits, (e, k // GROUP, n), dtype=torch.uint8))
+    layer.register_buffer("w13_where", layer.moemix_groups["w13"].where_tensor(shape.experts))
+    layer.register_buffer("w2_where", layer.moemix_groups["w2"].where_tensor(shape.experts))
+    layer.register_buffer("moemix_no_map", torch.empty(0, dtype=torch.int32))
+    layer.register_buffer("moemix_routed_tokens", torch.zeros(shape.experts, dtype=torch.int64))
+    layer.expert_map = None
+    config = ExpertsConfig(tuple(specs), tuple(specs), shape.hidden, shape.inter, torch.bfloat16)
+    kernel = choose_experts_kernel(config, torch.device("cpu"))(config)
+    kernel.process_weights_after_loading(layer)
+    per_expert = [0] * shape.experts
+    for proj, grp in layer.moemix_groups.items():
+        for g, members in enumerate(grp.members):
+            group_bytes = sum(getattr(layer, grp.param_name(g, s)).nbytes for s in ("qweight", "scales", "qzeros"))
+            for e in members:
+                per_expert[e] += group_bytes // len(members)
+    return (lambda x, w, i: kernel.apply(layer, x, w, i)), type(kernel).__name__, per_expert
+
+
+# ---- vLLM baselines -----------------------------------------------------------------------------------
+
+
+def vllm_bf16_layer(shape: LayerShape):
+    from vllm import _custom_ops as ops
+
+    w13 = ops.cpu_prepack_moe_weight(torch.randn(shape.experts, 2 * shape.inter, shape.hidden,
+                                                 dtype=torch.bfloat16) * 0.02, "amx")
+    w2 = ops.cpu_prepack_moe_weight(torch.randn(shape.experts, shape.hidden, shape.inter,
+                                                dtype=torch.bfloat16) * 0.02, "amx")
+
+    def run(x, w, i):
+        out = torch.empty_like(x)
+        ops.cpu_fused_moe(out, x, w13, w2, None, None, w, i, "silu", "amx")
+        return out
+
+    return run, "vLLM cpu_fused_moe (AMX)", [(w13[0].nbytes + w2[0].nbytes)] * shape.experts
+
+
+def vllm_int4_layer(shape: LayerShape):
+    from vllm._custom_ops import CPUQuantMethod, fused_experts_cpu
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import prepare_int4_moe_layer_for_cpu
+
+    e, h, i = shape.experts, shape.hidden, shape.inter
+    w13, w2, s13, s2, z13, z2 = prepare_int4_moe_layer_for_cpu(
+        random_codes(e, h // 8, 2 * i), random_codes(e, i // 8, h),
+        (torch.rand(e, h // GROUP, 2 * i) * 1e-3).to(torch.bfloat16),
+        (torch.rand(e, i // GROUP, h) * 1e-3).to(torch.bfloat16))
+
+    def run(x, w, ids):
+        out = torch.empty_like(x)
+        fused_experts_cpu(out, x, w13, w2, w, ids, CPUQuantMethod.INT4_W4A8, s13, s2, z13, z2, None,
+                          None, None, None, None, True)
+        return out
+
+    per_expert = sum(t[0].nbytes for t in (w13, w2, s13, s2, z13, z2))
+    return run, "vLLM fused_experts_cpu (W4A8)", [per_expert] * e
+
+
+ROWS = {
+    "vLLM bf16": vllm_bf16_layer,
+    "vLLM GPTQ-4bit": vllm_int4_layer,
+    **{name: (lambda shape, widths=widths: moemix_layer(shape, widths)) for name, widths in MOEMIX_ROWS.items()},
+}
+
+
+def bench_shape(shape: LayerShape, tokens: list[int], reps: int, bandwidth: float) -> list[dict]:
+    results = []
+    for row, build in tqdm(ROWS.items(), desc=shape.name, leave=False):
+        run, kernel, per_expert = build(shape)
+        for m in tokens:
+            w, ids = routing(m, shape, seed=m)
+            x = torch.randn(m, shape.hidden, dtype=torch.bfloat16)
+            ms = median_ms(lambda: run(x, w, ids), reps=reps)
+            read = sum(per_expert[e] for e in ids.unique().tolist())
+            results.append({"shape": shape.name, "row": row, "kernel": kernel, "tokens": m, "ms": ms,
+                            "bytes_read": read, "gbs": read / ms / 1e6, "of_bandwidth": read / ms / 1e6 / bandwidth})
+        del run
+        gc.collect()
+    return results
+
+
+def markdown(results: list[dict], bandwidth: float, threads: int) -> str:
+    lines = [f"Median ms per layer call, {threads} threads; memory read bandwidth measured in the same run: "
+             f"{bandwidth:.1f} GB/s. `of bw` = routed experts' bytes / time / bandwidth.", ""]
+    for shape in dict.fromkeys(r["shape"] for r in results):
+        rows = [r for r in results if r["shape"] == shape]
+        tokens = sorted({r["tokens"] for r in rows})
+        lines += [f"### {shape}", "", "| row | kernel | " + " | ".join(f"M={m}" for m in tokens)
+                  + " | ×bf16 (M=1) | ×vLLM-4bit (M=1) | of bw (M=1) |",
+                  "|---|---|" + "---|" * len(tokens) + "---|---|---|"]
+        by = {(r["row"], r["tokens"]): r for r in rows}
+        for row in dict.fromkeys(r["row"] for r in rows):
+            first = by[(row, tokens[0])]
+            ratio_bf16 = first["ms"] / by[("vLLM bf16", tokens[0])]["ms"]
+            ratio_int4 = first["ms"] / by[("vLLM GPTQ-4bit", tokens[0])]["ms"]
+            cells = " | ".join(f"{by[(row, m)]['ms']:.2f}" for m in tokens)
+            lines.append(f"| {row} | {first['kernel']} | {cells} | {ratio_bf16:.2f} | {ratio_int4:.2f} "
+                         f"| {first['of_bandwidth']:.0%} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = list(dict.fromkeys(r["shape"] for r in results))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        rows = [r for r in results if r["shape"] == shape]
+        for row in dict.fromkeys(r["row"] for r in rows):
+            pts = sorted((r["tokens"], r["ms"]) for r in rows if r["row"] == row)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=row,
+                    linestyle="--" if row.startswith("vLLM") else "-")
+        ax.set(title=shape, xlabel="tokens (M)", ylabel="ms per layer", xscale="log", yscale="log")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="mixtral,qwen3,dsv2lite", help=f"comma list of {sorted(SHAPES)}")
+    parser.add_argument("--tokens", default="1,4,16,64")
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--quick", action="store_true", help="the small shape, M=1,4, 3 reps")
+    parser.add_argument("--disable", default="", help="MOEMIX_DISABLED_KERNELS for the moemix rows")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    args = parser.parse_args()
+    if args.quick:
+        args.shapes, args.tokens, args.reps = "quick", "1,4", 3
+    if args.disable:
+        os.environ["MOEMIX_DISABLED_KERNELS"] = args.disable
+    torch.set_num_threads(args.threads)
+    torch._C._cpu._init_amx()  # vLLM's AMX kernels need the AMX state requested (SIGILL otherwise)
+    tokens = [int(t) for t in args.tokens.split(",")]
+    bandwidth = read_bandwidth_gbs(256 << 20 if args.quick else 2 << 30)
+    results = []
+    for name in args.shapes.split(","):
+        results += bench_shape(SHAPES[name], tokens, args.reps, bandwidth)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown(results, bandwidth, args.threads)
+    (out / "kernels.md").write_text(table + "\n")
+    (out / "kernels.json").write_text(json.dumps({"bandwidth_gbs": bandwidth, "threads": args.threads,
+                                                  "results": results}, indent=1))
+    plot(results, out / "kernels.png")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
