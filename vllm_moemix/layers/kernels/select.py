@@ -14,11 +14,14 @@ import torch
 
 from vllm_moemix.layers.kernels.base import ExpertsConfig, ExpertsKernel, LinearConfig, LinearKernel
 from vllm_moemix.layers.kernels.cpu import NativeCpuExpertsKernel, NativeCpuLinearKernel
+from vllm_moemix.layers.kernels.marlin import MarlinExpertsKernel
 from vllm_moemix.layers.kernels.reference import DequantExpertsKernel, DequantLinearKernel
 from vllm_moemix.layers.kernels.triton_moe import TritonExpertsKernel
 
 LINEAR_KERNELS: list[type[LinearKernel]] = [NativeCpuLinearKernel, DequantLinearKernel]
-EXPERTS_KERNELS: list[type[ExpertsKernel]] = [NativeCpuExpertsKernel, TritonExpertsKernel, DequantExpertsKernel]
+EXPERTS_KERNELS: list[type[ExpertsKernel]] = [
+    MarlinExpertsKernel, NativeCpuExpertsKernel, TritonExpertsKernel, DequantExpertsKernel,
+]
 
 K = TypeVar("K", LinearKernel, ExpertsKernel)
 

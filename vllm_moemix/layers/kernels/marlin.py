@@ -1,0 +1,198 @@
+"""CUDA: 4/8-bit experts through vLLM's Marlin MoE, the rest through our Triton kernel.
+
+`fused_marlin_moe` runs gate/up and down of one expert set with one scalar type, so experts are
+partitioned by their (w13 spec, w2 spec) pair rather than by width group: a pair Marlin can run
+(both 4-bit, or both symmetric 8-bit, supported group and shapes) becomes a Marlin partition, repacked
+at load with vLLM's own `gptq_marlin_moe_repack` / `marlin_moe_permute_scales` / `marlin_zero_points`;
+every other pair is a Triton partition (`triton_moe.moe_width_group`). The per-width groups the loader
+filled are replaced by the partitions (same bytes: Marlin repacking does not widen), so memory stays
+what the plan says. Each partition sees the router's global ids through its own expert map (-1: not in
+this partition, or on another expert-parallel rank) and the partial outputs are summed.
+
+Only the shape and partition logic runs on this project's CI (no GPU); see tests/test_marlin_glue.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm_moemix.layers.kernels.base import ExpertsConfig, ExpertsKernel
+from vllm_moemix.spec import QuantSpec
+
+MARLIN_GROUP_SIZES = (32, 64, 128)
+MIN_CAPABILITY = (8, 0)
+
+
+def marlin_pair_reason(w13: QuantSpec, w2: QuantSpec, hidden: int, inter: int) -> str | None:
+    """Why Marlin cannot run an expert with these specs (None: it can)."""
+    if w13.bits != w2.bits or w13.sym != w2.sym:
+        return f"w13 {w13.bits}-bit{'' if w13.sym else ' asym'} and w2 {w2.bits}-bit differ (one Marlin type per call)"
+    if w13.bits not in (4, 8):
+        return f"{w13.bits}-bit: Marlin runs 4 and 8 bits"
+    if w13.bits == 8 and not w13.sym:
+        return "8-bit with zero points: Marlin has uint8b128 (symmetric) only"
+    for spec in (w13, w2):
+        if spec.group_size not in MARLIN_GROUP_SIZES:
+            return f"group size {spec.group_size} not in {MARLIN_GROUP_SIZES}"
+    if hidden % 128 or inter % max(64, w13.group_size, w2.group_size):
+        return f"hidden {hidden} must be a multiple of 128 and intermediate {inter} of max(64, group size)"
+    return None
+
+
+def scalar_type(spec: QuantSpec):
+    from vllm.scalar_type import scalar_types
+
+    if spec.bits == 4:
+        return scalar_types.uint4b8 if spec.sym else scalar_types.uint4
+    return scalar_types.uint8b128
+
+
+@dataclass
+class Partition:
+    """Local experts sharing one (w13, w2) spec pair, in slot order, and whether Marlin runs them."""
+
+    w13: QuantSpec
+    w2: QuantSpec
+    experts: list[int]
+    marlin: bool
+
+
+def partition_experts(config: ExpertsConfig) -> list[Partition]:
+    parts: dict[tuple[QuantSpec, QuantSpec], Partition] = {}
+    for expert, pair in enumerate(zip(config.w13_specs, config.w2_specs)):
+        if pair not in parts:
+            ok = marlin_pair_reason(*pair, config.hidden_size, config.intermediate_size) is None
+            parts[pair] = Partition(pair[0], pair[1], [], ok)
+        parts[pair].experts.append(expert)
+    return list(parts.values())
+
+
+def partition_expert_map(part: Partition, local_of_global: torch.Tensor, num_local: int) -> torch.Tensor:
+    """Global expert id -> slot in this partition, -1 where the expert is elsewhere (int32)."""
+    slot_of_local = torch.full((num_local,), -1, dtype=torch.int32)
+    slot_of_local[torch.tensor(part.experts)] = torch.arange(len(part.experts), dtype=torch.int32)
+    mapped = slot_of_local[local_of_global.clamp(min=0).long()]
+    return torch.where(local_of_global >= 0, mapped, torch.full_like(mapped, -1))
+
+
+def gather(layer: torch.nn.Module, proj: str, experts: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stack the qweight/scales/qzeros of `experts` out of the layer's width groups."""
+    grp = layer.moemix_groups[proj]
+    where = [grp.where[e] for e in experts]
+    out = []
+    for suffix in ("qweight", "scales", "qzeros"):
+        tensors = [getattr(layer, grp.param_name(g, suffix)) for g, _ in where]
+        out.append(torch.stack([t[s] for t, (_, s) in zip(tensors, where)]) if tensors[0].numel()
+                   else tensors[0])
+    return tuple(out)
+
+
+def to_marlin(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, spec: QuantSpec,
+              act_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """vLLM's own repacking: qweight [E, K*b/32, N] is GPTQ's layout already; scales/zeros [E, K/g, N]."""
+    from vllm import _custom_ops as ops
+    from vllm.model_executor.layers.quantization.utils.marlin_utils import (
+        marlin_moe_permute_scales,
+        marlin_zero_points,
+    )
+
+    k = qweight.shape[1] * 32 // spec.bits
+    n = qweight.shape[2]
+    marlin_q = ops.gptq_marlin_moe_repack(qweight, k, n, spec.bits)
+    marlin_s = marlin_moe_permute_scales(scales.to(act_dtype), k, n, spec.group_size)
+    marlin_z = None
+    if qzeros.numel():
+        marlin_z = torch.stack([marlin_zero_points(z.to(torch.int32), k // spec.group_size, n, spec.bits)
+                                for z in qzeros])
+    return marlin_q, marlin_s, marlin_z
+
+
+@torch.library.custom_op("moemix::marlin_moe", mutates_args=("routed_tokens",))
+def marlin_moe(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    local_of_global: torch.Tensor,
+    routed_tokens: torch.Tensor,
+    maps: list[torch.Tensor],
+    tensors: list[torch.Tensor],
+    kinds: list[int],
+    specs: list[int],
+) -> torch.Tensor:
+    """Sum of the partitions' outputs. Per partition p: maps[p] (global -> slot), six tensors
+    (w13 q/s/z, w2 q/s/z; empty z when symmetric), kinds[p] (scalar type id, or -1 for Triton) and
+    specs[4p:4p+4] = (w13 bits, w13 group, w2 bits, w2 group)."""
+    from vllm.model_executor.layers.fused_moe.experts.marlin_moe import fused_marlin_moe
+
+    from vllm_moemix.layers.kernels.triton_moe import moe_width_group
+
+    local = local_of_global.long()[topk_ids.long()]
+    routed_tokens += torch.bincount(local[local >= 0], minlength=routed_tokens.numel()).to(routed_tokens.dtype)
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for p, (emap, kind) in enumerate(zip(maps, kinds)):
+        q13, s13, z13, q2, s2, z2 = tensors[6 * p: 6 * p + 6]
+        bits13, group13, bits2, group2 = specs[4 * p: 4 * p + 4]
+        if kind >= 0:
+            out += fused_marlin_moe(
+                x, q13, q2, None, None, s13, s2, topk_weights, topk_ids, quant_type_id=kind,
+                global_num_experts=emap.numel(), expert_map=emap,
+                w1_zeros=z13 if z13.numel() else None, w2_zeros=z2 if z2.numel() else None,
+            ).float()
+        else:
+            out += moe_width_group(x, topk_weights, emap.long()[topk_ids.long()].to(torch.int32), q13, s13, z13,
+                                   q2, s2, z2, bits13, group13, bits2, group2)
+    return out.to(x.dtype)
+
+
+@marlin_moe.register_fake
+def _(x, topk_weights, topk_ids, local_of_global, routed_tokens, maps, tensors, kinds, specs):
+    return torch.empty_like(x)
+
+
+class MarlinExpertsKernel(ExpertsKernel):
+    @classmethod
+    def can_implement(cls, config: ExpertsConfig, device: torch.device) -> tuple[bool, str | None]:
+        if device.type != "cuda":
+            return False, f"Marlin runs on CUDA, not {device.type}"
+        if torch.cuda.get_device_capability(device) < MIN_CAPABILITY:
+            return False, f"Marlin needs compute capability >= {MIN_CAPABILITY}"
+        parts = partition_experts(config)
+        if not any(p.marlin for p in parts):
+            reasons = {marlin_pair_reason(p.w13, p.w2, config.hidden_size, config.intermediate_size) for p in parts}
+            return False, "no expert Marlin can run: " + "; ".join(sorted(reasons))
+        return True, None
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        num_local = len(self.config.w13_specs)
+        expert_map = getattr(layer, "expert_map", None)
+        local_of_global = (expert_map.to(torch.int32) if expert_map is not None
+                           else torch.arange(num_local, dtype=torch.int32)).cpu()
+        self.partitions = partition_experts(self.config)
+        maps, tensors, kinds, specs = [], [], [], []
+        for part in self.partitions:
+            w13, w2 = gather(layer, "w13", part.experts), gather(layer, "w2", part.experts)
+            if part.marlin:
+                w13 = to_marlin(*w13, part.w13, self.config.act_dtype)
+                w2 = to_marlin(*w2, part.w2, self.config.act_dtype)
+                kinds.append(scalar_type(part.w13).id)
+            else:
+                kinds.append(-1)
+            empty = torch.empty(0, dtype=torch.int32, device=w13[0].device)
+            tensors += [t if t is not None else empty for t in (*w13, *w2)]
+            maps.append(partition_expert_map(part, local_of_global, num_local).to(w13[0].device))
+            specs += [part.w13.bits, part.w13.group_size, part.w2.bits, part.w2.group_size]
+        for grp in layer.moemix_groups.values():  # the partitions replace the width groups
+            for g in range(len(grp.specs)):
+                for suffix in ("qweight", "scales", "qzeros"):
+                    delattr(layer, grp.param_name(g, suffix))
+        for i, t in enumerate(tensors):
+            layer.register_buffer(f"moemix_part_{i}", t, persistent=False)
+        layer.register_buffer("moemix_local_of_global", local_of_global.to(tensors[0].device), persistent=False)
+        self.maps, self.kinds, self.specs, self.num_tensors = maps, kinds, specs, len(tensors)
+
+    def apply(self, layer, x, topk_weights, topk_ids):
+        tensors = [getattr(layer, f"moemix_part_{i}") for i in range(self.num_tensors)]
+        return torch.ops.moemix.marlin_moe(x, topk_weights, topk_ids, layer.moemix_local_of_global,
+                                           layer.moemix_routed_tokens, self.maps, tensors, self.kinds, self.specs)
