@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast models lock clean
+.PHONY: venv demo test test-fast bench models lock clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,12 @@ test: venv
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not vllm"
+
+# Kernel speed, side by side with vLLM's own CPU paths (about 15 minutes on 2 cores; tables and plots into
+# benchmarks/results/): one MoE layer at Mixtral/Qwen3/DeepSeek-V2-Lite shapes, then decode through vLLM.
+bench: venv
+	VLLM_CPU_KVCACHE_SPACE=1 $(PY) benchmarks/kernels.py
+	VLLM_CPU_KVCACHE_SPACE=1 $(PY) benchmarks/e2e_decode.py
 
 # Rebuild the embedded trained models (about 20 minutes on 2 idle cores; they ship in models/). Needs Debian
 # python3.11-doc. Step counts as recorded in models/*/training.json (tiny-mixtral ran on a 10-minute clock).
