@@ -99,16 +99,7 @@ def _moe_case(tokens, skew=False, expert_map=None, num_global=None):
 
 def naive_fake_quant(layer, x, topk_weights, topk_ids):
     """FakeLayer.naive with the kernel's activation quantization applied to x and to h."""
-    out = torch.zeros(x.shape[0], H)
-    for t in range(x.shape[0]):
-        for w, e in zip(topk_weights[t].tolist(), topk_ids[t].tolist()):
-            if layer.expert_map is not None:
-                e = int(layer.expert_map[e])
-                if e < 0:
-                    continue
-            gate_up = fake_quant(x[t]) @ layer.deq13[e].t()
-            out[t] += w * (fake_quant(F.silu(gate_up[:I]) * gate_up[I:]) @ layer.deq2[e].t())
-    return out
+    return layer.naive(x, topk_weights, topk_ids, act_quant=fake_quant)
 
 
 @pytest.mark.parametrize("tokens, skew", [(1, False), (2, False), (7, False), (33, True)])

@@ -41,8 +41,8 @@ class FakeLayer(torch.nn.Module):
         self.register_buffer("moemix_routed_tokens", torch.zeros(e, dtype=torch.int64))
         self.expert_map = None
 
-    def naive(self, x, topk_weights, topk_ids):
-        """Token by token, expert by expert, in float32."""
+    def naive(self, x, topk_weights, topk_ids, act_quant=lambda v: v):
+        """Token by token, expert by expert, in float32; `act_quant` models a kernel's activation quantization."""
         out = torch.zeros(x.shape[0], H)
         for t in range(x.shape[0]):
             for w, e in zip(topk_weights[t].tolist(), topk_ids[t].tolist()):
@@ -50,8 +50,8 @@ class FakeLayer(torch.nn.Module):
                     e = int(self.expert_map[e])
                     if e < 0:
                         continue
-                gate_up = x[t].float() @ self.deq13[e].t()
-                out[t] += w * ((F.silu(gate_up[:I]) * gate_up[I:]) @ self.deq2[e].t())
+                gate_up = act_quant(x[t].float()) @ self.deq13[e].t()
+                out[t] += w * (act_quant(F.silu(gate_up[:I]) * gate_up[I:]) @ self.deq2[e].t())
         return out
 
 
