@@ -30,6 +30,7 @@ namespace {
 constexpr int64_t kBlock = 32;  // activation quantization block along K
 constexpr int64_t kTile = 64;   // output columns per weight tile: 4 AVX-512 int32 vectors
 constexpr int kMaxRowsPerCall = 4;
+constexpr int64_t kPrefetch = 8;  // blocks of K to prefetch ahead in a weight strip
 
 struct PackedWeight {
   const int32_t* q;
@@ -169,6 +170,11 @@ void gemm_tile(const PackedWeight& W, int64_t tile, const QuantizedActs& A, cons
         for (int v = 0; v < 4; ++v) acc[t][v] = _mm512_setzero_si512();
       const int8_t* xb[TT];
       for (int t = 0; t < TT; ++t) xb[t] = xq[t] + b * kBlock;
+      // The strip is contiguous, but each block is only a few cache lines: ask for the ones kPrefetch
+      // blocks ahead so DRAM latency overlaps the arithmetic.
+      const char* ahead = reinterpret_cast<const char*>(tile_q + (b + kPrefetch) * rows_per_block * kTile);
+      for (int64_t line = 0; line < rows_per_block * kTile * 4; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+      if constexpr (BITS == 3) _mm_prefetch(reinterpret_cast<const char*>(hi_plane + (b + kPrefetch) * kTile), _MM_HINT_T0);
       dot_block<BITS, TT>(tile_q + b * rows_per_block * kTile, hi_plane + b * kTile, xb, acc);
       for (int t = 0; t < TT; ++t) {
         const __m512 s = _mm512_set1_ps(xs[t][b]);
