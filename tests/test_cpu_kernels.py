@@ -74,6 +74,7 @@ def test_linear_exact_on_int8_activations(bits, group, sym, tokens):
 
 
 def test_linear_keeps_leading_dims_bf16_and_compiles():
+    torch.manual_seed(0)
     spec = QuantSpec(4, 64)
     qw = quantize_rtn(torch.randn(128, 128), spec)
     layer = torch.nn.Module()
@@ -85,7 +86,7 @@ def test_linear_keeps_leading_dims_bf16_and_compiles():
     out = compiled(x)
     assert out.shape == (2, 5, 128) and out.dtype == torch.bfloat16
     expected = F.linear(fake_quant(x.float()), qw.dequantize())
-    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=0.1)  # bf16 output
 
 
 def _moe_case(tokens, skew=False, expert_map=None, num_global=None):
