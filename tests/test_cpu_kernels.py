@@ -90,6 +90,7 @@ def test_linear_keeps_leading_dims_bf16_and_compiles():
 
 
 def _moe_case(tokens, skew=False, expert_map=None, num_global=None):
+    torch.manual_seed(tokens)
     layer = FakeLayer(SPECS13, SPECS2)
     layer.expert_map = expert_map
     kernel = NativeCpuExpertsKernel(ExpertsConfig(tuple(SPECS13), tuple(SPECS2), H, I, torch.float32))
