@@ -9,11 +9,11 @@ import torch
 import triton
 
 from tests.test_kernels import SPECS2, SPECS13, FakeLayer, H, _routing
-from vllm_moemix.layers.kernels.base import ExpertsConfig
+from vllm_moemix.layers.kernels.base import ExpertsConfig, LinearConfig
 from vllm_moemix.quant.rtn import quantize_rtn
 from vllm_moemix.spec import QuantSpec
 
-from vllm_moemix.layers.kernels.triton_moe import TritonExpertsKernel, moe_width_group
+from vllm_moemix.layers.kernels.triton_moe import TritonExpertsKernel, TritonLinearKernel, moe_width_group
 
 
 def test_running_under_the_interpreter():
@@ -90,3 +90,16 @@ def test_selector_never_picks_triton_on_cpu():
     ok, why = TritonExpertsKernel.can_implement(config, torch.device("cpu"))
     assert not ok and "CUDA" in why
     assert TritonExpertsKernel.can_implement(config, torch.device("cuda")) == (True, None)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(2, 32), QuantSpec(3, 64, sym=True), QuantSpec(4, 128), QuantSpec(8, 32)])
+def test_linear_matches_float(spec):
+    qw = quantize_rtn(torch.randn(96, 256), spec)
+    layer = torch.nn.Module()
+    layer.qweight, layer.scales = qw.qweight, qw.scales
+    if qw.qzeros is not None:
+        layer.qzeros = qw.qzeros
+    kernel = TritonLinearKernel(LinearConfig(spec, 256, 96, torch.float32))
+    x, bias = torch.randn(2, 5, 256), torch.randn(96)
+    expected = torch.nn.functional.linear(x, qw.dequantize(), bias)
+    torch.testing.assert_close(kernel.apply(layer, x, bias), expected, rtol=1e-4, atol=1e-4)

@@ -16,9 +16,9 @@ from vllm_moemix.layers.kernels.base import ExpertsConfig, ExpertsKernel, Linear
 from vllm_moemix.layers.kernels.cpu import NativeCpuExpertsKernel, NativeCpuLinearKernel
 from vllm_moemix.layers.kernels.marlin import MarlinExpertsKernel
 from vllm_moemix.layers.kernels.reference import DequantExpertsKernel, DequantLinearKernel
-from vllm_moemix.layers.kernels.triton_moe import TritonExpertsKernel
+from vllm_moemix.layers.kernels.triton_moe import TritonExpertsKernel, TritonLinearKernel
 
-LINEAR_KERNELS: list[type[LinearKernel]] = [NativeCpuLinearKernel, DequantLinearKernel]
+LINEAR_KERNELS: list[type[LinearKernel]] = [NativeCpuLinearKernel, TritonLinearKernel, DequantLinearKernel]
 EXPERTS_KERNELS: list[type[ExpertsKernel]] = [
     MarlinExpertsKernel, NativeCpuExpertsKernel, TritonExpertsKernel, DequantExpertsKernel,
 ]

@@ -1,4 +1,5 @@
-"""Triton fused MoE for experts of mixed widths (CUDA; tests run it on CPU tensors under TRITON_INTERPRET=1).
+"""Triton fused MoE for experts of mixed widths, and quantized linears (CUDA; tests run both on CPU tensors
+under TRITON_INTERPRET=1).
 
 Stage 1 runs gate/up for every (token, expert) pair, one launch per w13 width group; SwiGLU; stage 2 runs
 down, one launch per w2 width group, scaled by the router weight; pairs are summed per token. An expert
@@ -13,7 +14,7 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-from vllm_moemix.layers.kernels.base import ExpertsConfig, ExpertsKernel
+from vllm_moemix.layers.kernels.base import ExpertsConfig, ExpertsKernel, LinearConfig, LinearKernel
 
 
 def _run_stage(a, a_row, slot_of_pair, group_of_pair, out, qweights, scales, qzeros, bits, groups, mult=None):
@@ -103,14 +104,53 @@ def moe_width_group(x, topk_weights, group_topk_ids, w13_qweight, w13_scales, w1
                 ([w2_qweight], [w2_scales], [w2_qzeros], [bits2], [group2]))
 
 
+@torch.library.custom_op("moemix::triton_linear", mutates_args=())
+def triton_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
+                  bits: int, group_size: int) -> torch.Tensor:
+    """x [T, K] @ W: the pair GEMM with every token a pair of the one "expert"."""
+    from vllm_moemix.layers.kernels.triton_gemm import packed_pairs_gemm
+
+    tokens = torch.arange(x.shape[0], device=x.device)
+    out = torch.empty(x.shape[0], qweight.shape[-1], dtype=torch.float32, device=x.device)
+    zeros = qzeros[None] if qzeros.numel() else qzeros
+    packed_pairs_gemm(x.contiguous(), tokens, torch.zeros_like(tokens), out, qweight[None], scales[None], zeros,
+                      bits, group_size)
+    return out.to(x.dtype)
+
+
+@triton_linear.register_fake
+def _(x, qweight, scales, qzeros, bits, group_size):
+    return x.new_empty(x.shape[0], qweight.shape[-1])
+
+
+def _triton_on(device: torch.device) -> tuple[bool, str | None]:
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed"
+    if device.type == "cuda":
+        return True, None
+    return False, f"Triton kernels run on CUDA, not {device.type} (tests run them on CPU via TRITON_INTERPRET=1)"
+
+
+class TritonLinearKernel(LinearKernel):
+    @classmethod
+    def can_implement(cls, config: LinearConfig, device: torch.device) -> tuple[bool, str | None]:
+        return _triton_on(device)
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        zeros = getattr(layer, "qzeros", None)
+        if zeros is None:
+            zeros = x.new_empty(0, dtype=torch.uint8)
+        flat = x.reshape(-1, x.shape[-1])
+        out = torch.ops.moemix.triton_linear(flat, layer.qweight, layer.scales, zeros, self.config.spec.bits,
+                                             self.config.spec.group_size)
+        out = out.reshape(*x.shape[:-1], out.shape[-1])
+        return out if bias is None else out + bias
+
+
 class TritonExpertsKernel(ExpertsKernel):
     @classmethod
     def can_implement(cls, config: ExpertsConfig, device: torch.device) -> tuple[bool, str | None]:
-        if importlib.util.find_spec("triton") is None:
-            return False, "triton is not installed"
-        if device.type == "cuda":
-            return True, None
-        return False, f"Triton kernels run on CUDA, not {device.type} (tests run them on CPU via TRITON_INTERPRET=1)"
+        return _triton_on(device)
 
     def apply(self, layer, x, topk_weights, topk_ids):
         w13, w2 = layer.moemix_groups["w13"], layer.moemix_groups["w2"]
