@@ -1,6 +1,7 @@
 """End-to-end decode through vLLM (`LLM.generate`) on a ~1B-parameter random Mixtral-style MoE.
 
-Three checkpoints of the same random model, each served in its own engine, one after another:
+Three checkpoints of the same random model, each served in its own engine (all loaded side by side and
+timed round-robin, so machine noise hits each alike):
 bf16; vLLM's own GPTQ 4-bit (symmetric, group 128, every attention and expert linear — the best a vLLM
 user has on CPU today); moemix at a 2.5-bit mixed plan (experts 0-3 of every layer 2-bit, 4-7 3-bit,
 attention 4-bit). Decode tokens/s = generated tokens after the first / (time of a long run - time of a
@@ -132,33 +133,50 @@ def checkpoint_tensor_bytes(model: Path) -> int:
     return total
 
 
-def measure(name: str, model: Path) -> dict:
-    """Load in vLLM (default compile mode), time decoding at batch 1 and 8, read resident weight bytes."""
-    from vllm import LLM, SamplingParams
+def load(model: Path):
+    from vllm import LLM
 
     from vllm_moemix.routing import EXTENSION
 
     start = time.perf_counter()
     llm = LLM(model=str(model), dtype="bfloat16", max_model_len=512, max_num_seqs=8, seed=0,
               worker_extension_cls=EXTENSION)
-    load_s = time.perf_counter() - start
-    resident = llm.collective_rpc("moemix_resident_bytes")[0]
+    return llm, time.perf_counter() - start
 
-    def run(batch: int, tokens: int) -> float:
-        params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
-        t = time.perf_counter()
-        llm.generate([PROMPT] * batch, params, use_tqdm=False)
-        return time.perf_counter() - t
 
-    run(1, 8)  # warm-up outside the timings
-    row = {"name": name, "load_s": load_s, "resident_bytes": sum(resident.values()), "resident_by_dtype": resident}
+def generate_seconds(llm, batch: int, tokens: int) -> float:
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+    start = time.perf_counter()
+    llm.generate([PROMPT] * batch, params, use_tqdm=False)
+    return time.perf_counter() - start
+
+
+def measure(checkpoints: list[tuple[str, Path]], reps: int) -> list[dict]:
+    """All engines loaded side by side, then timed round-robin so machine noise hits every checkpoint alike.
+
+    Decode tok/s = batch * NEW_TOKENS / (best time for NEW_TOKENS + 1 tokens - best time for 1 token).
+    """
+    engines, rows = [], []
+    for name, path in tqdm(checkpoints, desc="load engines"):
+        llm, load_s = load(path)
+        resident = llm.collective_rpc("moemix_resident_bytes")[0]
+        generate_seconds(llm, 1, 8)  # warm-up outside the timings
+        engines.append(llm)
+        rows.append({"name": name, "load_s": load_s, "resident_bytes": sum(resident.values()),
+                     "resident_by_dtype": resident})
     for batch in (1, 8):
-        first = min(run(batch, 1) for _ in range(2))
-        full = min(run(batch, NEW_TOKENS + 1) for _ in range(2))
-        row[f"tok_s_batch{batch}"] = batch * NEW_TOKENS / (full - first)
-    del llm
+        best = {(i, n): float("inf") for i in range(len(engines)) for n in (1, NEW_TOKENS + 1)}
+        for _ in tqdm(range(reps), desc=f"batch {batch}"):
+            for i, llm in enumerate(engines):
+                for n in (1, NEW_TOKENS + 1):
+                    best[(i, n)] = min(best[(i, n)], generate_seconds(llm, batch, n))
+        for i, row in enumerate(rows):
+            row[f"tok_s_batch{batch}"] = batch * NEW_TOKENS / (best[(i, NEW_TOKENS + 1)] - best[(i, 1)])
+    del engines
     gc.collect()
-    return row
+    return rows
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
@@ -211,6 +229,7 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--quick", action="store_true", help="2 layers, H256, I512")
     parser.add_argument("--skip-gptq", action="store_true")
+    parser.add_argument("--reps", type=int, default=3, help="round-robin timing rounds per batch size")
     parser.add_argument("--work", default=str(REPO / "runs" / "bench"))
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args()
@@ -233,7 +252,7 @@ def main() -> None:
     config = AutoConfig.from_pretrained(src)
     linears = quantizable_linears(config)
     fp = footprint(Plan.from_dict(moemix_plan(args.experts)).resolve(linears), linears)
-    rows = [measure(name, path) for name, path in checkpoints]
+    rows = measure(checkpoints, args.reps)
     ckpt_bytes = checkpoint_tensor_bytes(src)
     moemix = rows[-1]["resident_by_dtype"]
     meta = {"layers": args.layers, "hidden": args.hidden, "inter": args.inter, "experts": args.experts,

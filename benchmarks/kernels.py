@@ -1,6 +1,6 @@
 """One fused-MoE layer at real model shapes: moemix kernels vs vLLM's own CPU MoE paths, side by side.
 
-Rows, all timed in this process on the same routing: vLLM bf16 (`cpu_fused_moe`, AMX prepacked — what
+Rows, all timed in this process on the same routing, round-robin (one call of each row in turn): vLLM bf16 (`cpu_fused_moe`, AMX prepacked — what
 vLLM runs for an unquantized MoE on x86), vLLM's GPTQ-4bit CPU MoE (`fused_experts_cpu` W4A8, what it runs
 for a GPTQ/AWQ 4-bit checkpoint), and moemix with a 2.5-bit mixed layer (half the experts 2-bit, half
 3-bit), all-4-bit and all-2-bit experts (group 128, uint8 zero points), through whichever kernel the
@@ -53,14 +53,21 @@ MOEMIX_ROWS = {"moemix 2.5-bit mixed": (2, 3), "moemix 4-bit": (4,), "moemix 2-b
 
 
 def median_ms(fn, reps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+    return interleaved_median_ms([fn], reps, warmup)[0]
+
+
+def interleaved_median_ms(fns, reps: int, warmup: int = 2) -> list[float]:
+    """Median ms of each fn, timed round-robin so machine noise hits every row alike (ratios stay fair)."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        for fn, bucket in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            bucket.append(time.perf_counter() - start)
+    return [statistics.median(bucket) * 1e3 for bucket in times]
 
 
 def read_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
@@ -168,18 +175,19 @@ ROWS = {
 
 
 def bench_shape(shape: LayerShape, tokens: list[int], reps: int, bandwidth: float) -> list[dict]:
+    """Every row of one shape is built first, then timed interleaved, token count by token count."""
+    built = {row: build(shape) for row, build in tqdm(ROWS.items(), desc=f"{shape.name}: build", leave=False)}
     results = []
-    for row, build in tqdm(ROWS.items(), desc=shape.name, leave=False):
-        run, kernel, per_expert = build(shape)
-        for m in tokens:
-            w, ids = routing(m, shape, seed=m)
-            x = torch.randn(m, shape.hidden, dtype=torch.bfloat16)
-            ms = median_ms(lambda: run(x, w, ids), reps=reps)
+    for m in tqdm(tokens, desc=f"{shape.name}: time", leave=False):
+        w, ids = routing(m, shape, seed=m)
+        x = torch.randn(m, shape.hidden, dtype=torch.bfloat16)
+        fns = [lambda run=run: run(x, w, ids) for run, _, _ in built.values()]
+        for (row, (_, kernel, per_expert)), ms in zip(built.items(), interleaved_median_ms(fns, reps)):
             read = sum(per_expert[e] for e in ids.unique().tolist())
             results.append({"shape": shape.name, "row": row, "kernel": kernel, "tokens": m, "ms": ms,
                             "bytes_read": read, "gbs": read / ms / 1e6, "of_bandwidth": read / ms / 1e6 / bandwidth})
-        del run
-        gc.collect()
+    del built
+    gc.collect()
     return results
 
 
