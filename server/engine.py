@@ -26,6 +26,7 @@ from server.facts import WeightFacts, read_weight_facts
 from server.metrics import SharedPrometheusStatLogger, Throughput, throughput_logger_factory
 from server.settings import ModelSettings, ServerSettings, SettingsError, to_vllm_argv
 from vllm_moemix.routing import EXTENSION as ROUTING_EXTENSION
+from vllm_moemix.routing import describe_served, reference_fallback_reason
 from vllm_moemix.routing import merge as merge_routing
 
 logger = logging.getLogger("moemix.server")
@@ -65,6 +66,7 @@ class ModelEngine:
     stopped: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
     routing: dict | None = None  # last expert-routing profile (vllm_moemix.routing.merge), moemix models only
+    kernels: dict[str, dict[str, int]] | None = None  # what serves (vllm_moemix.routing.worker_kernels), moemix only
 
     @property
     def counts_routing(self) -> bool:
@@ -175,12 +177,19 @@ async def start_engine(model: ModelSettings, settings: ServerSettings) -> ModelE
     except BaseException:
         client.shutdown()
         raise
+    kernels = None
     if args.worker_extension_cls == ROUTING_EXTENSION:  # start the usage profile at zero, not at the warm-up runs
         await client.collective_rpc("moemix_routing", kwargs={"reset": True})
+        kernels = (await client.collective_rpc("moemix_kernels", timeout=10))[0]  # rank 0 speaks for all
+        logger.info("model %s serving: %s", model.name, describe_served(kernels))
+        slow = reference_fallback_reason(kernels)
+        if slow:
+            logger.warning("model %s: the slow reference kernel serves, because %s", model.name, slow)
     max_queue = settings.max_queue_for(model)
     limit = None if max_queue is None else client.vllm_config.scheduler_config.max_num_seqs + max_queue
     eng = ModelEngine(name=model.name, path=model.path, args=args, client=client, state=state, facts=facts,
-                      gate=AdmissionGate(limit), throughput=throughput, start_seconds=time.perf_counter() - t0)
+                      gate=AdmissionGate(limit), throughput=throughput, start_seconds=time.perf_counter() - t0,
+                      kernels=kernels)
     logger.info("model %s (%s) ready in %.1f s; quant_method=%s; admission limit %s", eng.name, eng.path,
                 eng.start_seconds, facts.quant_method, limit)
     return eng

@@ -17,7 +17,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
 import prometheus_client
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 from vllm.distributed.ec_transfer.ec_connector.metrics import ECConnectorProm
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorProm
@@ -198,8 +198,14 @@ class MoemixCollector(Collector):
         routed = CounterMetricFamily("moemix_expert_routed_tokens", "Tokens routed to experts since start, summed "
                                      "by MoE layer and the experts' bit width (per expert: GET /v1/moemix/routing).",
                                      labels=["model", "layer", "bits"])
+        kernel = InfoMetricFamily("moemix_kernel", "The kernel serving a model's MoE layers or quantized linears "
+                                  "(native CPU kernels name their ISA variant); `layers` is how many.",
+                                  labels=["model", "role", "kernel", "layers"])
         for eng in engines:
             name = eng.name
+            for role, counts in (eng.kernels or {}).items():
+                for kernel_name, n in sorted(counts.items()):
+                    kernel.add_metric([name, role, kernel_name, str(n)], {})
             if eng.routing:
                 for (layer, bits), n in sorted(by_layer_and_bits(eng.routing).items()):
                     routed.add_metric([name, str(layer), str(bits)], n)
@@ -222,7 +228,7 @@ class MoemixCollector(Collector):
             rejected.add_metric([name], eng.gate.rejected)
             incomplete.add_metric([name], eng.gate.incomplete)
         yield from (weight, avg, avg_payload, by_width, engine_rss, healthy, tps, in_flight, limit, rejected,
-                    incomplete, routed)
+                    incomplete, routed, kernel)
 
         server_rss = GaugeMetricFamily("moemix_server_resident_memory_bytes", "Resident memory of the API server "
                                        "process alone (engines are separate processes).")

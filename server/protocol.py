@@ -33,6 +33,7 @@ class WeightFactsCard(OpenAIBaseModel):
 class MoemixModelCard(ModelCard):
     owned_by: str = "moemix"
     weights: WeightFactsCard | None = None
+    kernels: dict[str, dict[str, int]] | None = None  # role (experts/linears) -> kernel (with CPU ISA) -> layers
     moemix: MoemixFacts | None = None  # null unless the checkpoint is moemix-quantized
 
 

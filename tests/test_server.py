@@ -132,6 +132,17 @@ def test_models_list_moemix_facts(server, moemix_ckpt):
     assert moemix_w["weight_bytes"] < bf16_w["weight_bytes"] / 2
     assert models[MOEMIX].max_model_len == 256
     assert server.client().models.retrieve(MOEMIX).id == MOEMIX
+    assert models[MOEMIX].model_extra["kernels"] == expected_kernels() and models[BF16].model_extra["kernels"] is None
+
+
+def expected_kernels() -> dict[str, dict[str, int]]:
+    """tiny-mixtral with plans/tiny-mixtral-mixed.json: 4 MoE layers, qkv + o quantized in each, native kernels."""
+    from vllm_moemix.layers.kernels.cpu import choose_variant
+
+    variant, why = choose_variant()
+    assert variant is not None, why
+    return {"experts": {f"NativeCpuExpertsKernel ({variant.name})": 4},
+            "linears": {f"NativeCpuLinearKernel ({variant.name})": 8}}
 
 
 @pytest.mark.parametrize("model", [BF16, MOEMIX])
@@ -362,6 +373,10 @@ def test_metrics_vllm_per_model_and_moemix(server, moemix_ckpt):
     assert metric(m, "moemix_generation_tokens_per_second", model=MOEMIX) > 0
     assert metric(m, "moemix_server_resident_memory_bytes") > 0
     assert metric(m, "http_requests_total", handler="/v1/completions", status="2xx") > 0
+    for role, counts in expected_kernels().items():
+        for kernel, layers in counts.items():
+            assert metric(m, "moemix_kernel_info", model=MOEMIX, role=role, kernel=kernel, layers=str(layers)) == 1
+    assert "serving: experts: NativeCpuExpertsKernel" in server.log.read_text()  # said at start-up
 
 
 def test_expert_routing_counts_by_layer_and_width(server, tmp_path):

@@ -8,7 +8,11 @@ dequantized weights, both in float32:
 * portable reference kernels (MOEMIX_DISABLED_KERNELS): identical greedy tokens,
   |delta logprob| <= 2e-3 — the checkpoint, loader and math are exact;
 * native CPU kernels (the default here; int8 activations): teacher-forced on the
-  reference continuation, |delta logprob| <= NATIVE_LOGPROB_TOL at every step.
+  reference continuation, |delta logprob| <= NATIVE_LOGPROB_TOL at every step, with the
+  fastest ISA variant and with AVX2 forced.
+
+Every engine reports which kernel served each MoE layer and quantized linear (the
+`moemix_kernels` worker call); the tests assert it, so a silent fallback fails them.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -27,7 +32,10 @@ import torch
 from tests.conftest import TRAINED_MIXTRAL, TRAINED_QWEN2MOE
 from vllm_moemix.checkpoint.reader import write_dequantized_checkpoint
 from vllm_moemix.checkpoint.writer import quantize_checkpoint
+from vllm_moemix.layers.kernels import cpu
+from vllm_moemix.layers.kernels.cpu import choose_variant
 from vllm_moemix.plan import Plan
+from vllm_moemix.routing import EXTENSION
 
 pytestmark = pytest.mark.vllm
 
@@ -92,7 +100,8 @@ def vllm_generate(ckpt, reference, **engine_kwargs):
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(model=str(ckpt), dtype="float32", max_model_len=256, max_num_seqs=4, seed=0, **engine_kwargs)
+    llm = LLM(model=str(ckpt), dtype="float32", max_model_len=256, max_num_seqs=4, seed=0,
+              worker_extension_cls=EXTENSION, **engine_kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=1)
     greedy = []
     for out in llm.generate(PROMPTS, params, use_tqdm=False):
@@ -105,9 +114,26 @@ def vllm_generate(ckpt, reference, **engine_kwargs):
     forced = [[step[t].logprob for step, t in zip(out.prompt_logprobs[-NEW_TOKENS:], seq[-NEW_TOKENS:])]
               for out, seq in zip(outs, sequences)]
     quant = llm.llm_engine.vllm_config.model_config.quantization
+    per_rank = llm.collective_rpc("moemix_kernels")
+    assert all(rank == per_rank[0] for rank in per_rank)
     del llm
     gc.collect()
-    return greedy, forced, quant
+    return greedy, forced, Served(quant, per_rank[0])
+
+
+@dataclass
+class Served:
+    quant: str
+    kernels: dict[str, dict[str, int]]  # what served each MoE layer and quantized linear (worker_kernels)
+
+
+def native(isa: str | None = None, experts: int = 4, linears: int = 7) -> dict[str, dict[str, int]]:
+    """The native CPU kernels in every layer (MIXTRAL_PLAN leaves layer 0's o_proj bf16: 7 quantized linears)."""
+    if isa is None:
+        variant, why = choose_variant()
+        assert variant is not None, why
+        isa = variant.name
+    return {"experts": {f"NativeCpuExpertsKernel ({isa})": experts}, "linears": {f"NativeCpuLinearKernel ({isa})": linears}}
 
 
 def assert_matches_reference(greedy, reference):
@@ -146,32 +172,48 @@ def test_plan_mixes_all_widths_in_each_layer(mixtral_ckpt):
         assert widths == {2, 3, 4, 8}
 
 
-def test_mixtral_tp1_default_compile(mixtral_ckpt, mixtral_reference):
-    _, forced, quant = vllm_generate(mixtral_ckpt, mixtral_reference)  # default compilation mode (torch.compile)
-    assert quant == "moemix"
+def _lower_variants() -> list[str]:
+    """The fastest variant (None: the default choice) and AVX2 forced, the floor every x86-64 user gets."""
+    return [None] + [v.name for v in cpu.variants()[1:] if v.name == "avx2"]
+
+
+@pytest.mark.parametrize("isa", _lower_variants(), ids=lambda v: v or "default")
+def test_mixtral_tp1_default_compile(mixtral_ckpt, mixtral_reference, isa, monkeypatch):
+    if isa is not None:
+        variant = next(v for v in cpu.variants() if v.name == isa)
+        if not variant.supported:
+            pytest.skip(f"CPU lacks {', '.join(variant.missing)} (needed by the {isa} variant)")
+        monkeypatch.setenv(cpu.ISA_ENV, isa)  # inherited by vLLM's engine process
+    _, forced, served = vllm_generate(mixtral_ckpt, mixtral_reference)  # default compilation mode (torch.compile)
+    assert served.quant == "moemix"
+    assert served.kernels == native(isa)
     assert_close_to_reference(forced, mixtral_reference)
 
 
 def test_mixtral_reference_kernels_are_exact(mixtral_ckpt, mixtral_reference, monkeypatch):
     for name, value in REFERENCE_KERNELS.items():
         monkeypatch.setenv(name, value)
-    greedy, _, _ = vllm_generate(mixtral_ckpt, mixtral_reference)
+    greedy, _, served = vllm_generate(mixtral_ckpt, mixtral_reference)
+    assert served.kernels == {"experts": {"DequantExpertsKernel": 4}, "linears": {"DequantLinearKernel": 7}}
     assert_matches_reference(greedy, mixtral_reference)
 
 
 @pytest.mark.parametrize("expert_parallel", [False, True], ids=["tp2", "ep2"])
 def test_mixtral_tp2_and_ep2(mixtral_ckpt, mixtral_reference, expert_parallel, monkeypatch):
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
-    _, forced, _ = vllm_generate(mixtral_ckpt, mixtral_reference, tensor_parallel_size=2,
-                                 enable_expert_parallel=expert_parallel)
+    _, forced, served = vllm_generate(mixtral_ckpt, mixtral_reference, tensor_parallel_size=2,
+                                      enable_expert_parallel=expert_parallel)
+    assert served.kernels == native()  # on every rank
     assert_close_to_reference(forced, mixtral_reference)
 
 
 def test_qwen2_moe_shared_expert(tmp_path_factory):
     ckpt = _quantize(TRAINED_QWEN2MOE, QWEN_PLAN, tmp_path_factory, "qwen")
     reference = hf_reference(ckpt, tmp_path_factory)
-    _, forced, quant = vllm_generate(ckpt, reference)
-    assert quant == "moemix"
+    _, forced, served = vllm_generate(ckpt, reference)
+    assert served.quant == "moemix"
+    # 4 MoE layers; per layer fused qkv and o at 4 bits, the shared expert's fused gate_up and down at 8
+    assert served.kernels == native(experts=4, linears=4 * 4)
     assert_close_to_reference(forced, reference)
 
 

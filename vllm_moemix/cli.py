@@ -116,6 +116,14 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         resolved = read_plan(path)
         linears = quantizable_linears(AutoConfig.from_pretrained(path))
     print_report(resolved, linears, footprint(resolved, linears))
+    from vllm_moemix.report import predicted_kernels
+    from vllm_moemix.routing import describe_served, reference_fallback_reason
+
+    served = predicted_kernels(resolved, linears)
+    print(f"kernels on this machine's CPU: {describe_served(served)}")
+    slow = reference_fallback_reason(served)
+    if slow:
+        print(f"warning: the slow reference kernel would serve, because {slow}")
     if args.heatmap:
         from vllm_moemix.report import bits_heatmap
 

@@ -39,6 +39,7 @@ class EngineRun:
     tok_s_batch1: float
     tok_s_batch8: float
     samples: list[str]
+    kernels: dict[str, dict[str, int]]
 
 
 def checkpoint_bytes(path: Path) -> int:
@@ -50,9 +51,13 @@ def measure_engine(name: str, model: Path, dtype: str = "bfloat16") -> EngineRun
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
 
+    from vllm_moemix.routing import EXTENSION
+
     start = time.perf_counter()
-    llm = LLM(model=str(model), dtype=dtype, max_model_len=512, max_num_seqs=len(PROMPTS), seed=0)
+    llm = LLM(model=str(model), dtype=dtype, max_model_len=512, max_num_seqs=len(PROMPTS), seed=0,
+              worker_extension_cls=EXTENSION)
     load_s = time.perf_counter() - start
+    kernels = llm.collective_rpc("moemix_kernels")[0]
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
     llm.generate(PROMPTS[:1], params, use_tqdm=False)  # warm-up outside the timings
 
@@ -64,7 +69,7 @@ def measure_engine(name: str, model: Path, dtype: str = "bfloat16") -> EngineRun
 
     batch1, _ = tok_s(PROMPTS[:1])
     batch8, texts = tok_s(PROMPTS)
-    return EngineRun(name, load_s, batch1, batch8, texts)  # the engine shuts down with `llm` going out of scope
+    return EngineRun(name, load_s, batch1, batch8, texts, kernels)  # the engine shuts down with `llm` going out of scope
 
 
 def run_demo(model: str | Path, plan_path: Path, workdir: Path, calib: Path, baseline: bool = True) -> None:
@@ -75,6 +80,7 @@ def run_demo(model: str | Path, plan_path: Path, workdir: Path, calib: Path, bas
     from vllm_moemix.plan import Plan
     from vllm_moemix.quant.calibrated import CalibratedGPTQ
     from vllm_moemix.report import print_report
+    from vllm_moemix.routing import describe_served, reference_fallback_reason
 
     console = Console()
     model = Path(model)
@@ -93,6 +99,10 @@ def run_demo(model: str | Path, plan_path: Path, workdir: Path, calib: Path, bas
 
     console.rule("2. serve in vLLM (quantization=moemix, read from config.json)")
     runs = [measure_engine("moemix", out)]
+    console.print(f"serving: {describe_served(runs[0].kernels)}")
+    slow = reference_fallback_reason(runs[0].kernels)
+    if slow:
+        console.print(f"[bold red]warning: the slow reference kernel serves, because {slow}[/bold red]")
     gc.collect()
     if baseline:
         console.rule("3. the bf16 original, same prompts, for comparison")

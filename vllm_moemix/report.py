@@ -97,3 +97,41 @@ def bits_heatmap(resolved: Resolved, linears: dict[str, LinearInfo], path: str |
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def predicted_kernels(resolved: Resolved, linears: dict[str, LinearInfo], device: str = "cpu",
+                      act_dtype=None) -> dict[str, dict[str, int]]:
+    """What would serve each MoE layer and quantized linear on this machine (TP=1), as the engine reports it.
+
+    Runs the same selection as loading does, so `moemix inspect` can say ahead of time whether the native
+    kernels or the slow reference would serve.
+    """
+    import torch
+
+    from vllm_moemix.layers.kernels.base import ExpertsConfig, LinearConfig
+    from vllm_moemix.layers.kernels.select import choose_experts_kernel, choose_linear_kernel
+
+    dev, dtype = torch.device(device), act_dtype or torch.bfloat16
+    served: dict[str, dict[str, int]] = {"experts": defaultdict(int), "linears": defaultdict(int)}
+    experts: dict[int, dict[int, dict[str, LinearInfo]]] = defaultdict(lambda: defaultdict(dict))
+    fused_done: set[tuple[str, ...]] = set()
+    for name, info in linears.items():
+        if info.role == ROLE_EXPERT:
+            experts[info.layer][info.expert]["w13" if info.fused_with else "w2"] = info
+            continue
+        group = info.fused_with or (name,)
+        if group in fused_done or resolved.get(name) is None:
+            continue
+        fused_done.add(group)
+        out = sum(linears[n].out_features for n in group)
+        config = LinearConfig(resolved[name], info.in_features, out, dtype)
+        served["linears"][choose_linear_kernel(config, dev)(config).describe()] += 1
+    for by_expert in experts.values():
+        ordered = [by_expert[e] for e in sorted(by_expert)]
+        w13 = tuple(resolved.get(e["w13"].name) for e in ordered)
+        w2 = tuple(resolved.get(e["w2"].name) for e in ordered)
+        if None in w13 or None in w2:
+            continue  # an unquantized expert layer runs vLLM's own MoE
+        config = ExpertsConfig(w13, w2, ordered[0]["w13"].in_features, ordered[0]["w13"].out_features, dtype)
+        served["experts"][choose_experts_kernel(config, dev)(config).describe()] += 1
+    return {role: dict(counts) for role, counts in served.items()}

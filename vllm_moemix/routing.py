@@ -59,6 +59,35 @@ def worker_resident_bytes(worker: Any) -> dict[str, int]:
     return dict(by_dtype)
 
 
+def worker_kernels(worker: Any) -> dict[str, dict[str, int]]:
+    """{"experts": {kernel: MoE layers}, "linears": {kernel: linears}} on this rank: what actually serves."""
+    served: dict[str, dict[str, int]] = {"experts": defaultdict(int), "linears": defaultdict(int)}
+    for module in worker.get_model().modules():
+        kernel = getattr(module, "moemix_kernel", None)
+        if kernel is not None:
+            served["experts" if hasattr(module, "moemix_groups") else "linears"][kernel] += 1
+    return {role: dict(counts) for role, counts in served.items()}
+
+
+def reference_fallback_reason(served: dict[str, dict[str, int]]) -> str | None:
+    """Why the slow reference kernel serves some layer on this machine's CPU, or None if none does."""
+    if not any(kernel.startswith("Dequant") for counts in served.values() for kernel in counts):
+        return None
+    from vllm_moemix.layers.kernels.cpu import choose_variant
+
+    variant, why = choose_variant()
+    return why if variant is None else "a layer's shape does not fit the native kernel (see the engine log)"
+
+
+def describe_served(served: dict[str, dict[str, int]]) -> str:
+    """One line: 'experts: NativeCpuExpertsKernel (avx2) x4; linears: NativeCpuLinearKernel (avx2) x16'."""
+    parts = []
+    for role, counts in served.items():
+        if counts:
+            parts.append(f"{role}: " + ", ".join(f"{k} x{n}" for k, n in sorted(counts.items())))
+    return "; ".join(parts) or "no moemix layers"
+
+
 class RoutingWorkerExtension:
     """Mixed into vLLM's worker class (engine arg `worker_extension_cls`, vLLM's mechanism for this), so a
     front end can call `collective_rpc("moemix_routing")` with a method name: no pickled code crosses."""
@@ -68,6 +97,9 @@ class RoutingWorkerExtension:
 
     def moemix_resident_bytes(self) -> dict[str, int]:
         return worker_resident_bytes(self)
+
+    def moemix_kernels(self) -> dict[str, dict[str, int]]:
+        return worker_kernels(self)
 
 
 EXTENSION = f"{__name__}.{RoutingWorkerExtension.__name__}"

@@ -80,6 +80,7 @@ class MoeMixLinearMethod(LinearMethodBase):
         kernel_cls = choose_linear_kernel(self.linear_config, layer.qweight.device)
         self.kernel = kernel_cls(self.linear_config)
         self.kernel.process_weights_after_loading(layer)
+        layer.moemix_kernel = self.kernel.describe()
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return self.kernel.apply(layer, x, bias)

@@ -185,6 +185,7 @@ class MoeMixMoEMethod(FusedMoEMethodBase):
         kernel_cls = choose_experts_kernel(self.experts_config, layer.w13_where.device)
         self.kernel = kernel_cls(self.experts_config)
         self.kernel.process_weights_after_loading(layer)
+        layer.moemix_kernel = self.kernel.describe()
 
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input):
         return self.kernel.apply(layer, x, topk_weights, topk_ids)

@@ -50,6 +50,10 @@ class LinearKernel(ABC):
     @abstractmethod
     def can_implement(cls, config: LinearConfig, device: torch.device) -> tuple[bool, str | None]: ...
 
+    def describe(self) -> str:
+        """What serves, as logs, /v1/models and metrics name it (native CPU kernels add their ISA)."""
+        return type(self).__name__
+
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         """Repack layer.qweight/scales/qzeros into this kernel's layout (default: keep)."""
 
@@ -64,6 +68,9 @@ class ExpertsKernel(ABC):
     @classmethod
     @abstractmethod
     def can_implement(cls, config: ExpertsConfig, device: torch.device) -> tuple[bool, str | None]: ...
+
+    def describe(self) -> str:
+        return type(self).__name__
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         """Repack the layer's per-width expert groups (default: keep)."""

@@ -2,11 +2,14 @@
 
 Set MOEMIX_DISABLED_KERNELS=Name1,Name2 to skip kernels (debugging, A/B
 benchmarks). Faster kernels (Triton, Marlin, native CPU) go before the
-portable reference, which implements everything.
+portable reference, which implements everything. When the reference is
+chosen the user is told why the fast kernels refused (once per reason):
+it is correct but several times slower.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import TypeVar
 
@@ -24,6 +27,9 @@ EXPERTS_KERNELS: list[type[ExpertsKernel]] = [
 ]
 
 K = TypeVar("K", LinearKernel, ExpertsKernel)
+REFERENCE_KERNELS = (DequantLinearKernel, DequantExpertsKernel)
+logger = logging.getLogger("vllm.moemix")  # a child of vLLM's logger: its handlers and format
+_warned: set[str] = set()
 
 
 def _choose(candidates: list[type[K]], config, device: torch.device) -> type[K]:
@@ -35,9 +41,18 @@ def _choose(candidates: list[type[K]], config, device: torch.device) -> type[K]:
             continue
         ok, why = kernel.can_implement(config, device)
         if ok:
+            if kernel in REFERENCE_KERNELS and reasons:
+                _warn_slow_fallback(kernel, reasons)
             return kernel
         reasons.append(f"{kernel.__name__}: {why}")
     raise ValueError(f"no moemix kernel can implement {config} on {device}:\n  " + "\n  ".join(reasons))
+
+
+def _warn_slow_fallback(kernel: type, reasons: list[str]) -> None:
+    message = f"moemix: the slow reference kernel {kernel.__name__} serves here because " + "; ".join(reasons)
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message)
 
 
 def choose_linear_kernel(config: LinearConfig, device: torch.device) -> type[LinearKernel]:
