@@ -1,11 +1,13 @@
 """One fused-MoE layer at real model shapes: moemix kernels vs vLLM's own CPU MoE paths, side by side.
 
-Rows, all timed in this process on the same routing, round-robin (one call of each row in turn): vLLM bf16 (`cpu_fused_moe`, AMX prepacked — what
-vLLM runs for an unquantized MoE on x86), vLLM's GPTQ-4bit CPU MoE (`fused_experts_cpu` W4A8, what it runs
-for a GPTQ/AWQ 4-bit checkpoint), and moemix with a 2.5-bit mixed layer (half the experts 2-bit, half
-3-bit), all-4-bit and all-2-bit experts (group 128, uint8 zero points), through whichever kernel the
-selector picks (the native CPU kernel here; `--disable` A/B tests others). Weights are random codes:
-speed does not depend on their values.
+Rows, all timed in this process on the same routing, round-robin (one call of each row in turn): vLLM bf16
+(`cpu_fused_moe`, AMX-prepacked where the CPU has AMX, else its portable "vec" path — what vLLM runs for an
+unquantized MoE on x86), vLLM's GPTQ-4bit CPU MoE (`fused_experts_cpu` W4A8, what it runs for a GPTQ/AWQ
+4-bit checkpoint; AMX-only, so elsewhere its row says "not available on this CPU" and the rest runs), and
+moemix with a 2.5-bit mixed layer (half the experts 2-bit, half 3-bit), all-4-bit and all-2-bit experts
+(group 128, uint8 zero points), through whichever kernel the selector picks (`--disable` A/B tests others),
+once per native ISA variant in `--isas` (default: the fastest this CPU runs, and AVX2 forced beside it).
+Weights are random codes: speed does not depend on their values.
 
 Also measured in the same run: memory read bandwidth (a large tensor reduction), so each row can say how
 close it is to the bandwidth limit: bytes of the routed experts (each counted once per call) / time.
@@ -30,6 +32,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from vllm_moemix.layers.kernels import cpu
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -50,6 +54,11 @@ SHAPES = {
 }
 GROUP = 128
 MOEMIX_ROWS = {"moemix 2.5-bit mixed": (2, 3), "moemix 4-bit": (4,), "moemix 2-bit": (2,)}
+BF16_ROW, INT4_ROW = "vLLM bf16", "vLLM GPTQ-4bit"
+
+
+class Unavailable(Exception):
+    """A row that cannot run on this CPU; its reason goes in the table instead of numbers."""
 
 
 def median_ms(fn, reps: int, warmup: int = 2) -> float:
@@ -92,8 +101,10 @@ def random_codes(*shape: int) -> torch.Tensor:
 # ---- moemix -------------------------------------------------------------------------------------------
 
 
-def moemix_layer(shape: LayerShape, widths: tuple[int, ...]):
-    """A module laid out like MoeMixMoEMethod.create_weights, its experts cycling through `widths`."""
+def moemix_layer(shape: LayerShape, widths: tuple[int, ...], isa: str | None = None):
+    """A module laid out like MoeMixMoEMethod.create_weights, its experts cycling through `widths`.
+
+    `isa` forces a native variant (MOEMIX_CPU_ISA while the kernel is made; the kernel keeps it)."""
     from vllm_moemix.layers.kernels.base import ExpertsConfig
     from vllm_moemix.layers.kernels.select import choose_experts_kernel
     from vllm_moemix.layers.moe import WidthGroups
@@ -117,7 +128,13 @@ def moemix_layer(shape: LayerShape, widths: tuple[int, ...]):
     layer.register_buffer("moemix_routed_tokens", torch.zeros(shape.experts, dtype=torch.int64))
     layer.expert_map = None
     config = ExpertsConfig(tuple(specs), tuple(specs), shape.hidden, shape.inter, torch.bfloat16)
-    kernel = choose_experts_kernel(config, torch.device("cpu"))(config)
+    saved = os.environ.get(cpu.ISA_ENV)
+    if isa:
+        os.environ[cpu.ISA_ENV] = isa
+    try:
+        kernel = choose_experts_kernel(config, torch.device("cpu"))(config)
+    finally:
+        os.environ.pop(cpu.ISA_ENV, None) if saved is None else os.environ.__setitem__(cpu.ISA_ENV, saved)
     kernel.process_weights_after_loading(layer)
     per_expert = [0] * shape.experts
     for proj, grp in layer.moemix_groups.items():
@@ -125,32 +142,50 @@ def moemix_layer(shape: LayerShape, widths: tuple[int, ...]):
             group_bytes = sum(getattr(layer, grp.param_name(g, s)).nbytes for s in ("qweight", "scales", "qzeros"))
             for e in members:
                 per_expert[e] += group_bytes // len(members)
-    return (lambda x, w, i: kernel.apply(layer, x, w, i)), type(kernel).__name__, per_expert
+    return (lambda x, w, i: kernel.apply(layer, x, w, i)), kernel.describe(), per_expert
 
 
 # ---- vLLM baselines -----------------------------------------------------------------------------------
 
 
+def has_amx() -> bool:
+    """vLLM's own test for its AMX MoE paths (X86CPUUnquantizedExperts, CPUExpertsInt4)."""
+    return torch.cpu._is_amx_tile_supported()
+
+
 def vllm_bf16_layer(shape: LayerShape):
     from vllm import _custom_ops as ops
 
+    isa = "amx" if has_amx() else "vec"  # as vLLM's unquantized CPU MoE chooses
     w13 = ops.cpu_prepack_moe_weight(torch.randn(shape.experts, 2 * shape.inter, shape.hidden,
-                                                 dtype=torch.bfloat16) * 0.02, "amx")
+                                                 dtype=torch.bfloat16) * 0.02, isa)
     w2 = ops.cpu_prepack_moe_weight(torch.randn(shape.experts, shape.hidden, shape.inter,
-                                                dtype=torch.bfloat16) * 0.02, "amx")
+                                                dtype=torch.bfloat16) * 0.02, isa)
 
     def run(x, w, i):
         out = torch.empty_like(x)
-        ops.cpu_fused_moe(out, x, w13, w2, None, None, w, i, "silu", "amx")
+        ops.cpu_fused_moe(out, x, w13, w2, None, None, w, i, "silu", isa)
         return out
 
-    return run, "vLLM cpu_fused_moe (AMX)", [(w13[0].nbytes + w2[0].nbytes)] * shape.experts
+    return run, f"vLLM cpu_fused_moe ({isa})", [(w13[0].nbytes + w2[0].nbytes)] * shape.experts
+
+
+def vllm_int4_unavailable() -> str | None:
+    """Why vLLM's int4 CPU MoE cannot run here (it would die with SIGILL or a missing op, not raise)."""
+    if not has_amx():
+        return "vLLM's W4A8 MoE (CPUExpertsInt4) needs AMX, which this CPU lacks"
+    if not hasattr(torch.ops._C, "convert_weight_packed_scale_zp"):
+        return "this vLLM build has no int4 CPU GEMM (torch.ops._C.convert_weight_packed_scale_zp is missing)"
+    return None
 
 
 def vllm_int4_layer(shape: LayerShape):
     from vllm._custom_ops import CPUQuantMethod, fused_experts_cpu
     from vllm.model_executor.layers.fused_moe.experts.cpu_moe import prepare_int4_moe_layer_for_cpu
 
+    why = vllm_int4_unavailable()
+    if why:
+        raise Unavailable(why)
     e, h, i = shape.experts, shape.hidden, shape.inter
     w13, w2, s13, s2, z13, z2 = prepare_int4_moe_layer_for_cpu(
         random_codes(e, h // 8, 2 * i), random_codes(e, i // 8, h),
@@ -167,17 +202,30 @@ def vllm_int4_layer(shape: LayerShape):
     return run, "vLLM fused_experts_cpu (W4A8)", [per_expert] * e
 
 
-ROWS = {
-    "vLLM bf16": vllm_bf16_layer,
-    "vLLM GPTQ-4bit": vllm_int4_layer,
-    **{name: (lambda shape, widths=widths: moemix_layer(shape, widths)) for name, widths in MOEMIX_ROWS.items()},
-}
+def default_isas() -> list[str]:
+    """The fastest variant this CPU runs, and AVX2 forced beside it (the floor every x86-64 user gets)."""
+    supported = [v.name for v in cpu.variants() if v.supported]
+    return supported[:1] + [v for v in supported[1:] if v == "avx2"]
 
 
-def bench_shape(shape: LayerShape, tokens: list[int], reps: int, bandwidth: float) -> list[dict]:
+def rows_for(isas: list[str]) -> dict:
+    rows = {BF16_ROW: vllm_bf16_layer, INT4_ROW: vllm_int4_layer}
+    for i, isa in enumerate(isas or [None]):
+        for name, widths in MOEMIX_ROWS.items():
+            label = name if i == 0 else f"{name} [{isa}]"  # the default variant's rows keep the plain names
+            rows[label] = lambda shape, widths=widths, isa=isa: moemix_layer(shape, widths, isa)
+    return rows
+
+
+def bench_shape(shape: LayerShape, tokens: list[int], reps: int, bandwidth: float, rows: dict) -> list[dict]:
     """Every row of one shape is built first, then timed interleaved, token count by token count."""
-    built = {row: build(shape) for row, build in tqdm(ROWS.items(), desc=f"{shape.name}: build", leave=False)}
-    results = []
+    built, results = {}, []
+    for row, build in tqdm(rows.items(), desc=f"{shape.name}: build", leave=False):
+        try:
+            built[row] = build(shape)
+        except Unavailable as why:
+            results += [{"shape": shape.name, "row": row, "kernel": None, "tokens": m, "ms": None,
+                         "unavailable": str(why)} for m in tokens]
     for m in tqdm(tokens, desc=f"{shape.name}: time", leave=False):
         w, ids = routing(m, shape, seed=m)
         x = torch.randn(m, shape.hidden, dtype=torch.bfloat16)
@@ -188,12 +236,17 @@ def bench_shape(shape: LayerShape, tokens: list[int], reps: int, bandwidth: floa
                             "bytes_read": read, "gbs": read / ms / 1e6, "of_bandwidth": read / ms / 1e6 / bandwidth})
     del built
     gc.collect()
-    return results
+    order = list(rows)
+    return sorted(results, key=lambda r: (order.index(r["row"]), r["tokens"]))
 
 
-def markdown(results: list[dict], bandwidth: float, threads: int) -> str:
-    lines = [f"Median ms per layer call, {threads} threads; memory read bandwidth measured in the same run: "
-             f"{bandwidth:.1f} GB/s. `of bw` = routed experts' bytes / time / bandwidth.", ""]
+def _ratio(r: dict, anchor: dict | None) -> str:
+    return "n/a" if anchor is None or anchor.get("ms") is None else f"{r['ms'] / anchor['ms']:.2f}"
+
+
+def markdown(results: list[dict], bandwidth: float, threads: int, cpu_name: str) -> str:
+    lines = [f"CPU: {cpu_name}. Median ms per layer call, {threads} threads; memory read bandwidth measured in the "
+             f"same run: {bandwidth:.1f} GB/s. `of bw` = routed experts' bytes / time / bandwidth.", ""]
     for shape in dict.fromkeys(r["shape"] for r in results):
         rows = [r for r in results if r["shape"] == shape]
         tokens = sorted({r["tokens"] for r in rows})
@@ -203,11 +256,13 @@ def markdown(results: list[dict], bandwidth: float, threads: int) -> str:
         by = {(r["row"], r["tokens"]): r for r in rows}
         for row in dict.fromkeys(r["row"] for r in rows):
             first = by[(row, tokens[0])]
-            ratio_bf16 = first["ms"] / by[("vLLM bf16", tokens[0])]["ms"]
-            ratio_int4 = first["ms"] / by[("vLLM GPTQ-4bit", tokens[0])]["ms"]
+            if first["ms"] is None:
+                lines.append(f"| {row} | not available on this CPU: {first['unavailable']} |"
+                             + " |" * (len(tokens) + 3))
+                continue
             cells = " | ".join(f"{by[(row, m)]['ms']:.2f}" for m in tokens)
-            lines.append(f"| {row} | {first['kernel']} | {cells} | {ratio_bf16:.2f} | {ratio_int4:.2f} "
-                         f"| {first['of_bandwidth']:.0%} |")
+            lines.append(f"| {row} | {first['kernel']} | {cells} | {_ratio(first, by.get((BF16_ROW, tokens[0])))} "
+                         f"| {_ratio(first, by.get((INT4_ROW, tokens[0])))} | {first['of_bandwidth']:.0%} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -223,7 +278,9 @@ def plot(results: list[dict], path: Path) -> None:
     for ax, shape in zip(axes[0], shapes):
         rows = [r for r in results if r["shape"] == shape]
         for row in dict.fromkeys(r["row"] for r in rows):
-            pts = sorted((r["tokens"], r["ms"]) for r in rows if r["row"] == row)
+            pts = sorted((r["tokens"], r["ms"]) for r in rows if r["row"] == row and r["ms"] is not None)
+            if not pts:
+                continue
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=row,
                     linestyle="--" if row.startswith("vLLM") else "-")
         ax.set(title=shape, xlabel="tokens (M)", ylabel="ms per layer", xscale="log", yscale="log")
@@ -241,6 +298,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--quick", action="store_true", help="the small shape, M=1,4, 3 reps")
     parser.add_argument("--disable", default="", help="MOEMIX_DISABLED_KERNELS for the moemix rows")
+    parser.add_argument("--isas", default=",".join(default_isas()),
+                        help="native variants to time, comma list (default: fastest here, and avx2)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args()
     if args.quick:
@@ -248,17 +307,21 @@ def main() -> None:
     if args.disable:
         os.environ["MOEMIX_DISABLED_KERNELS"] = args.disable
     torch.set_num_threads(args.threads)
-    torch._C._cpu._init_amx()  # vLLM's AMX kernels need the AMX state requested (SIGILL otherwise)
+    if has_amx():
+        torch._C._cpu._init_amx()  # vLLM's AMX kernels need the AMX state requested (SIGILL otherwise)
     tokens = [int(t) for t in args.tokens.split(",")]
+    rows = rows_for([i for i in args.isas.split(",") if i])
+    cpu_name = cpu.cpu_summary()
+    print(f"CPU: {cpu_name}")
     bandwidth = read_bandwidth_gbs(256 << 20 if args.quick else 2 << 30)
     results = []
     for name in args.shapes.split(","):
-        results += bench_shape(SHAPES[name], tokens, args.reps, bandwidth)
+        results += bench_shape(SHAPES[name], tokens, args.reps, bandwidth, rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    table = markdown(results, bandwidth, args.threads)
+    table = markdown(results, bandwidth, args.threads, cpu_name)
     (out / "kernels.md").write_text(table + "\n")
-    (out / "kernels.json").write_text(json.dumps({"bandwidth_gbs": bandwidth, "threads": args.threads,
+    (out / "kernels.json").write_text(json.dumps({"cpu": cpu_name, "bandwidth_gbs": bandwidth, "threads": args.threads,
                                                   "results": results}, indent=1))
     plot(results, out / "kernels.png")
     print(table)

@@ -80,6 +80,18 @@ def choose_variant() -> tuple[IsaVariant | None, str | None]:
     return usable[0], None
 
 
+def cpu_summary() -> str:
+    """'AMD EPYC 9B45: avx512_vnni, avx_vnni, avx2 (AMX: no)' -- the CPU a benchmark ran on, as results name it."""
+    name = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    runs = [v.name for v in variants() if v.supported] or ["no native variant"]
+    return f"{name}: {', '.join(runs)} (AMX: {'yes' if torch.cpu._is_amx_tile_supported() else 'no'})"
+
+
 def _native():
     """Load the extension (registering torch.ops.moemix.cpu_*) or say why it cannot run here."""
     module, why = _native_status()
