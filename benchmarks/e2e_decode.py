@@ -4,7 +4,9 @@ Three checkpoints of the same random model, each served in its own engine (all l
 timed round-robin, so machine noise hits each alike):
 bf16; vLLM's own GPTQ 4-bit (symmetric, group 128, every attention and expert linear — the best a vLLM
 user has on CPU today); moemix at a 2.5-bit mixed plan (experts 0-3 of every layer 2-bit, 4-7 3-bit,
-attention 4-bit). Decode tokens/s = generated tokens after the first / (time of a long run - time of a
+attention 4-bit), once with the fastest native ISA variant and once with AVX2 forced (MOEMIX_CPU_ISA) when
+they differ. A checkpoint vLLM cannot serve on this CPU (its GPTQ MoE path is AMX-only) gets a row saying
+why instead of numbers. Decode tokens/s = generated tokens after the first / (time of a long run - time of a
 1-token run), at batch 1 and 8. Resident weight bytes are measured in the worker on the loaded model
 (parameters and buffers after every kernel's repacking) and compared with what the plan predicts.
 Random weights: speed and bytes only, no quality.
@@ -31,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 NEW_TOKENS = 64
 PROMPT = "def fibonacci(n):\n    "
 GROUP = 128
+MOEMIX_ROW = "moemix 2.5-bit mixed"
 TOKENIZER = REPO / "models" / "tiny-mixtral"  # any tokenizer does for random weights; this one ships here
 
 
@@ -133,14 +136,22 @@ def checkpoint_tensor_bytes(model: Path) -> int:
     return total
 
 
-def load(model: Path):
+def load(model: Path, isa: str | None = None):
+    """An engine for `model`; `isa` forces the native variant in its engine process (MOEMIX_CPU_ISA)."""
     from vllm import LLM
 
+    from vllm_moemix.layers.kernels.cpu import ISA_ENV
     from vllm_moemix.routing import EXTENSION
 
+    saved = os.environ.get(ISA_ENV)
+    if isa:
+        os.environ[ISA_ENV] = isa  # read in the engine process, which inherits this environment at start
     start = time.perf_counter()
-    llm = LLM(model=str(model), dtype="bfloat16", max_model_len=512, max_num_seqs=8, seed=0,
-              worker_extension_cls=EXTENSION)
+    try:
+        llm = LLM(model=str(model), dtype="bfloat16", max_model_len=512, max_num_seqs=8, seed=0,
+                  worker_extension_cls=EXTENSION)
+    finally:
+        os.environ.pop(ISA_ENV, None) if saved is None else os.environ.__setitem__(ISA_ENV, saved)
     return llm, time.perf_counter() - start
 
 
@@ -153,19 +164,28 @@ def generate_seconds(llm, batch: int, tokens: int) -> float:
     return time.perf_counter() - start
 
 
-def measure(checkpoints: list[tuple[str, Path]], reps: int) -> list[dict]:
+def measure(checkpoints: list[tuple[str, Path, str | None]], reps: int) -> tuple[list[dict], list[dict]]:
     """All engines loaded side by side, then timed round-robin so machine noise hits every checkpoint alike.
 
     Decode tok/s = batch * NEW_TOKENS / (best time for NEW_TOKENS + 1 tokens - best time for 1 token).
+    Returns (measured rows, rows of checkpoints that could not be served here, with why).
     """
-    engines, rows = [], []
-    for name, path in tqdm(checkpoints, desc="load engines"):
-        llm, load_s = load(path)
+    from vllm_moemix.routing import describe_served
+
+    engines, rows, unavailable = [], [], []
+    for name, path, isa in tqdm(checkpoints, desc="load engines"):
+        try:
+            llm, load_s = load(path, isa)
+        except Exception as err:  # e.g. vLLM's GPTQ MoE on a CPU without AMX; the engine process reports it
+            unavailable.append({"name": name, "unavailable": f"{type(err).__name__}: {str(err).splitlines()[0]}"})
+            continue
         resident = llm.collective_rpc("moemix_resident_bytes")[0]
+        kernels = llm.collective_rpc("moemix_kernels")[0]
         generate_seconds(llm, 1, 8)  # warm-up outside the timings
         engines.append(llm)
         rows.append({"name": name, "load_s": load_s, "resident_bytes": sum(resident.values()),
-                     "resident_by_dtype": resident})
+                     "resident_by_dtype": resident, "kernels": kernels,
+                     "served_by": describe_served(kernels) if any(kernels.values()) else "vLLM's own kernels"})
     for batch in (1, 8):
         best = {(i, n): float("inf") for i in range(len(engines)) for n in (1, NEW_TOKENS + 1)}
         for _ in tqdm(range(reps), desc=f"batch {batch}"):
@@ -176,12 +196,12 @@ def measure(checkpoints: list[tuple[str, Path]], reps: int) -> list[dict]:
             row[f"tok_s_batch{batch}"] = batch * NEW_TOKENS / (best[(i, NEW_TOKENS + 1)] - best[(i, 1)])
     del engines
     gc.collect()
-    return rows
+    return rows, unavailable
 
 
-def markdown(rows: list[dict], meta: dict) -> str:
+def markdown(rows: list[dict], unavailable: list[dict], meta: dict) -> str:
     bf16 = rows[0]
-    lines = [f"{meta['params'] / 1e9:.2f}B-parameter random Mixtral-style MoE ({meta['layers']} layers, "
+    lines = [f"CPU: {meta['cpu']}.", "", f"{meta['params'] / 1e9:.2f}B-parameter random Mixtral-style MoE ({meta['layers']} layers, "
              f"E{meta['experts']} top-2, H{meta['hidden']}, I{meta['inter']}), vLLM CPU, bf16 activations, default "
              f"compile mode, {meta['threads']} cores, {NEW_TOKENS} new tokens. moemix plan: "
              f"{meta['moemix_avg_payload_bits']:.2f} payload bits ({meta['moemix_avg_bits']:.2f} with scales/zeros) "
@@ -192,7 +212,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
         lines.append(f"| {r['name']} | {r['tok_s_batch1']:.1f} | {r['tok_s_batch1'] / bf16['tok_s_batch1']:.2f} "
                      f"| {r['tok_s_batch8']:.1f} | {r['tok_s_batch8'] / bf16['tok_s_batch8']:.2f} "
                      f"| {r['resident_bytes'] / 2**20:.0f} MiB | {r['resident_bytes'] / bf16['resident_bytes']:.2f} |")
-    moemix = rows[-1]
+    for r in unavailable:
+        lines.append(f"| {r['name']} | not available on this CPU: {r['unavailable']} | | | | | |")
+    lines += ["", "Served by: " + "; ".join(f"{r['name']}: {r['served_by']}" for r in rows)]
+    moemix = next(r for r in rows if r["name"] == MOEMIX_ROW)
     lines += ["", f"moemix quantized tensors resident in the worker: {meta['moemix_measured_linear_bytes']:,} bytes; "
                   f"the plan's footprint: {meta['moemix_plan_linear_bytes']:,} bytes "
                   f"({meta['moemix_measured_linear_bytes'] / meta['moemix_plan_linear_bytes']:.3f}). Whole model "
@@ -212,7 +235,7 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, key, title in zip(axes, ("tok_s_batch1", "tok_s_batch8", "resident_bytes"),
                               ("decode tok/s, batch 1", "decode tok/s, batch 8", "resident weights (MiB)")):
         values = [r[key] / (2**20 if key == "resident_bytes" else 1) for r in rows]
-        ax.bar(names, values, color=["#999999", "#6a9fd8", "#d8783a"][: len(rows)])
+        ax.bar(names, values, color=["#999999", "#6a9fd8", "#d8783a", "#e8b04a"][: len(rows)])
         ax.set_title(title)
         for i, v in enumerate(values):
             ax.text(i, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
@@ -240,22 +263,27 @@ def main() -> None:
 
     from vllm_moemix.arch import quantizable_linears
     from vllm_moemix.footprint import footprint
+    from vllm_moemix.layers.kernels.cpu import cpu_summary, variants
     from vllm_moemix.plan import Plan
 
     work = Path(args.work) / f"mixtral-l{args.layers}-h{args.hidden}-i{args.inter}-e{args.experts}"
     src = build_bf16(work / "bf16", args.layers, args.hidden, args.inter, args.experts)
-    checkpoints = [("bf16", src)]
+    checkpoints = [("bf16", src, None)]
     if not args.skip_gptq:
-        checkpoints.append(("vLLM GPTQ 4-bit", build_gptq(src, work / "gptq4")))
-    checkpoints.append(("moemix 2.5-bit mixed", build_moemix(src, work / "moemix", args.experts)))
+        checkpoints.append(("vLLM GPTQ 4-bit", build_gptq(src, work / "gptq4"), None))
+    moemix_ckpt = build_moemix(src, work / "moemix", args.experts)
+    checkpoints.append((MOEMIX_ROW, moemix_ckpt, None))
+    supported = [v.name for v in variants() if v.supported]
+    if len(supported) > 1 and "avx2" in supported:
+        checkpoints.append((f"{MOEMIX_ROW} [avx2]", moemix_ckpt, "avx2"))
 
     config = AutoConfig.from_pretrained(src)
     linears = quantizable_linears(config)
     fp = footprint(Plan.from_dict(moemix_plan(args.experts)).resolve(linears), linears)
-    rows = measure(checkpoints, args.reps)
+    rows, unavailable = measure(checkpoints, args.reps)
     ckpt_bytes = checkpoint_tensor_bytes(src)
-    moemix = rows[-1]["resident_by_dtype"]
-    meta = {"layers": args.layers, "hidden": args.hidden, "inter": args.inter, "experts": args.experts,
+    moemix = next(r for r in rows if r["name"] == MOEMIX_ROW)["resident_by_dtype"]
+    meta = {"cpu": cpu_summary(), "layers": args.layers, "hidden": args.hidden, "inter": args.inter, "experts": args.experts,
             "threads": os.cpu_count(), "params": ckpt_bytes // 2, "moemix_avg_bits": fp.avg_bits,
             "moemix_avg_payload_bits": fp.avg_payload_bits,
             "moemix_plan_linear_bytes": fp.nbytes,
@@ -263,9 +291,10 @@ def main() -> None:
             "moemix_predicted_bytes": ckpt_bytes - fp.bf16_bytes + fp.nbytes}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    table = markdown(rows, meta)
+    table = markdown(rows, unavailable, meta)
     (out / "e2e_decode.md").write_text(table + "\n")
-    (out / "e2e_decode.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (out / "e2e_decode.json").write_text(json.dumps({"meta": meta, "rows": rows, "unavailable": unavailable},
+                                                    indent=1))
     plot(rows, out / "e2e_decode.png")
     print(table)
 
