@@ -1,8 +1,6 @@
 // AVX-512 VNNI micro-kernel (Ice Lake / Sapphire Rapids / Zen 4+): vpdpbusd on zmm, 64-column tiles.
 #include <immintrin.h>
 
-#include <cstring>
-
 #include "kernel_api.h"
 
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")
@@ -20,10 +18,11 @@ struct Avx512Vnni {
 
   static I load(const int32_t* p) { return _mm512_loadu_si512(p); }
   static I set1(int32_t v) { return _mm512_set1_epi32(v); }
+  // A fresh broadcast from memory at every use, as in isa_ymm.h: hoisted broadcasts would spill.
   static I bcast4(const int8_t* p) {
-    int32_t v;
-    std::memcpy(&v, p, 4);
-    return _mm512_set1_epi32(v);
+    I r;
+    __asm__ volatile("vpbroadcastd %1, %0" : "=v"(r) : "m"(*reinterpret_cast<const int32_t*>(p)));
+    return r;
   }
   static I zero() { return _mm512_setzero_si512(); }
   static I and_(I a, I b) { return _mm512_and_si512(a, b); }

@@ -1,8 +1,6 @@
 // AVX-VNNI micro-kernel (Alder Lake and later, Zen 5): vpdpbusd on ymm, the AVX2 variant's layout.
 #include <immintrin.h>
 
-#include <cstring>
-
 #include "kernel_api.h"
 
 #pragma GCC target("avxvnni,avx2,fma,f16c")

@@ -23,99 +23,62 @@ namespace {
 
 constexpr int64_t kPrefetchBlocks = 8;  // blocks of K to prefetch ahead in a weight strip
 
-template <class Isa>
-inline typename Isa::I extract(typename Isa::I w, int shift, typename Isa::I mask) {
-  return Isa::and_(Isa::srli(w, shift), mask);
-}
-
-// One 32-value block of K for weights below 8 bits: the Acc of each (row, vector) sees 8 extractions.
-template <class Isa, int BITS, int TT>
-inline void dot_block_narrow(const int32_t* lo, const int32_t* hi, const int8_t* const* xq,
-                             typename Isa::I (&sums)[TT][kVectorsPerTile]) {
+// The packed words of one vector's columns for one 32-value block of K, loaded once, and the 8 extractions
+// they hold: extraction e gives 4 u8 weights per lane, meeting activations xq[4e, 4e + 4) (permuted order).
+template <class Isa, int BITS>
+struct Strip {
   using I = typename Isa::I;
-  constexpr int L = Isa::kLanes, V = kVectorsPerTile, tile = L * V;
-  typename Isa::Acc acc[TT][V];
-  for (int t = 0; t < TT; ++t)
-    for (int v = 0; v < V; ++v) acc[t][v] = Isa::acc_zero();
-  if constexpr (BITS == 4) {
-    const I mask = Isa::set1(0x0F0F0F0F);
-#pragma GCC unroll 4
-    for (int r = 0; r < 4; ++r) {
-      I w[V];
-      for (int v = 0; v < V; ++v) w[v] = Isa::load(lo + r * tile + L * v);
-      for (int j = 0; j < 2; ++j) {
-        I xb[TT];
-        for (int t = 0; t < TT; ++t) xb[t] = Isa::bcast4(xq[t] + 8 * r + 4 * j);
-        for (int v = 0; v < V; ++v) {
-          const I wb = extract<Isa>(w[v], 4 * j, mask);
-          for (int t = 0; t < TT; ++t) Isa::dot(acc[t][v], wb, xb[t]);
-        }
-      }
-    }
-  } else if constexpr (BITS == 2) {
-    const I mask = Isa::set1(0x03030303);
-#pragma GCC unroll 2
-    for (int r = 0; r < 2; ++r) {
-      I w[V];
-      for (int v = 0; v < V; ++v) w[v] = Isa::load(lo + r * tile + L * v);
-#pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) {
-        I xb[TT];
-        for (int t = 0; t < TT; ++t) xb[t] = Isa::bcast4(xq[t] + 16 * r + 4 * j);
-        for (int v = 0; v < V; ++v) {
-          const I wb = extract<Isa>(w[v], 2 * j, mask);
-          for (int t = 0; t < TT; ++t) Isa::dot(acc[t][v], wb, xb[t]);
-        }
-      }
-    }
-  } else {  // 3 bits: low 2 bits from two 2-bit rows, high bit from one row of the hi plane
-    static_assert(BITS == 3, "unsupported width");
-    const I mask2 = Isa::set1(0x03030303);
-    const I mask_hi = Isa::set1(0x04040404);
-    I h[V];
-    for (int v = 0; v < V; ++v) h[v] = Isa::load(hi + L * v);
-#pragma GCC unroll 2
-    for (int r = 0; r < 2; ++r) {
-      I w[V];
-      for (int v = 0; v < V; ++v) w[v] = Isa::load(lo + r * tile + L * v);
-#pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) {
-        const int i = 4 * r + j;  // hi-plane bit index holding this extraction's high bits
-        I xb[TT];
-        for (int t = 0; t < TT; ++t) xb[t] = Isa::bcast4(xq[t] + 16 * r + 4 * j);
-        for (int v = 0; v < V; ++v) {
-          const I low = extract<Isa>(w[v], 2 * j, mask2);
-          const I high = i >= 2 ? Isa::srli(h[v], i - 2) : Isa::slli(h[v], 2 - i);
-          const I wb = Isa::or_masked(low, high, mask_hi);
-          for (int t = 0; t < TT; ++t) Isa::dot(acc[t][v], wb, xb[t]);
-        }
-      }
+  static constexpr int kRows = BITS == 3 ? 2 : BITS;  // rows of the (lo) stream per block
+  I w[kRows];
+  I h;  // 3-bit: the hi plane's row
+
+  Strip(const int32_t* lo, const int32_t* hi, int v) {
+    constexpr int L = Isa::kLanes, tile = L * kVectorsPerTile;
+    for (int r = 0; r < kRows; ++r) w[r] = Isa::load(lo + r * tile + L * v);
+    if constexpr (BITS == 3) h = Isa::load(hi + L * v);
+  }
+
+  I extraction(int e) const {
+    if constexpr (BITS == 8) {
+      return w[e];
+    } else if constexpr (BITS == 4) {
+      return Isa::and_(Isa::srli(w[e / 2], 4 * (e % 2)), Isa::set1(0x0F0F0F0F));
+    } else {
+      const I low = Isa::and_(Isa::srli(w[e / 4], 2 * (e % 4)), Isa::set1(0x03030303));
+      if constexpr (BITS == 2) return low;
+      // 3 bits: the high bit of this extraction's values sits at bit e of each byte of the hi plane
+      const I high = e >= 2 ? Isa::srli(h, e - 2) : Isa::slli(h, 2 - e);
+      return Isa::or_masked(low, high, Isa::set1(0x04040404));
     }
   }
-  for (int t = 0; t < TT; ++t)
-    for (int v = 0; v < V; ++v) sums[t][v] = Isa::finish(acc[t][v]);
-}
+};
 
-// One 32-value block of K for TT activation rows x one tile: sums[t][v] = int32 dot products.
+// One 32-value block of K for TT activation rows x one tile: fac[t][v] += xscale[t] * (w . qx) per column.
+// One vector of columns at a time, so only TT block accumulators and one strip are live (fits 16 ymm).
 template <class Isa, int BITS, int TT>
-inline void dot_block(const int32_t* lo, const int32_t* hi, const int8_t* const* xq,
-                      typename Isa::I (&sums)[TT][kVectorsPerTile]) {
+inline void dot_block(const int32_t* lo, const int32_t* hi, const int8_t* const* xq, const typename Isa::F* xscale,
+                      typename Isa::F (&fac)[TT][kVectorsPerTile]) {
   using I = typename Isa::I;
-  constexpr int L = Isa::kLanes, V = kVectorsPerTile, tile = L * V;
-  if constexpr (BITS == 8) {
-    for (int t = 0; t < TT; ++t)
-      for (int v = 0; v < V; ++v) sums[t][v] = Isa::zero();
+#pragma GCC unroll 4
+  for (int v = 0; v < kVectorsPerTile; ++v) {
+    const Strip<Isa, BITS> strip(lo, hi, v);
+    I sums[TT];
+    if constexpr (BITS == 8) {
+      for (int t = 0; t < TT; ++t) sums[t] = Isa::zero();
 #pragma GCC unroll 8
-    for (int r = 0; r < 8; ++r) {
-      I xb[TT];
-      for (int t = 0; t < TT; ++t) xb[t] = Isa::bcast4(xq[t] + 4 * r);
-      for (int v = 0; v < V; ++v) {
-        const I w = Isa::load(lo + r * tile + L * v);
-        for (int t = 0; t < TT; ++t) Isa::dot8(sums[t][v], w, xb[t]);
+      for (int e = 0; e < 8; ++e)
+        for (int t = 0; t < TT; ++t) Isa::dot8(sums[t], strip.extraction(e), Isa::bcast4(xq[t] + 4 * e));
+    } else {
+      typename Isa::Acc acc[TT];
+      for (int t = 0; t < TT; ++t) acc[t] = Isa::acc_zero();
+#pragma GCC unroll 8
+      for (int e = 0; e < 8; ++e) {
+        const I wb = strip.extraction(e);
+        for (int t = 0; t < TT; ++t) Isa::dot(acc[t], wb, Isa::bcast4(xq[t] + 4 * e));
       }
+      for (int t = 0; t < TT; ++t) sums[t] = Isa::finish(acc[t]);
     }
-  } else {
-    dot_block_narrow<Isa, BITS, TT>(lo, hi, xq, sums);
+    for (int t = 0; t < TT; ++t) fac[t][v] = Isa::fmadd(Isa::cvt(sums[t]), xscale[t], fac[t][v]);
   }
 }
 
@@ -165,13 +128,12 @@ void gemm_tile(const PackedWeight& W, int64_t tile, const QuantizedActs& A, cons
       const char* ahead = reinterpret_cast<const char*>(tile_q + (b + kPrefetchBlocks) * rows_per_block * width);
       for (int64_t line = 0; line < rows_per_block * width * 4; line += 64) __builtin_prefetch(ahead + line, 0, 3);
       if constexpr (BITS == 3) __builtin_prefetch(hi_plane + (b + kPrefetchBlocks) * width, 0, 3);
-      I sums[TT][V];
-      dot_block<Isa, BITS, TT>(tile_q + b * rows_per_block * width, hi_plane + b * width, xb, sums);
+      F xscale[TT];
       for (int t = 0; t < TT; ++t) {
-        const F s = Isa::set1f(xs[t][b]);
+        xscale[t] = Isa::set1f(xs[t][b]);
         zterm[t] += xsum[t][b];
-        for (int v = 0; v < V; ++v) fac[t][v] = Isa::fmadd(Isa::cvt(sums[t][v]), s, fac[t][v]);
       }
+      dot_block<Isa, BITS, TT>(tile_q + b * rows_per_block * width, hi_plane + b * width, xb, xscale, fac);
     }
     for (int v = 0; v < V; ++v) {
       const F sw = Isa::load_fp16(tile_s + g * width + L * v);
