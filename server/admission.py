@@ -1,14 +1,20 @@
-"""Per-model bound on in-flight generation requests: past it, 429 with Retry-After instead of queueing forever.
+"""Per-model bound on in-flight requests: past it, 429 with Retry-After instead of queueing forever.
 
-A model admits `max_num_seqs + max_queue` requests at once (the batch the engine runs plus `max_queue` waiting);
-`max_queue` None means unbounded. A request holds `n` slots (times the number of prompts of a batched
-completion) from admission until its response has been sent completely or the client went away: the route
-acquires, middleware/admission.py releases when the ASGI call returns, whatever happened in between.
+A model admits `max_num_seqs + max_queue` sequences at once (the batch the engine runs plus `max_queue`
+waiting; `max_queue` defaults to `max_num_seqs`). A request holds `n` slots (times the number of prompts of a
+batched completion; a /tokenize request holds one) from admission until its response has been sent completely
+or the client went away: the route acquires, middleware/admission.py releases when the ASGI call returns,
+whatever happened in between. A request that needs more slots than the limit can never run and gets 400.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+
+def admission_limit(max_num_seqs: int, max_queue: int | None) -> int:
+    """The batch plus the queue; the default queue is one batch deep (a request waits for about one other)."""
+    return max_num_seqs + (max_num_seqs if max_queue is None else max_queue)
 
 
 class Slot:
@@ -21,7 +27,7 @@ class Slot:
         self.n = n
 
     def release(self, completed: bool = True) -> None:
-        """completed=False: the response was cut off (client went away mid-stream, or an error)."""
+        """completed=False: the response was cut off (client went away mid-stream) or ended in an engine error."""
         if self._gate is not None:
             self._gate.in_flight -= self.n
             self._gate.incomplete += not completed
@@ -30,15 +36,15 @@ class Slot:
 
 @dataclass
 class AdmissionGate:
-    limit: int | None  # None: unbounded
+    limit: int
     in_flight: int = 0
     rejected: int = 0  # answered 429
-    incomplete: int = 0  # admitted, response not sent to its end
+    incomplete: int = 0  # admitted, response not sent to its end or ended in an engine error
 
     def try_acquire(self, n: int = 1) -> Slot | None:
+        """Slots for n sequences, or None (429) while they do not fit; n > limit never fits (the caller's 400)."""
         n = max(1, n)
-        # A request larger than the whole limit would never fit; admit it alone rather than reject it forever.
-        if self.limit is not None and self.in_flight + n > self.limit and self.in_flight > 0:
+        if self.in_flight + n > self.limit:
             self.rejected += 1
             return None
         self.in_flight += n
@@ -46,7 +52,7 @@ class AdmissionGate:
 
 
 def request_slots(request) -> int:
-    """Sequences a completion/chat request will occupy in the engine."""
+    """Sequences a completion/chat request will occupy in the engine (1 for anything else, e.g. /tokenize)."""
     n = getattr(request, "n", None) or 1
     prompt = getattr(request, "prompt", None)
     if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):

@@ -1,8 +1,11 @@
 """build_app(pool, settings): the FastAPI application over a started EnginePool.
 
 Errors are OpenAI JSON everywhere: vLLM's own exception handlers (validation -> 400, VLLMError subclasses to
-their status, anything else -> 500 with a sanitized message) plus ours (413 body too large). No request can
+their status, anything else -> 500 with a sanitized message) plus ours (middleware: 401, 413). No request can
 take the process down: every exception ends as a JSON error for that request only.
+
+Background tasks (lifespan): vLLM's periodic stats log lines, and the expert-routing counts gathered from the
+workers every routing_refresh_s, so /metrics serves them from memory and a scrape never reaches a worker.
 """
 
 from __future__ import annotations
@@ -24,31 +27,42 @@ from server.engine import EnginePool
 from server.errors import error_response
 from server.middleware.admission import AdmissionReleaseMiddleware
 from server.middleware.auth import APIKeyMiddleware
-from server.middleware.body_limit import BodyLimitMiddleware, BodyTooLarge
+from server.middleware.body_limit import BodyLimitMiddleware
 from server.routes import chat, completions, health, metrics, models, tokenize
 from server.settings import ServerSettings
 
 logger = logging.getLogger("moemix.server")
 
 
-def _lifespan(pool: EnginePool, log_interval_s: float):
+async def _every(interval_s: float, step) -> None:
+    while True:
+        await step()
+        await asyncio.sleep(interval_s)
+
+
+def _lifespan(pool: EnginePool, settings: ServerSettings, log_interval_s: float, shutdown_engines: bool):
+    async def log_stats():  # vLLM's periodic throughput log lines, as its own server does
+        for eng in pool.engines.values():
+            with contextlib.suppress(Exception):
+                await eng.client.do_log_stats()
+
+    async def refresh_routing():
+        for eng in pool.engines.values():
+            await eng.refresh_routing()
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        async def log_stats():  # vLLM's periodic throughput log lines, as its own server does
-            while True:
-                await asyncio.sleep(log_interval_s)
-                for eng in pool.engines.values():
-                    with contextlib.suppress(Exception):
-                        await eng.client.do_log_stats()
-
-        task = asyncio.create_task(log_stats())
+        tasks = [asyncio.create_task(_every(log_interval_s, log_stats)),
+                 asyncio.create_task(_every(settings.routing_refresh_s, refresh_routing))]
         try:
             yield
         finally:
             # Runs after uvicorn has drained in-flight requests (timeout_graceful_shutdown).
-            task.cancel()
-            logger.info("stopping engines")
-            pool.shutdown()
+            for task in tasks:
+                task.cancel()
+            if shutdown_engines:
+                logger.info("stopping engines")
+                pool.shutdown()
 
     return lifespan
 
@@ -58,7 +72,7 @@ def build_app(pool: EnginePool, settings: ServerSettings, shutdown_engines: bool
     from vllm.entrypoints.serve.exception_handling.handlers.validation import validation_exception_handler
     from vllm.entrypoints.serve.exception_handling.register import init_exception_handler
 
-    lifespan = _lifespan(pool, envs.VLLM_LOG_STATS_INTERVAL) if shutdown_engines else None
+    lifespan = _lifespan(pool, settings, envs.VLLM_LOG_STATS_INTERVAL, shutdown_engines)
     app = FastAPI(title="moemix OpenAI-compatible server", version=server.__version__, lifespan=lifespan)
     app.state.pool = pool
     app.state.settings = settings
@@ -81,10 +95,6 @@ def build_app(pool: EnginePool, settings: ServerSettings, shutdown_engines: bool
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException):  # unknown route 404, wrong method 405, ...
         return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(BodyTooLarge)
-    async def body_too_large(_: Request, exc: BodyTooLarge):
-        return error_response(413, str(exc))
 
     # Added later = further out: HTTP metrics see everything, then auth and the size check run before any
     # parsing; admission slots are released when the whole exchange is over.

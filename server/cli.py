@@ -1,10 +1,10 @@
-"""`moemix serve MODEL [MODEL ...] --host H --port P [--config server.yaml] [--api-key K] [--max-queue N]`.
+"""`moemix serve MODEL [MODEL ...] --host H --port P [--config server.yaml] [--api-key-file F] [--max-queue N] ...`.
 
 `add_serve_parser(subparsers)` registers the subcommand on the `moemix` parser (handler in `func`);
 `python -m server serve ...` runs the same thing standalone.
 
-Start-up: read settings (fail fast on mistakes), bind the port (fail fast if taken), start every model's
-engine, then serve. SIGTERM/SIGINT: stop accepting, let in-flight requests finish (up to --drain-timeout),
+Start-up: read settings (fail fast on mistakes, and on a non-loopback host without an API key), bind the port
+(fail fast if taken), start every model's engine, then serve. SIGTERM/SIGINT: stop accepting, let in-flight requests finish (up to --drain-timeout),
 then stop the engines.
 """
 
@@ -18,9 +18,10 @@ import signal
 import socket
 import sys
 
-from server.settings import ServerSettings, SettingsError, build_settings
+from server.settings import ServerSettings, SettingsError, build_settings, is_loopback
 
 logger = logging.getLogger("moemix.server")
+CONCURRENCY_HEADROOM = 256  # connections beyond the admitted requests: probes, scrapes, 429s, idle keep-alives
 
 
 def _json_dict(value: str) -> dict:
@@ -45,11 +46,22 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default 8000)")
     p.add_argument("--config", default=None, help="server YAML: models, per-model vLLM options, limits")
-    p.add_argument("--api-key", default=None,
-                   help="require `Authorization: Bearer KEY` on /v1/* and /tokenize (or env MOEMIX_API_KEY)")
+    key = p.add_mutually_exclusive_group()
+    key.add_argument("--api-key-file", default=None, metavar="PATH",
+                     help="require `Authorization: Bearer KEY` on /v1/* and /tokenize, KEY read from this file "
+                          "(or env MOEMIX_API_KEY). Needed on any host but loopback")
+    key.add_argument("--api-key", default=None,
+                     help="the key itself (visible to local users in `ps`: prefer --api-key-file)")
+    p.add_argument("--insecure-no-auth", action="store_true", default=None,
+                   help="serve a non-loopback host without an API key (refused otherwise)")
     p.add_argument("--max-queue", type=int, default=None,
-                   help="per model, requests allowed to wait beyond the engine batch (max_num_seqs); past it "
-                        "429 with Retry-After (default: unbounded)")
+                   help="per model, sequences allowed to wait beyond the engine batch (max_num_seqs); past it "
+                        "429 with Retry-After (default: max_num_seqs)")
+    p.add_argument("--limit-concurrency", type=int, default=None,
+                   help="uvicorn's bound on connections and tasks; past it 503 (default: the sum of the models' "
+                        f"admission limits + {CONCURRENCY_HEADROOM})")
+    p.add_argument("--routing-refresh", dest="routing_refresh_s", type=float, default=None,
+                   help="seconds between gatherings of expert-routing counts from the workers (default 5)")
     p.add_argument("--retry-after", dest="retry_after_s", type=int, default=None,
                    help="Retry-After seconds on 429 (default 1)")
     p.add_argument("--drain-timeout", dest="drain_timeout_s", type=float, default=None,
@@ -71,9 +83,31 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     return build_settings(args.models, args.config, host=args.host, port=args.port, api_key=args.api_key,
+                          api_key_file=args.api_key_file, insecure_no_auth=args.insecure_no_auth,
                           max_queue=args.max_queue, retry_after_s=args.retry_after_s,
-                          drain_timeout_s=args.drain_timeout_s, log_level=args.log_level,
+                          drain_timeout_s=args.drain_timeout_s, limit_concurrency=args.limit_concurrency,
+                          routing_refresh_s=args.routing_refresh_s, log_level=args.log_level,
                           override_vllm_args=overrides or None)
+
+
+def startup_warnings(args: argparse.Namespace, settings: ServerSettings) -> list[str]:
+    """What the operator should know before the first request (logged as warnings)."""
+    out = []
+    if args.api_key:
+        out.append("--api-key puts the key on the command line, where every local user sees it (`ps`); "
+                   "prefer --api-key-file or env MOEMIX_API_KEY")
+    if settings.api_key is None and not is_loopback(settings.host):
+        out.append(f"NO AUTHENTICATION (--insecure-no-auth): anyone who can reach {settings.host}:{settings.port} "
+                   f"can use every model")
+    return out
+
+
+def uvicorn_config(app, settings: ServerSettings, pool):
+    import uvicorn
+
+    limit = settings.limit_concurrency or sum(e.gate.limit for e in pool.engines.values()) + CONCURRENCY_HEADROOM
+    return uvicorn.Config(app, log_level=settings.log_level, timeout_graceful_shutdown=settings.drain_timeout_s,
+                          timeout_keep_alive=5, limit_concurrency=limit, access_log=settings.log_level == "debug")
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -98,12 +132,11 @@ async def serve(settings: ServerSettings, sock: socket.socket | None = None) -> 
     sock = sock or bind_socket(settings.host, settings.port)
     pool = await start_pool(settings)
     try:
-        app = build_app(pool, settings)
-        config = uvicorn.Config(app, log_level=settings.log_level, timeout_graceful_shutdown=settings.drain_timeout_s,
-                                timeout_keep_alive=5, access_log=settings.log_level == "debug")
+        config = uvicorn_config(build_app(pool, settings), settings, pool)
         server = uvicorn.Server(config)
         host, port = sock.getsockname()[:2]
-        logger.info("serving %s on http://%s:%d", ", ".join(pool.engines), host, port)
+        logger.info("serving %s on http://%s:%d (at most %d concurrent connections)", ", ".join(pool.engines), host,
+                    port, config.limit_concurrency)
         await server.serve(sockets=[sock])
     finally:
         pool.shutdown()  # idempotent with the lifespan's; covers a failure before uvicorn started
@@ -122,6 +155,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         print(f"moemix serve: error: {e}", file=sys.stderr)
         raise SystemExit(2) from e
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    for warning in startup_warnings(args, settings):
+        logger.warning(warning)
     # Until uvicorn installs its own handlers, SIGTERM interrupts start-up cleanly (engines are stopped).
     signal.signal(signal.SIGTERM, _interrupt)
     try:

@@ -3,7 +3,9 @@ classes (OpenAIServingCompletion, OpenAIServingChat, ServingTokenization, ...) w
 server does (vllm.entrypoints.launchers.api_server.app_state.init_app_state), each in its own State.
 
 Per model the `vllm serve` argument namespace is built with vLLM's own parser, so every engine option
-(`max_model_len`, `dtype`, `enforce_eager`, `chat_template`, ...) means what it means in `vllm serve`.
+(`max_model_len`, `dtype`, `enforce_eager`, `chat_template`, ...) means what it means in `vllm serve`. The
+parser also accepts `vllm serve`'s HTTP-server options (`api_key`, `ssl_keyfile`, `allowed_origins`, ...);
+this server has its own HTTP layer and applies none of them, so start-up warns about each one given.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 from starlette.datastructures import State
 
-from server.admission import AdmissionGate
+from server.admission import AdmissionGate, admission_limit
 from server.facts import WeightFacts, read_weight_facts
 from server.metrics import SharedPrometheusStatLogger, Throughput, throughput_logger_factory
 from server.settings import ModelSettings, ServerSettings, SettingsError, to_vllm_argv
@@ -52,6 +54,30 @@ def vllm_serve_args(model: ModelSettings, options: dict[str, Any]) -> argparse.N
     return args
 
 
+# Read by vLLM's own HTTP server (FastAPI app, uvicorn, middleware, process launcher), not by the serving
+# objects this server builds: every FrontendArgs-only field but the pooling one, plus these.
+_HTTP_ONLY_OPTIONS = {"sse_keep_alive_interval", "tool_parser_plugin", "enable_tokenizer_info_endpoint",
+                      "tokens_only", "enable_scale_out", "headless", "api_server_count", "grpc"}
+_OUR_FLAG = {"api_key": "--api-key-file", "host": "--host", "port": "--port", "uvicorn_log_level": "--log-level"}
+
+
+def unapplied_vllm_options(options: dict[str, Any]) -> list[str]:
+    """The `vllm serve` HTTP-server options among `options`, each with why it does nothing here."""
+    from dataclasses import fields
+
+    from vllm.entrypoints.launchers.cli_args import BaseFrontendArgs, FrontendArgs
+
+    http_only = {f.name for f in fields(FrontendArgs)} - {f.name for f in fields(BaseFrontendArgs)}
+    http_only = http_only - {"enable_flash_late_interaction"} | _HTTP_ONLY_OPTIONS
+    out = []
+    for key in options:
+        name = str(key).replace("-", "_")
+        if name in http_only:
+            hint = f"use {_OUR_FLAG[name]}" if name in _OUR_FLAG else "moemix serve has its own HTTP layer"
+            out.append(f"vllm_args `{name}` is a `vllm serve` HTTP-server option and is NOT applied ({hint})")
+    return out
+
+
 @dataclass
 class ModelEngine:
     name: str
@@ -66,6 +92,9 @@ class ModelEngine:
     stopped: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
     routing: dict | None = None  # last expert-routing profile (vllm_moemix.routing.merge), moemix models only
+    routing_refresh_s: float = 5.0  # gather it from the workers at most this often
+    routing_at: float = float("-inf")  # time.monotonic() of the last gathering
+    _routing_lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False, repr=False)
     kernels: dict[str, dict[str, int]] | None = None  # what serves (vllm_moemix.routing.worker_kernels), moemix only
 
     @property
@@ -73,13 +102,18 @@ class ModelEngine:
         return self.args.worker_extension_cls == ROUTING_EXTENSION
 
     async def refresh_routing(self) -> dict | None:
-        """Ask the workers for their routed-token counts (moemix checkpoints only; cheap: a few small lists)."""
+        """The routed-token counts (moemix checkpoints only), gathered from the workers if the last gathering is
+        older than routing_refresh_s: a collective_rpc waits for every worker's current step, so callers
+        (the background refresher, GET /v1/moemix/routing) may not stall generation more often than that."""
         if self.dead or not self.counts_routing:
             return None
-        try:
-            self.routing = merge_routing(await self.client.collective_rpc("moemix_routing", timeout=10))
-        except Exception:  # a metrics scrape must never fail because of this
-            logger.warning("model %s: could not read expert routing counts", self.name, exc_info=True)
+        async with self._routing_lock:  # concurrent callers share one gathering
+            if time.monotonic() - self.routing_at >= self.routing_refresh_s:
+                try:
+                    self.routing = merge_routing(await self.client.collective_rpc("moemix_routing", timeout=10))
+                except Exception:  # never fails the caller; the last counts stay
+                    logger.warning("model %s: could not read expert routing counts", self.name, exc_info=True)
+                self.routing_at = time.monotonic()
         return self.routing
 
     @property
@@ -159,7 +193,10 @@ def _build_client(args: argparse.Namespace, throughput: Throughput):
 async def start_engine(model: ModelSettings, settings: ServerSettings) -> ModelEngine:
     from vllm.entrypoints.launchers.api_server.app_state import init_app_state
 
-    args = vllm_serve_args(model, settings.vllm_args_for(model))
+    options = settings.vllm_args_for(model)
+    args = vllm_serve_args(model, options)
+    for warning in unapplied_vllm_options(options):
+        logger.warning("model %s: %s", model.name, warning)
     facts = read_weight_facts(model.path) if Path(model.path).is_dir() else WeightFacts(path=model.path)
     if facts.quant_method == "moemix" and not args.worker_extension_cls:
         args.worker_extension_cls = ROUTING_EXTENSION  # lets /metrics read the experts' routed-token counts
@@ -185,11 +222,10 @@ async def start_engine(model: ModelSettings, settings: ServerSettings) -> ModelE
         slow = reference_fallback_reason(kernels)
         if slow:
             logger.warning("model %s: the slow reference kernel serves, because %s", model.name, slow)
-    max_queue = settings.max_queue_for(model)
-    limit = None if max_queue is None else client.vllm_config.scheduler_config.max_num_seqs + max_queue
+    limit = admission_limit(client.vllm_config.scheduler_config.max_num_seqs, settings.max_queue_for(model))
     eng = ModelEngine(name=model.name, path=model.path, args=args, client=client, state=state, facts=facts,
                       gate=AdmissionGate(limit), throughput=throughput, start_seconds=time.perf_counter() - t0,
-                      kernels=kernels)
+                      kernels=kernels, routing_refresh_s=settings.routing_refresh_s)
     logger.info("model %s (%s) ready in %.1f s; quant_method=%s; admission limit %s", eng.name, eng.path,
                 eng.start_seconds, facts.quant_method, limit)
     return eng

@@ -186,17 +186,18 @@ class MoemixCollector(Collector):
         healthy = GaugeMetricFamily("moemix_engine_healthy", "1 if the model's engine is alive.", labels=["model"])
         tps = GaugeMetricFamily("moemix_generation_tokens_per_second", "Generated tokens per second over the "
                                 "last 10 seconds.", labels=["model"])
-        in_flight = GaugeMetricFamily("moemix_requests_in_flight", "Generation requests admitted and not finished "
-                                      "(sequences).", labels=["model"])
-        limit = GaugeMetricFamily("moemix_requests_in_flight_limit", "Admission bound (max_num_seqs + max_queue); "
-                                  "absent when unbounded.", labels=["model"])
+        in_flight = GaugeMetricFamily("moemix_requests_in_flight", "Requests admitted and not finished "
+                                      "(sequences; a /tokenize request counts one).", labels=["model"])
+        limit = GaugeMetricFamily("moemix_requests_in_flight_limit", "Admission bound (max_num_seqs + max_queue).",
+                                  labels=["model"])
         rejected = CounterMetricFamily("moemix_requests_rejected", "Requests answered 429 because the model's "
                                        "admission bound was reached.", labels=["model"])
-        incomplete = CounterMetricFamily("moemix_requests_incomplete", "Admitted generation requests whose "
-                                         "response was not sent to its end (client disconnected: the engine "
-                                         "aborted them).", labels=["model"])
+        incomplete = CounterMetricFamily("moemix_requests_incomplete", "Admitted requests that did not finish: "
+                                         "the response was not sent to its end (client disconnected: the engine "
+                                         "aborted them) or a stream ended in an engine error.", labels=["model"])
         routed = CounterMetricFamily("moemix_expert_routed_tokens", "Tokens routed to experts since start, summed "
-                                     "by MoE layer and the experts' bit width (per expert: GET /v1/moemix/routing).",
+                                     "by MoE layer and the experts' bit width, as last gathered from the workers "
+                                     "(every routing_refresh_s; per expert: GET /v1/moemix/routing).",
                                      labels=["model", "layer", "bits"])
         kernel = InfoMetricFamily("moemix_kernel", "The kernel serving a model's MoE layers or quantized linears "
                                   "(native CPU kernels name their ISA variant); `layers` is how many.",
@@ -223,8 +224,7 @@ class MoemixCollector(Collector):
             healthy.add_metric([name], 0.0 if eng.dead else 1.0)
             tps.add_metric([name], eng.throughput.rate())
             in_flight.add_metric([name], eng.gate.in_flight)
-            if eng.gate.limit is not None:
-                limit.add_metric([name], eng.gate.limit)
+            limit.add_metric([name], eng.gate.limit)
             rejected.add_metric([name], eng.gate.rejected)
             incomplete.add_metric([name], eng.gate.incomplete)
         yield from (weight, avg, avg_payload, by_width, engine_rss, healthy, tps, in_flight, limit, rejected,

@@ -4,11 +4,14 @@ YAML (every key optional except `models` when no MODEL is given on the command l
 
     host: 0.0.0.0
     port: 8000
-    api_key_env: MOEMIX_API_KEY     # or api_key: "..." (prefer the env var: keys in files leak)
+    api_key_file: /run/secrets/moemix-api-key   # or api_key_env: MOEMIX_API_KEY, or api_key: "..." (leaks)
     max_queue: 16                   # per model: requests waiting beyond the engine's batch -> 429 past it
+                                    # (default: max_num_seqs, a queue as deep as the batch)
     retry_after_s: 1
     drain_timeout_s: 30             # graceful shutdown: how long in-flight requests may finish
     max_body_bytes: 8388608
+    limit_concurrency: 512          # uvicorn's connection bound (default: the admission limits + 256)
+    routing_refresh_s: 5            # gather expert-routing counts from the workers at most this often
     vllm_args:                      # applied to every model; any `vllm serve` engine/frontend option
       max_model_len: 2048
     models:
@@ -18,10 +21,14 @@ YAML (every key optional except `models` when no MODEL is given on the command l
         path: /srv/tiny-mixtral-moemix
         max_queue: 4
         vllm_args: {max_num_seqs: 8, enforce_eager: true}
+
+Fail closed: a host that is not loopback needs an API key, unless `--insecure-no-auth` (a flag only, never
+YAML) says otherwise.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -46,10 +53,13 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
-    max_queue: int | None = None  # None: unbounded (vLLM's own --max-num-queued-reqs still applies, as 503)
+    insecure_no_auth: bool = False  # serve a non-loopback host without a key (the operator said so)
+    max_queue: int | None = None  # None: max_num_seqs (vLLM's own --max-num-queued-reqs still applies, as 503)
     retry_after_s: int = 1
     drain_timeout_s: float = 30.0
     max_body_bytes: int = 8 * 2**20
+    limit_concurrency: int | None = None  # None: the sum of the models' admission limits + 256 (cli.py)
+    routing_refresh_s: float = 5.0
     vllm_args: dict[str, Any] = field(default_factory=dict)  # defaults for every model (YAML top level)
     override_vllm_args: dict[str, Any] = field(default_factory=dict)  # command-line flags: win over YAML
     log_level: str = "info"
@@ -61,7 +71,8 @@ class ServerSettings:
         return {**self.vllm_args, **model.vllm_args, **self.override_vllm_args}
 
 
-_SERVER_KEYS = {f.name for f in fields(ServerSettings)} - {"override_vllm_args"} | {"api_key_env"}
+_SERVER_KEYS = {f.name for f in fields(ServerSettings)} - {"override_vllm_args", "insecure_no_auth"} | {
+    "api_key_env", "api_key_file"}
 _MODEL_KEYS = {f.name for f in fields(ModelSettings)}
 
 
@@ -73,6 +84,26 @@ def parse_model_arg(arg: str) -> ModelSettings:
     if not name or not path:
         raise SettingsError(f"model argument {arg!r}: expected PATH or NAME=PATH")
     return ModelSettings(name=name, path=path)
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or `localhost`; anything else (0.0.0.0, a name, a LAN address) may be reachable."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_api_key_file(path: str | Path) -> str:
+    try:
+        key = Path(path).read_text().strip()
+    except OSError as e:
+        raise SettingsError(f"cannot read the API key file {path}: {e.strerror}") from e
+    if not key:
+        raise SettingsError(f"the API key file {path} is empty")
+    return key
 
 
 def _non_negative_int(value: Any, what: str) -> int | None:
@@ -118,8 +149,12 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def build_settings(models: list[str], config: str | None = None, **flags: Any) -> ServerSettings:
-    """Merge YAML (if any) and flags (None means 'not given'); validate."""
+def build_settings(models: list[str], config: str | None = None, api_key_file: str | None = None,
+                   **flags: Any) -> ServerSettings:
+    """Merge YAML (if any) and flags (None means 'not given'); validate.
+
+    The API key, first found: --api-key, --api-key-file, YAML api_key_file / api_key_env / api_key, env
+    MOEMIX_API_KEY."""
     data = load_yaml(config) if config else {}
     base_dir = Path(config).resolve().parent if config else Path.cwd()
     specs = [_model_from_yaml(m, i, base_dir) for i, m in enumerate(data.get("models") or [])]
@@ -137,23 +172,35 @@ def build_settings(models: list[str], config: str | None = None, **flags: Any) -
     api_key = data.get("api_key")
     if data.get("api_key_env"):
         api_key = os.environ.get(str(data["api_key_env"])) or api_key
+    if data.get("api_key_file"):
+        api_key = read_api_key_file(base_dir / str(data["api_key_file"]))
+    if api_key_file is not None:
+        api_key = read_api_key_file(api_key_file)
     vllm_args = data.get("vllm_args") or {}
     if not isinstance(vllm_args, dict):
         raise SettingsError("vllm_args must be a mapping")
     settings = ServerSettings(models=specs, vllm_args=dict(vllm_args), api_key=api_key)
-    for key in ("host", "port", "max_queue", "retry_after_s", "drain_timeout_s", "max_body_bytes", "log_level"):
+    for key in ("host", "port", "max_queue", "retry_after_s", "drain_timeout_s", "max_body_bytes",
+                "limit_concurrency", "routing_refresh_s", "log_level"):
         if key in data:
             setattr(settings, key, data[key])
     for key, value in flags.items():
         if value is not None:
             setattr(settings, key, value)
-    if settings.api_key is None:
-        settings.api_key = os.environ.get("MOEMIX_API_KEY") or None
+    settings.api_key = settings.api_key or os.environ.get("MOEMIX_API_KEY") or None
+    if settings.api_key is None and not settings.insecure_no_auth and not is_loopback(settings.host):
+        raise SettingsError(f"refusing to serve {settings.host} without an API key (anyone who can reach the port "
+                            f"could use the models): give --api-key-file PATH or env MOEMIX_API_KEY, or "
+                            f"--insecure-no-auth to serve it unauthenticated on purpose")
 
     settings.max_queue = _non_negative_int(settings.max_queue, "max_queue")
     settings.port = _non_negative_int(settings.port, "port")
     settings.retry_after_s = _non_negative_int(settings.retry_after_s, "retry_after_s")
     settings.max_body_bytes = _non_negative_int(settings.max_body_bytes, "max_body_bytes")
+    if _non_negative_int(settings.limit_concurrency, "limit_concurrency") == 0:
+        raise SettingsError("limit_concurrency must be positive (leave it out for the default)")
+    if not isinstance(settings.routing_refresh_s, (int, float)) or settings.routing_refresh_s <= 0:
+        raise SettingsError(f"routing_refresh_s must be a positive number, got {settings.routing_refresh_s!r}")
     if not isinstance(settings.drain_timeout_s, (int, float)) or settings.drain_timeout_s < 0:
         raise SettingsError(f"drain_timeout_s must be a non-negative number, got {settings.drain_timeout_s!r}")
     return settings

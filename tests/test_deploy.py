@@ -46,7 +46,7 @@ CRD_SCHEMAS = {
     ("monitoring.coreos.com/v1", "PrometheusRule"): "monitoring-prometheusrule-v1.json",
     ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet"): "leaderworkerset-leaderworkerset-v1.json",
 }
-BUILTIN_KINDS = {"Deployment", "Service", "PersistentVolumeClaim", "HorizontalPodAutoscaler"}
+BUILTIN_KINDS = {"Deployment", "Service", "PersistentVolumeClaim", "HorizontalPodAutoscaler", "NetworkPolicy"}
 # Exported only on some hosts, checked against the server's source instead of a live CPU /metrics.
 CONDITIONAL_METRICS = {"moemix_gpu_memory_used_bytes": "CUDA hosts only",
                        "moemix_gpu_memory_total_bytes": "CUDA hosts only"}
@@ -85,6 +85,10 @@ def k8s_docs() -> list[tuple[Path, dict]]:
             if doc:
                 out.append((path, doc))
     return out
+
+
+def find_all(kind: str) -> list[dict]:
+    return [doc for _, doc in k8s_docs() if doc["kind"] == kind]
 
 
 def find(kind: str, name: str | None = None) -> dict:
@@ -384,29 +388,124 @@ def server_command_lines() -> dict[str, list[str]]:
 
 
 def _settings(argv: list[str], tmp_path: Path):
-    """The server's settings for a command line; model paths under /models/ (which the server checks exist) are
-    mapped into tmp_path."""
+    """The server's settings for a command line; model paths under /models/ (which the server checks exist) and
+    the API key file are mapped into tmp_path."""
     from server.cli import settings_from_args
 
     models = [a for a in argv if "=/models/" in a]
     assert models, argv
     mapped = []
-    for a in argv:
+    for i, a in enumerate(argv):
         if a in models:
             name, path = a.split("=", 1)
             local = tmp_path / path.lstrip("/")
             local.mkdir(parents=True, exist_ok=True)
             a = f"{name}={local}"
+        elif i and argv[i - 1] == "--api-key-file":
+            key = tmp_path / "secret" / Path(a).name
+            key.parent.mkdir(exist_ok=True)
+            key.write_text("key-from-the-secret\n")
+            a = str(key)
         mapped.append(a)
     return settings_from_args(_serve_parser().parse_args(["serve", *mapped]))
 
 
+# Where each command line gets its API key at run time: a file from the Secret, or the environment.
+KEY_FROM_ENV = {"docker-compose moemix", "Dockerfile.cpu CMD", "Dockerfile.cuda CMD"}
+
+
 @pytest.mark.parametrize("where", ["docker-compose moemix", "k8s Deployment", "k8s LeaderWorkerSet leader",
                                    "Dockerfile.cpu CMD", "Dockerfile.cuda CMD"])
-def test_server_command_lines_parse_with_the_server_cli(where, tmp_path):
-    settings = _settings(server_command_lines()[where], tmp_path)
+def test_server_command_lines_parse_with_the_server_cli(where, tmp_path, monkeypatch):
+    """Each serves 0.0.0.0:8000, so each needs its API key source: without it the server refuses to start."""
+    from server.settings import SettingsError
+
+    monkeypatch.delenv("MOEMIX_API_KEY", raising=False)
+    argv = server_command_lines()[where]
+    if where in KEY_FROM_ENV:
+        assert "--api-key-file" not in argv
+        with pytest.raises(SettingsError, match="without an API key"):
+            _settings(argv, tmp_path)
+        monkeypatch.setenv("MOEMIX_API_KEY", "key-from-the-env")
+    settings = _settings(argv, tmp_path)
     assert settings.host == "0.0.0.0" and settings.port == 8000
+    assert settings.api_key in ("key-from-the-env", "key-from-the-secret")
     assert len(settings.models) == 1 and settings.models[0].path.startswith(str(tmp_path / "models"))
+    assert "--api-key" not in argv and "--insecure-no-auth" not in argv  # no key in `ps`, never open
+
+
+def _walk(node):
+    if isinstance(node, dict):
+        yield node
+        for v in node.values():
+            yield from _walk(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _walk(v)
+
+
+def test_the_api_key_secret_is_required():
+    """k8s: the key file given to --api-key-file is a mount of the Secret moemix-api-key, not optional (a pod
+    without it waits rather than serving open); compose: MOEMIX_API_KEY must be set (`${VAR:?...}`)."""
+    for where, spec in (("k8s Deployment", find("Deployment")["spec"]["template"]["spec"]),
+                        ("k8s LeaderWorkerSet leader",
+                         find("LeaderWorkerSet")["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"])):
+        argv = server_command_lines()[where]
+        key_file = Path(argv[argv.index("--api-key-file") + 1])
+        c = spec["containers"][0]
+        mount = next(m for m in c["volumeMounts"] if Path(m["mountPath"]) == key_file.parent)
+        secret = {v["name"]: v for v in spec["volumes"]}[mount["name"]]["secret"]
+        assert secret["secretName"] == "moemix-api-key" and not secret.get("optional", False), where
+        assert [item["path"] for item in secret["items"]] == [key_file.name] and mount["readOnly"]
+        assert not any(e["name"] == "MOEMIX_API_KEY" for e in c.get("env", [])), where
+    for path, doc in k8s_docs():
+        for node in _walk(doc):
+            if "secretName" in node or "secretKeyRef" in node or "secretRef" in node:
+                assert not (node.get("optional") or (node.get("secretKeyRef") or {}).get("optional")), path.name
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    assert compose["services"]["moemix"]["environment"]["MOEMIX_API_KEY"].startswith("${MOEMIX_API_KEY:?")
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    assert set(selector) <= {"matchLabels"}, selector  # our manifests use matchLabels only
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def test_network_policies_keep_ray_inside_the_group():
+    """Every pod of every LeaderWorkerSet group (labels as the LWS controller sets them) is selected by a policy
+    that admits only the same group's pods; the API policy opens the leader's http port, and only that, to
+    labelled clients and Prometheus. No rule admits everyone."""
+    lws = find("LeaderWorkerSet")
+    name, tmpl = lws["metadata"]["name"], lws["spec"]["leaderWorkerTemplate"]
+    policies = find_all("NetworkPolicy")
+    for p in policies:
+        assert p["spec"]["policyTypes"] == ["Ingress"]
+        for rule in p["spec"]["ingress"]:
+            assert rule.get("from"), f"{p['metadata']['name']}: a rule without `from` admits every source"
+            for peer in rule["from"]:
+                assert "ipBlock" not in peer and peer.get("podSelector", {}).get("matchLabels"), peer
+    group_policies = [p for p in policies if "leaderworkerset.sigs.k8s.io/group-index"
+                      in p["spec"]["podSelector"]["matchLabels"]]
+    for group in range(lws["spec"]["replicas"]):
+        for role in ("leaderTemplate", "workerTemplate"):
+            pod = {**tmpl[role]["metadata"]["labels"], "leaderworkerset.sigs.k8s.io/name": name,
+                   "leaderworkerset.sigs.k8s.io/group-index": str(group)}
+            (policy,) = [p for p in group_policies if _selects(p["spec"]["podSelector"], pod)]
+            (rule,) = policy["spec"]["ingress"]
+            assert "ports" not in rule  # Ray and NCCL choose ports at run time
+            assert [peer["podSelector"] for peer in rule["from"]] == [policy["spec"]["podSelector"]]
+            assert "namespaceSelector" not in rule["from"][0]  # same namespace, same group only
+    leader = {**tmpl["leaderTemplate"]["metadata"]["labels"], "leaderworkerset.sigs.k8s.io/name": name}
+    worker = {**tmpl["workerTemplate"]["metadata"]["labels"], "leaderworkerset.sigs.k8s.io/name": name}
+    (api,) = [p for p in policies if p not in group_policies]
+    assert _selects(api["spec"]["podSelector"], leader) and not _selects(api["spec"]["podSelector"], worker)
+    (rule,) = api["spec"]["ingress"]
+    assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
+    assert any(p["name"] == "http" and p["containerPort"] == 8000
+               for p in tmpl["leaderTemplate"]["spec"]["containers"][0]["ports"])
+    prometheus = next(peer for peer in rule["from"] if "kubernetes.io/metadata.name" in
+                      peer.get("namespaceSelector", {}).get("matchLabels", {}))
+    assert prometheus["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}
 
 
 def test_vllm_args_of_the_manifests_are_real_vllm_options(tmp_path):

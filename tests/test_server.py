@@ -29,6 +29,7 @@ API_KEY = "test-key"
 BF16, MOEMIX = "tiny-bf16", "tiny-moemix"
 BF16_MAX_NUM_SEQS = 2  # with max_queue 0: the 3rd concurrent request to tiny-bf16 gets 429
 PROMPT = "The Python interpreter"
+ROUTING_REFRESH_S = 1  # the server gathers expert-routing counts this often
 
 
 class Server:
@@ -95,19 +96,23 @@ def server(moemix_ckpt, tmp_path_factory):
         "max_queue": 8,
         "retry_after_s": 2,
         "drain_timeout_s": 60,
+        "routing_refresh_s": ROUTING_REFRESH_S,
         "vllm_args": {"max_model_len": 256, "max_num_seqs": 4, "enforce_eager": True},
         "models": [
             {"name": BF16, "path": str(TRAINED_MIXTRAL), "max_queue": 0,
-             "vllm_args": {"max_num_seqs": BF16_MAX_NUM_SEQS}},
+             # accepted by vLLM's parser, applied by vLLM's own HTTP server only: start-up says so
+             "vllm_args": {"max_num_seqs": BF16_MAX_NUM_SEQS, "sse_keep_alive_interval": 15}},
             {"name": MOEMIX, "path": str(moemix_ckpt)},
         ],
     }))
+    key_file = tmp / "api-key"
+    key_file.write_text(API_KEY + "\n")
     port = free_port()
     log = tmp / "server.log"
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", PYTHONUNBUFFERED="1")
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--config", str(config), "--host",
-                                 "127.0.0.1", "--port", str(port), "--api-key", API_KEY],
+                                 "127.0.0.1", "--port", str(port), "--api-key-file", str(key_file)],
                                 cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     srv = Server(proc, port, log)
     wait_healthy(proc, srv.url, log, timeout=300)
@@ -296,6 +301,7 @@ def test_overload_is_429_and_disconnect_aborts(server):
         assert r.headers["retry-after"] == "2"
         with pytest.raises(openai.RateLimitError):
             client.chat.completions.create(model=BF16, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        assert_openai_error(server.post("/tokenize", {"model": BF16, "prompt": "x"}), 429, "RateLimitError")
     finally:
         for s in streams:
             s.close()  # client disconnect mid-stream
@@ -317,6 +323,29 @@ def test_overload_is_429_and_disconnect_aborts(server):
     # the other model was never limited, and this one admits again
     assert client.completions.create(model=MOEMIX, prompt="x", max_tokens=2).usage.completion_tokens == 2
     assert client.completions.create(model=BF16, prompt="x", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_more_slots_than_the_limit_is_400(server):
+    """tiny-bf16 admits 2 sequences: n=3 (or 3 prompts) can never run, so 400 says why instead of 429 forever."""
+    for body in ({"n": 3, "prompt": "x"}, {"prompt": ["a", "b", "c"]}):
+        err = assert_openai_error(server.post("/v1/completions", {"model": BF16, "max_tokens": 2, **body}), 400,
+                                  "BadRequestError")
+        assert "needs 3 slots" in err["message"] and "admits at most 2" in err["message"]
+    assert metric(server.metrics(), "moemix_requests_in_flight", model=BF16) == 0
+
+
+def test_chunked_body_over_the_limit_is_413(server):
+    """No Content-Length (Transfer-Encoding: chunked): the size is checked while the body arrives."""
+    def body():  # just over max_body_bytes (8 MiB) in the last big chunk: the server has read nearly all of it
+        yield b'{"model": "tiny-moemix", "prompt": "'
+        for _ in range(8):
+            yield b"x" * 2**20
+        yield b'"}'
+
+    r = httpx.post(server.url + "/v1/completions", content=body(),
+                   headers={**server.auth, "content-type": "application/json"}, timeout=60)
+    assert "content-length" not in r.request.headers
+    assert_openai_error(r, 413, "BadRequestError")
 
 
 def test_non_streaming_disconnect_aborts(server):
@@ -376,7 +405,10 @@ def test_metrics_vllm_per_model_and_moemix(server, moemix_ckpt):
     for role, counts in expected_kernels().items():
         for kernel, layers in counts.items():
             assert metric(m, "moemix_kernel_info", model=MOEMIX, role=role, kernel=kernel, layers=str(layers)) == 1
-    assert "serving: experts: NativeCpuExpertsKernel" in server.log.read_text()  # said at start-up
+    log = server.log.read_text()  # said at start-up:
+    assert "serving: experts: NativeCpuExpertsKernel" in log
+    assert (f"model {BF16}: vllm_args `sse_keep_alive_interval` is a `vllm serve` HTTP-server option and is NOT "
+            "applied") in log
 
 
 def test_expert_routing_counts_by_layer_and_width(server, tmp_path):
@@ -384,14 +416,25 @@ def test_expert_routing_counts_by_layer_and_width(server, tmp_path):
 
     from vllm_moemix.routing import load_profile
 
+    def routed_per_layer() -> tuple[dict, dict[str, float]]:
+        m = server.metrics()
+        per_layer: dict[str, float] = {}
+        for (name, labels), value in m.items():
+            lab = dict(labels)
+            if name == "moemix_expert_routed_tokens_total" and lab.get("model") == MOEMIX:
+                assert lab["bits"] in {"2", "3", "4", "8"}
+                per_layer[lab["layer"]] = per_layer.get(lab["layer"], 0) + value
+        return m, per_layer
+
+    before = sum(routed_per_layer()[1].values())
     server.client().completions.create(model=MOEMIX, prompt=PROMPT, max_tokens=8, extra_body={"ignore_eos": True})
-    m = server.metrics()
-    per_layer: dict[str, float] = {}
-    for (name, labels), value in m.items():
-        lab = dict(labels)
-        if name == "moemix_expert_routed_tokens_total" and lab.get("model") == MOEMIX:
-            assert lab["bits"] in {"2", "3", "4", "8"}
-            per_layer[lab["layer"]] = per_layer.get(lab["layer"], 0) + value
+    # /metrics serves the counts the background refresher gathered (every ROUTING_REFRESH_S), never fresher
+    deadline = time.monotonic() + 10 * ROUTING_REFRESH_S
+    while sum((per_layer := routed_per_layer()[1]).values()) <= before:
+        assert time.monotonic() < deadline, per_layer
+        time.sleep(ROUTING_REFRESH_S / 4)
+    time.sleep(1.5 * ROUTING_REFRESH_S)  # one more gathering, all of whose counts postdate the request
+    m, per_layer = routed_per_layer()
     assert sorted(per_layer) == ["0", "1", "2", "3"]
     totals = set(per_layer.values())
     assert len(totals) == 1 and totals.pop() % 2 == 0 and min(per_layer.values()) >= 2 * 8  # top-2, same tokens
@@ -402,7 +445,7 @@ def test_expert_routing_counts_by_layer_and_width(server, tmp_path):
     profile = tmp_path / "routing.json"
     profile.write_text(json.dumps(body[MOEMIX]))
     usage = load_profile(profile)
-    assert sum(usage[0].values()) >= per_layer["0"]  # counted again by the second request's scrape
+    assert sum(usage[0].values()) >= per_layer["0"]
     assert not any(name == "moemix_expert_routed_tokens_total" and dict(lab).get("model") == BF16 for name, lab in m)
 
 
@@ -482,16 +525,37 @@ def test_fuzz_never_a_server_error(server, mode):
     assert httpx.get(server.url + "/health").status_code == 200
 
 
+def _sse_events(response: httpx.Response):
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            yield line.removeprefix("data: ")
+
+
 def test_dead_engine_is_503_and_the_rest_keeps_serving(server):
-    """SIGKILL one model's engine-core process: /health turns 503 naming it, its requests get 503, the other
-    model and the server go on."""
+    """SIGKILL one model's engine-core process while both models stream: the dead model's stream ends with an
+    OpenAI error event and `data: [DONE]`, its slot is freed and counted incomplete; /health turns 503 naming
+    it, its requests get 503, the other model's stream finishes and the server goes on."""
     import psutil
 
     cores = [p for p in psutil.Process(server.proc.pid).children()
              if "EngineCore" in " ".join([p.name(), *p.cmdline()])]
     assert len(cores) == 2, [(p.pid, p.name(), p.cmdline()) for p in cores]
     victim = min(cores, key=lambda p: p.pid)
-    victim.kill()
+    m0 = server.metrics()
+    incomplete_before = {m: metric(m0, "moemix_requests_incomplete_total", model=m) for m in (BF16, MOEMIX)}
+    events: dict[str, list[str]] = {}
+    with httpx.Client(headers=server.auth, timeout=60) as http:
+        responses, iters = {}, {}
+        for model in (BF16, MOEMIX):
+            body = {"model": model, "prompt": PROMPT, "max_tokens": 200, "ignore_eos": True, "stream": True}
+            responses[model] = http.send(http.build_request("POST", server.url + "/v1/completions", json=body),
+                                         stream=True)
+            iters[model] = _sse_events(responses[model])
+            events[model] = [next(iters[model])]  # generating
+        victim.kill()
+        for model in (BF16, MOEMIX):
+            events[model] += list(iters[model])
+            responses[model].close()
     deadline = time.monotonic() + 30
     while (r := httpx.get(server.url + "/health", timeout=10)).status_code != 503:
         assert time.monotonic() < deadline, r.text
@@ -500,6 +564,17 @@ def test_dead_engine_is_503_and_the_rest_keeps_serving(server):
     assert sorted(status.values()) == ["dead", "ok"]
     dead = next(name for name, s in status.items() if s == "dead")
     alive = next(name for name, s in status.items() if s == "ok")
+
+    assert events[dead][-1] == "[DONE]" and events[alive][-1] == "[DONE]"
+    err = json.loads(events[dead][-2])["error"]
+    assert err["code"] >= 500 and err["message"] and err["type"], err
+    assert not any('"error"' in e for e in events[alive])
+    assert json.loads(events[alive][-2])["choices"][0]["finish_reason"] == "length"  # all 200 tokens
+    m = server.metrics()
+    assert metric(m, "moemix_requests_incomplete_total", model=dead) == incomplete_before[dead] + 1
+    assert metric(m, "moemix_requests_incomplete_total", model=alive) == incomplete_before[alive]
+    assert metric(m, "moemix_requests_in_flight", model=dead) == 0
+
     assert_openai_error(server.post("/v1/completions", {"model": dead, "prompt": "x", "max_tokens": 2}), 503,
                         "ServiceUnavailableError")
     assert server.client().completions.create(model=alive, prompt="x", max_tokens=2).usage.completion_tokens == 2

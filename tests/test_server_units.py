@@ -1,15 +1,18 @@
-"""Server pieces that need no engine: settings, checkpoint facts, admission, auth/body-limit middleware."""
+"""Server pieces that need no engine: settings, checkpoint facts, admission, auth/body-limit middleware, and the
+whole app over fake engines (admission errors, streams whose engine dies, routing-count caching)."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+from types import SimpleNamespace
 
 import pytest
 
-from server.admission import AdmissionGate, request_slots
+from server.admission import AdmissionGate, admission_limit, request_slots
 from server.facts import component_of, read_weight_facts
-from server.settings import SettingsError, build_settings, parse_model_arg, to_vllm_argv
+from server.settings import SettingsError, build_settings, is_loopback, parse_model_arg, to_vllm_argv
 
 
 def test_model_args():
@@ -128,7 +131,12 @@ def test_admission_gate():
     a.release()  # idempotent
     assert gate.in_flight == 1
     b.release()
-    assert gate.try_acquire(10) is not None  # larger than the limit: admitted alone rather than never
+    assert gate.try_acquire(10) is None and gate.in_flight == 0  # larger than the limit: never admitted
+
+
+def test_admission_limit_has_a_default_queue():
+    assert admission_limit(4, None) == 8  # the queue defaults to one batch: never unbounded
+    assert admission_limit(4, 0) == 4 and admission_limit(4, 10) == 14
 
 
 def test_request_slots():
@@ -183,3 +191,297 @@ def test_body_limit_middleware():
     status, _, body = _call(app, "/v1/completions", [(b"content-length", b"11")], b"x" * 11)
     assert status == 413 and body["error"]["code"] == 413
     assert _call(app, "/v1/completions", [(b"content-length", b"10")], b"x" * 10)[0] == 200
+
+
+def _chunked_call(app, chunks: list[bytes]):
+    """A POST whose body arrives in pieces without Content-Length (Transfer-Encoding: chunked)."""
+    sent, messages = [], [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
+                          for i, c in enumerate(chunks)]
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app({"type": "http", "method": "POST", "path": "/v1/completions", "headers": []}, receive, send))
+    return sent
+
+
+def test_body_limit_middleware_chunked():
+    from server.middleware.body_limit import BodyLimitMiddleware
+
+    seen = []
+
+    async def echo_app(scope, receive, send):
+        seen.append(await receive())
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    app = BodyLimitMiddleware(echo_app, 10)
+    sent = _chunked_call(app, [b"x" * 6, b"x" * 6])
+    assert sent[0]["status"] == 413 and json.loads(sent[1]["body"])["error"]["code"] == 413
+    assert not seen  # refused before the app read anything
+    assert _chunked_call(app, [b"x" * 5, b"y" * 5])[0]["status"] == 200
+    assert seen == [{"type": "http.request", "body": b"x" * 5 + b"y" * 5, "more_body": False}]  # replayed whole
+
+
+# ----------------------------------------------------------------------------------- auth and start-up
+
+
+@pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("127.3.2.1", True), ("::1", True),
+                                            ("localhost", True), ("0.0.0.0", False), ("::", False),
+                                            ("10.0.0.5", False), ("example.com", False), ("", False)])
+def test_is_loopback(host, loopback):
+    assert is_loopback(host) is loopback
+
+
+def test_non_loopback_without_key_is_refused(tmp_path, monkeypatch):
+    monkeypatch.delenv("MOEMIX_API_KEY", raising=False)
+    model = str(tmp_path)
+    with pytest.raises(SettingsError, match="refusing to serve 0.0.0.0 without an API key.*--insecure-no-auth"):
+        build_settings([model], host="0.0.0.0")
+    assert build_settings([model]).api_key is None  # loopback: fine without a key
+    assert build_settings([model], host="0.0.0.0", insecure_no_auth=True).api_key is None
+    monkeypatch.setenv("MOEMIX_API_KEY", "from-env")
+    assert build_settings([model], host="0.0.0.0").api_key == "from-env"
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("insecure_no_auth: true\n")
+    with pytest.raises(SettingsError, match="unknown keys"):  # a flag only: never silently from a file
+        build_settings([model], str(cfg))
+
+
+def test_api_key_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEMIX_API_KEY", "from-env")
+    key = tmp_path / "key"
+    key.write_text("s3cret\n")
+    assert build_settings([str(tmp_path)], api_key_file=str(key), host="0.0.0.0").api_key == "s3cret"
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("api_key_file: key\n")  # relative to the YAML file
+    assert build_settings([str(tmp_path)], str(cfg)).api_key == "s3cret"
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(SettingsError, match="is empty"):
+        build_settings([str(tmp_path)], api_key_file=str(tmp_path / "empty"))
+    with pytest.raises(SettingsError, match="cannot read the API key file"):
+        build_settings([str(tmp_path)], api_key_file=str(tmp_path / "missing"))
+
+
+def _serve_args(argv: list[str]) -> argparse.Namespace:
+    from server.cli import add_serve_parser
+
+    parser = argparse.ArgumentParser(prog="moemix")
+    add_serve_parser(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(["serve", *argv])
+
+
+def test_cli_refuses_an_open_host_with_one_line(tmp_path, monkeypatch, capsys):
+    import server.cli
+
+    monkeypatch.delenv("MOEMIX_API_KEY", raising=False)
+    monkeypatch.setattr(server.cli, "bind_socket", lambda *a: pytest.fail("bound a port without an API key"))
+    with pytest.raises(SystemExit) as e:
+        server.cli.main(["serve", str(tmp_path), "--host", "0.0.0.0", "--port", "0"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("moemix serve: error: refusing to serve 0.0.0.0"), err
+    with pytest.raises(SystemExit):  # the key itself and its file are alternatives
+        _serve_args([str(tmp_path), "--api-key", "k", "--api-key-file", "f"])
+
+
+def test_startup_warnings(tmp_path, monkeypatch):
+    from server.cli import settings_from_args, startup_warnings
+
+    monkeypatch.delenv("MOEMIX_API_KEY", raising=False)
+    args = _serve_args([str(tmp_path), "--host", "0.0.0.0", "--insecure-no-auth"])
+    (warning,) = startup_warnings(args, settings_from_args(args))
+    assert warning.startswith("NO AUTHENTICATION") and "0.0.0.0:8000" in warning
+    args = _serve_args([str(tmp_path), "--host", "0.0.0.0", "--api-key", "k"])
+    (warning,) = startup_warnings(args, settings_from_args(args))
+    assert "`ps`" in warning and "--api-key-file" in warning
+    (tmp_path / "key").write_text("k")
+    args = _serve_args([str(tmp_path), "--host", "0.0.0.0", "--api-key-file", str(tmp_path / "key")])
+    assert startup_warnings(args, settings_from_args(args)) == []
+
+
+def test_unapplied_vllm_http_options_are_named():
+    from server.engine import unapplied_vllm_options, vllm_serve_args
+    from server.settings import ModelSettings
+
+    options = {"api_key": "k", "sse-keep-alive-interval": 5, "allowed_origins": '["*"]', "max_model_len": 128,
+               "chat_template": "{{ x }}", "enable_auto_tool_choice": True}
+    vllm_serve_args(ModelSettings("m", "/m"), {k: v for k, v in options.items() if k != "enable_auto_tool_choice"})
+    warnings = unapplied_vllm_options(options)  # accepted by vLLM's parser (above), applied by nobody here
+    assert [w.split("`")[1] for w in warnings] == ["api_key", "sse_keep_alive_interval", "allowed_origins"]
+    assert "NOT applied (use --api-key-file)" in warnings[0]
+
+
+def test_uvicorn_concurrency_limit(tmp_path):
+    from server.cli import CONCURRENCY_HEADROOM, uvicorn_config
+
+    pool = SimpleNamespace(engines={"a": SimpleNamespace(gate=AdmissionGate(2)),
+                                    "b": SimpleNamespace(gate=AdmissionGate(12))})
+    settings = build_settings([str(tmp_path)])
+    assert uvicorn_config(None, settings, pool).limit_concurrency == 14 + CONCURRENCY_HEADROOM
+    settings.limit_concurrency = 50
+    assert uvicorn_config(None, settings, pool).limit_concurrency == 50
+
+
+# ------------------------------------------------------------------------------- the app over fake engines
+
+
+def _routing_rank(tokens: int) -> list[dict]:
+    return [{"layer": "model.layers.0.block_sparse_moe", "experts": [0, 1], "tokens": [tokens, 1], "bits": [2, 4]}]
+
+
+class FakeClient:
+    """What the server asks of an AsyncLLM; collective_rpc("moemix_routing") counts its calls."""
+
+    errored = False
+    model_config = SimpleNamespace(max_model_len=64)
+
+    def __init__(self):
+        self.rpc_calls = 0
+
+    async def collective_rpc(self, method, timeout=None, kwargs=None):
+        assert method == "moemix_routing"
+        self.rpc_calls += 1
+        return [_routing_rank(self.rpc_calls)]
+
+    async def check_health(self):
+        pass
+
+    async def do_log_stats(self):
+        pass
+
+    def shutdown(self):
+        pass
+
+
+class FakeCompletions:
+    """Streams two chunks; prompt "die" raises mid-stream (the engine died), "vllm-error" ends the way vLLM's own
+    generator does when the engine dies (an error event, then [DONE])."""
+
+    async def create_completion(self, request, raw_request):
+        from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        async def chunks():
+            yield 'data: {"choices": [{"text": "a"}]}\n\n'
+            if request.prompt == "die":
+                raise EngineDeadError()
+            if request.prompt == "vllm-error":
+                yield f"data: {json.dumps(create_error_response(EngineDeadError()).model_dump())}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return chunks()
+
+
+class FakeTokenization:
+    async def create_tokenize(self, request, raw_request):
+        from vllm.entrypoints.serve.tokenize.protocol import TokenizeResponse
+
+        return TokenizeResponse(tokens=[1, 2], count=2, max_model_len=64)
+
+
+@pytest.fixture
+def fake_app(tmp_path):
+    """(TestClient, ModelEngine): build_app over one fake moemix engine admitting 2 sequences."""
+    from starlette.datastructures import State
+    from starlette.testclient import TestClient
+
+    from server.app import build_app
+    from server.engine import EnginePool, ModelEngine
+    from server.facts import WeightFacts
+    from server.metrics import Throughput
+    from vllm_moemix.routing import EXTENSION
+
+    settings = build_settings([str(tmp_path)], routing_refresh_s=3600)
+    state = State()
+    state.openai_serving_completion, state.serving_tokenization = FakeCompletions(), FakeTokenization()
+    eng = ModelEngine(name="m", path=str(tmp_path), args=argparse.Namespace(worker_extension_cls=EXTENSION),
+                      client=FakeClient(), state=state, facts=WeightFacts(path=str(tmp_path)),
+                      gate=AdmissionGate(2), throughput=Throughput(), routing_refresh_s=3600)
+    with TestClient(build_app(EnginePool({"m": eng}), settings)) as client:
+        yield client, eng
+
+
+def test_request_larger_than_the_limit_is_400_not_admitted_alone(fake_app):
+    client, eng = fake_app
+    for body in ({"model": "m", "prompt": "x", "n": 3}, {"model": "m", "prompt": ["a", "b", "c"]}):
+        r = client.post("/v1/completions", json={**body, "max_tokens": 2})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["type"] == "BadRequestError" and err["code"] == 400
+        assert "needs 3 slots" in err["message"] and "admits at most 2" in err["message"]
+    assert eng.gate.in_flight == 0 and eng.gate.rejected == 0
+
+
+def test_tokenize_is_admitted(fake_app):
+    client, eng = fake_app
+    assert client.post("/tokenize", json={"model": "m", "prompt": "x"}).json()["count"] == 2
+    eng.gate.in_flight = eng.gate.limit  # busy
+    r = client.post("/tokenize", json={"model": "m", "prompt": "x"})
+    assert r.status_code == 429 and r.json()["error"]["type"] == "RateLimitError" and r.headers["retry-after"]
+    eng.gate.in_flight = 0
+
+
+@pytest.mark.parametrize("prompt", ["die", "vllm-error"])
+def test_engine_death_mid_stream_ends_with_an_error_event(fake_app, prompt):
+    client, eng = fake_app
+    with client.stream("POST", "/v1/completions", json={"model": "m", "prompt": prompt, "stream": True}) as r:
+        assert r.status_code == 200
+        events = r.read().decode().split("\n\n")
+    assert events[0].startswith('data: {"choices"') and events[-2:] == ["data: [DONE]", ""]
+    err = json.loads(events[-3].removeprefix("data: "))["error"]
+    assert err["code"] == 500 and err["type"] == "InternalServerError" and err["message"]
+    assert eng.gate.in_flight == 0 and eng.gate.incomplete == 1  # slot freed, counted as not finished
+    with client.stream("POST", "/v1/completions", json={"model": "m", "prompt": "ok", "stream": True}) as r:
+        assert r.read().decode().endswith("data: [DONE]\n\n")
+    assert eng.gate.in_flight == 0 and eng.gate.incomplete == 1  # a normal stream is not
+
+
+def test_chunked_body_over_the_limit_is_413(fake_app):
+    client, _ = fake_app
+    limit = client.app.state.settings.max_body_bytes
+
+    def body():
+        yield b'{"model": "m", "prompt": "'
+        yield b"x" * limit
+        yield b'"}'
+
+    r = client.post("/v1/completions", content=body(), headers={"content-type": "application/json"})
+    assert r.status_code == 413, r.text
+    assert r.json()["error"]["code"] == 413 and "over" in r.json()["error"]["message"]
+
+
+def test_metrics_scrapes_never_reach_the_workers(fake_app):
+    client, eng = fake_app
+    for _ in range(3):
+        assert client.get("/metrics").status_code == 200
+    assert eng.client.rpc_calls <= 1  # at most the background refresher's first gathering
+    routing = client.get("/v1/moemix/routing").json()["m"]
+    assert eng.client.rpc_calls == 1  # the endpoint respects routing_refresh_s (3600 s) too
+    assert routing["experts"]["model.layers.0.block_sparse_moe.0"]["tokens"] == 1
+    assert 'moemix_expert_routed_tokens_total{bits="2",layer="0",model="m"} 1.0' in client.get("/metrics").text
+
+
+def test_routing_refresh_respects_the_interval():
+    from server.engine import ModelEngine
+    from server.facts import WeightFacts
+    from server.metrics import Throughput
+    from vllm_moemix.routing import EXTENSION
+
+    eng = ModelEngine(name="m", path="/m", args=argparse.Namespace(worker_extension_cls=EXTENSION),
+                      client=FakeClient(), state=None, facts=WeightFacts(path="/m"), gate=AdmissionGate(1),
+                      throughput=Throughput(), routing_refresh_s=0.2)
+
+    async def scenario():
+        first = await asyncio.gather(*(eng.refresh_routing() for _ in range(5)))  # concurrent: one gathering
+        assert eng.client.rpc_calls == 1 and all(r is first[0] for r in first)
+        await eng.refresh_routing()
+        assert eng.client.rpc_calls == 1
+        await asyncio.sleep(0.25)
+        await eng.refresh_routing()
+        assert eng.client.rpc_calls == 2
+
+    asyncio.run(scenario())

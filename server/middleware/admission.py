@@ -1,8 +1,9 @@
-"""Releases the admission slots a generation route took, when the whole ASGI exchange is over.
+"""Releases the admission slots an engine route took, when the whole ASGI exchange is over.
 
 The route appends its Slot to scope[SLOTS_SCOPE_KEY]; this middleware releases them in `finally`, after a
 streamed body has been sent to the end, the client disconnected, or anything raised: slots cannot leak.
-A response whose last body message was never sent counts as incomplete (moemix_requests_incomplete_total).
+A response whose last body message was never sent counts as incomplete (moemix_requests_incomplete_total),
+as does a stream that ended in an engine error (routes/common.py releases those slots itself).
 """
 
 from __future__ import annotations

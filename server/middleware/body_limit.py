@@ -1,12 +1,10 @@
-"""Refuse request bodies over `max_body_bytes` with 413, by Content-Length or while the body streams in."""
+"""Refuse request bodies over `max_bytes` with 413: by Content-Length up front, and a chunked body (no length)
+by reading it here, up to the limit, before the app sees any of it (a body parser would turn an error raised
+mid-read into its own 400)."""
 
 from __future__ import annotations
 
 from server.errors import send_error
-
-
-class BodyTooLarge(Exception):
-    """Raised from `receive` once a chunked body passes the limit; app.py maps it to 413."""
 
 
 class BodyLimitMiddleware:
@@ -17,23 +15,31 @@ class BodyLimitMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not self.max_bytes:
             return await self.app(scope, receive, send)
+        too_big = f"Request body over {self.max_bytes} bytes."
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None:
             try:
-                too_big = int(length) > self.max_bytes
+                over = int(length) > self.max_bytes
             except ValueError:
                 return await send_error(send, 400, "Invalid Content-Length header.")
-            if too_big:
-                return await send_error(send, 413, f"Request body over {self.max_bytes} bytes.")
+            if over:
+                return await send_error(send, 413, too_big)
+            return await self.app(scope, receive, send)  # the server stops the body at Content-Length
+
+        body, more = [], True
         seen = 0
-
-        async def limited_receive():
-            nonlocal seen
+        while more:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise BodyTooLarge(f"Request body over {self.max_bytes} bytes.")
-            return message
+            if message["type"] != "http.request":  # the client went away
+                return
+            body.append(message.get("body", b""))
+            seen += len(body[-1])
+            if seen > self.max_bytes:
+                return await send_error(send, 413, too_big)
+            more = message.get("more_body", False)
+        replay = [{"type": "http.request", "body": b"".join(body), "more_body": False}]
 
-        return await self.app(scope, limited_receive, send)
+        async def replay_receive():  # the whole body once, then the server's own messages (disconnect)
+            return replay.pop() if replay else await receive()
+
+        return await self.app(scope, replay_receive, send)

@@ -1,6 +1,10 @@
-"""What every generation route does: pick the engine by `model`, admit (or 429), render vLLM's result."""
+"""What every engine route does: pick the engine by `model`, admit (or 400/429), render vLLM's result."""
 
 from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -8,10 +12,13 @@ from pydantic import BaseModel
 
 from server.admission import request_slots
 from server.engine import EnginePool, ModelEngine
-from server.errors import error_response
+from server.errors import error_body, error_response
 from server.middleware.admission import SLOTS_SCOPE_KEY
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.entrypoints.serve.utils.sse_keep_alive import with_sse_keep_alive
+
+logger = logging.getLogger("moemix.server")
+SSE_ERROR_PREFIX = 'data: {"error"'  # how vLLM's stream generators report a failure (then `data: [DONE]`)
 
 
 def pool(raw_request: Request) -> EnginePool:
@@ -31,8 +38,12 @@ def resolve(raw_request: Request, model: str | None) -> ModelEngine | JSONRespon
 
 
 def admit(raw_request: Request, eng: ModelEngine, request) -> JSONResponse | None:
-    """Take admission slots for this request (released by AdmissionReleaseMiddleware), or the 429."""
-    slot = eng.gate.try_acquire(request_slots(request))
+    """Take admission slots for this request (released by AdmissionReleaseMiddleware), or the 400/429."""
+    n = request_slots(request)
+    if n > eng.gate.limit:  # would wait forever: say so instead of 429 (retrying cannot help)
+        return error_response(400, f"This request needs {n} slots (n × prompts); model `{eng.name}` admits at most "
+                              f"{eng.gate.limit}. Send fewer prompts or a smaller n per request.")
+    slot = eng.gate.try_acquire(n)
     if slot is None:
         retry = str(raw_request.app.state.settings.retry_after_s)
         return error_response(429, f"Model `{eng.name}` is at its limit of {eng.gate.limit} requests in flight; "
@@ -45,6 +56,28 @@ def admit(raw_request: Request, eng: ModelEngine, request) -> JSONResponse | Non
     return None
 
 
+def _fail(raw_request: Request) -> None:
+    """The engine failed this request: free its slots now, counted incomplete (release is idempotent)."""
+    for slot in raw_request.scope.get(SLOTS_SCOPE_KEY, ()):
+        slot.release(completed=False)
+
+
+async def _stream(chunks: AsyncIterator[str], raw_request: Request) -> AsyncIterator[str]:
+    """vLLM's SSE chunks; an error event (vLLM's, or ours if the generator raised: the engine died mid-stream)
+    fails the request, and the stream always ends with `data: [DONE]`."""
+    try:
+        async for chunk in chunks:
+            if chunk.startswith(SSE_ERROR_PREFIX):
+                _fail(raw_request)
+            yield chunk
+    except Exception:
+        logger.exception("stream of %s failed", raw_request.url.path)
+        _fail(raw_request)
+        body = error_body(500, "The engine failed while generating this response.")
+        yield f"data: {json.dumps(body)}\n\n"
+        yield "data: [DONE]\n\n"
+
+
 def render(result, raw_request: Request):
     """vLLM serving result -> response: ErrorResponse, a pydantic response, or an SSE string generator."""
     if isinstance(result, ErrorResponse):
@@ -52,4 +85,5 @@ def render(result, raw_request: Request):
     if isinstance(result, BaseModel):
         return JSONResponse(result.model_dump())
     interval = float(getattr(raw_request.app.state.args, "sse_keep_alive_interval", 0) or 0)
-    return StreamingResponse(with_sse_keep_alive(result, interval), media_type="text/event-stream")
+    return StreamingResponse(_stream(with_sse_keep_alive(result, interval), raw_request),
+                             media_type="text/event-stream")

@@ -1,5 +1,6 @@
-"""GET /metrics: the one registry (vLLM's), text exposition format. HTTP request metrics come from
-prometheus-fastapi-instrumentator, as in vLLM's server (health/metrics/version excluded)."""
+"""GET /metrics: the one registry (vLLM's), text exposition format, from memory (expert-routing counts as the
+background refresher last gathered them). HTTP request metrics come from prometheus-fastapi-instrumentator, as
+in vLLM's server (health/metrics/version excluded)."""
 
 from __future__ import annotations
 
@@ -12,17 +13,15 @@ router = APIRouter()
 
 
 @router.get("/metrics", include_in_schema=False)
-async def metrics(request: Request):
-    for eng in request.app.state.pool.engines.values():
-        await eng.refresh_routing()  # the collector then reports the fresh counts
+async def metrics():
     registry = get_prometheus_registry()
     return Response(prometheus_client.generate_latest(registry), media_type=prometheus_client.CONTENT_TYPE_LATEST)
 
 
 @router.get("/v1/moemix/routing")
 async def routing(request: Request):
-    """Per-expert routed-token counts of every moemix model since start: save one and pass it to
-    `moemix plan --usage` as the usage profile."""
+    """Per-expert routed-token counts of every moemix model since start, at most routing_refresh_s old: save one
+    and pass it to `moemix plan --usage` as the usage profile."""
     return {eng.name: await eng.refresh_routing() for eng in request.app.state.pool.engines.values()}
 
 

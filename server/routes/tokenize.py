@@ -1,11 +1,12 @@
-"""POST /tokenize (vLLM's TokenizeRequest: `prompt` or chat `messages`, routed by `model`)."""
+"""POST /tokenize (vLLM's TokenizeRequest: `prompt` or chat `messages`, routed by `model`; admitted like a
+generation request, one slot, so tokenizing cannot bypass the bound)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from server.routes.common import render, resolve
+from server.routes.common import admit, render, resolve
 from server.routes.completions import _ERRORS
 from vllm.entrypoints.serve.tokenize.protocol import TokenizeRequest
 from vllm.entrypoints.serve.utils.api_utils import validate_json_request
@@ -18,6 +19,8 @@ async def tokenize(request: TokenizeRequest, raw_request: Request):
     eng = resolve(raw_request, request.model)
     if isinstance(eng, JSONResponse):
         return eng
+    if (rejected := admit(raw_request, eng, request)) is not None:
+        return rejected
     return render(await eng.tokenization.create_tokenize(request, raw_request), raw_request)
 
 
