@@ -163,3 +163,29 @@ def test_cli_strategies_gptq_and_heatmap(random_mixtral, tmp_path):
     done = subprocess.run(cli + ["plan", str(random_mixtral), "--budget", "1.2", "--strategy", "uniform",
                                  "-o", str(tmp_path / "p2.json"), "--group-size", "32"], capture_output=True, text=True)
     assert done.returncode == 2 and "impossible budget" in done.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--budget", "nan"], "argument --budget: 'nan' must be a positive finite number"),
+    (["--budget", "-1"], "argument --budget: '-1' must be a positive finite number"),
+    (["--budget-bytes", "1.5e6"], "argument --budget-bytes: '1.5e6' is not a int"),
+    (["--budget", "2.5", "--group-size", "0"], "argument --group-size: '0' must be a positive finite number"),
+    (["--budget", "2.5", "--group-size", "48"], "argument --group-size: '48' is not a multiple of 32"),
+    (["--budget", "2.5", "--pin", "model.layers.*.self_attn=eight"], "'eight' is not a width"),
+    (["--budget", "2.5", "--calib", "SHORT"], "tokens; need at least 257 (give more or longer --calib files)"),
+    (["--budget", "2.5", "--strategy", "frequent-experts", "--usage", "PROFILE"], "needs an 'experts' object"),
+])
+def test_cli_bad_arguments_are_one_line_and_exit_2(args, message, tmp_path, capsys):
+    from tests.conftest import TRAINED_MIXTRAL
+    from vllm_moemix.cli import main
+
+    (tmp_path / "short.txt").write_text("hi there")
+    (tmp_path / "profile.json").write_text(json.dumps({"format": "moemix-routing", "version": 1}))
+    args = [{"SHORT": str(tmp_path / "short.txt"), "PROFILE": str(tmp_path / "profile.json")}.get(a, a) for a in args]
+    try:
+        rc = main(["plan", str(TRAINED_MIXTRAL), "-o", str(tmp_path / "plan.json"), "--quiet", *args])
+    except SystemExit as exit_:  # argparse's own errors
+        rc = exit_.code
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "plan.json").exists()

@@ -7,7 +7,7 @@ from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeCon
 
 from vllm_moemix.arch import ROLE_ATTENTION, ROLE_DENSE, ROLE_EXPERT, ROLE_SHARED, quantizable_linears
 from vllm_moemix.footprint import footprint
-from vllm_moemix.plan import Plan
+from vllm_moemix.plan import Plan, resolved_from_config
 from vllm_moemix.spec import PlanError, QuantSpec
 
 MIXTRAL = MixtralConfig(vocab_size=64, hidden_size=128, intermediate_size=160, num_hidden_layers=2,
@@ -95,10 +95,29 @@ def test_json_roundtrip(tmp_path):
     ({"version": 2}, "plan version 2 is not supported"),
     ({"modules": {"x": {"bits": 4, "groupsize": 64}}}, r"unknown keys \['groupsize'\]"),
     ({"default": True}, "bits must be an integer"),
+    ({"default": 4.0}, "bits must be an integer, got 4.0"),
+    ({"default": {"bits": 4.0}}, "unsupported bit width 4.0"),
+    ({"default": {"bits": 4, "group_size": 64.0}}, "group_size must be a positive multiple of 32, got 64.0"),
+    ({"default": {"bits": 4, "sym": "false"}}, "sym must be true or false, got 'false'"),
 ])
 def test_invalid_plans_name_the_problem(data, message):
     with pytest.raises(PlanError, match=message):
         Plan.from_dict(data).resolve(quantizable_linears(MIXTRAL))
+
+
+@pytest.mark.parametrize("value, message", [
+    ({"bits": 4, "sym": False}, "missing group_size"),
+    ({"bits": 4, "group_size": 64}, "missing sym"),
+    (4, "expected"),
+    ({"bits": 4.0, "group_size": 64, "sym": False}, "unsupported bit width 4.0"),
+    ({"bits": 4, "group_size": 64, "sym": "false"}, "sym must be true or false"),
+])
+def test_checkpoint_modules_are_parsed_strictly(value, message):
+    """A checkpoint's resolved plan must say exactly how each tensor is stored: no defaults, no coercion."""
+    with pytest.raises(PlanError, match=f"model.layers.0.self_attn.q_proj: .*{message}"):
+        resolved_from_config({"model.layers.0.self_attn.q_proj": value})
+    assert resolved_from_config({"x": {"bits": 4, "group_size": 64, "sym": True}, "y": "bf16"}) == {
+        "x": QuantSpec(4, 64, sym=True), "y": None}
 
 
 def test_missing_or_broken_plan_file(tmp_path):

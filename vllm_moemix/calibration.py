@@ -35,6 +35,7 @@ from tqdm import tqdm
 from vllm_moemix.arch import ROLE_EXPERT, architecture_for, quantizable_linears
 from vllm_moemix.checkpoint.source import SafetensorsSource
 from vllm_moemix.quant.gptq import HessianAccumulator
+from vllm_moemix.spec import PlanError
 
 ALL_TOKEN_PRIOR = 64.0
 DEFAULT_CALIB = Path(__file__).resolve().parents[1] / "models" / "calib.txt"
@@ -55,7 +56,8 @@ def calibration_samples(tokenizer, text_paths: list[Path], num_samples: int = 32
     text = "\n\n".join(Path(p).read_text(errors="replace") for p in text_paths)
     ids = torch.tensor(tokenizer(text).input_ids, dtype=torch.int64)
     if len(ids) < seq_len + 1:
-        raise ValueError(f"calibration text has {len(ids)} tokens; need at least {seq_len + 1}")
+        raise PlanError(f"calibration text {', '.join(map(str, text_paths))} has {len(ids)} tokens; "
+                        f"need at least {seq_len + 1} (give more or longer --calib files)")
     starts = torch.linspace(0, len(ids) - seq_len - 1, num_samples).long()
     return torch.stack([ids[s : s + seq_len] for s in starts])
 

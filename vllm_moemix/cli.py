@@ -7,14 +7,45 @@ message and exit code 2.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
-from vllm_moemix.spec import UNQUANTIZED, PlanError
+from vllm_moemix.spec import DEFAULT_GROUP_SIZE, PACK_CHUNK, SUPPORTED_BITS, UNQUANTIZED, PlanError
 
 
 def _bits(value: str) -> int | str:
-    return value if value == UNQUANTIZED else int(value)
+    """argparse type: 2, 3, 4, 8 or bf16 (argparse turns the error into one line and exit code 2)."""
+    if value == UNQUANTIZED:
+        return value
+    try:
+        bits = int(value)
+    except ValueError:
+        bits = None
+    if bits not in SUPPORTED_BITS:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a width: use one of {', '.join(map(str, SUPPORTED_BITS))} "
+                                         f"or {UNQUANTIZED}")
+    return bits
+
+
+def _positive(kind: type):
+    def parse(value: str):
+        try:
+            number = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a {kind.__name__}") from None
+        if not (math.isfinite(number) and number > 0):
+            raise argparse.ArgumentTypeError(f"{value!r} must be a positive finite number")
+        return number
+
+    return parse
+
+
+def _group_size(value: str) -> int:
+    size = _positive(int)(value)
+    if size % PACK_CHUNK:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a multiple of {PACK_CHUNK}")
+    return size
 
 
 def _budget(args: argparse.Namespace):
@@ -33,7 +64,12 @@ def _pins(args: argparse.Namespace) -> dict:
         module, sep, value = pin.partition("=")
         if not sep:
             raise PlanError(f"--pin {pin!r}: expected MODULE=BITS, e.g. 'model.layers.*.self_attn=8'")
-        pins[module] = QuantSpec.from_value(_bits(value), QuantSpec(4, args.group_size or 128, args.sym), where=module)
+        try:
+            bits = _bits(value)
+        except argparse.ArgumentTypeError as err:
+            raise PlanError(f"--pin {pin!r}: {err}") from None
+        pins[module] = QuantSpec.from_value(bits, QuantSpec(4, args.group_size or DEFAULT_GROUP_SIZE, args.sym),
+                                            where=module)
     return pins
 
 
@@ -60,7 +96,7 @@ def _plan_from_strategy(args: argparse.Namespace):
         from vllm_moemix.routing import load_profile
 
         usage = load_profile(args.usage)
-    result = plan_model(args.model, args.strategy, _budget(args), _calibration(args), group_size=args.group_size or 128,
+    result = plan_model(args.model, args.strategy, _budget(args), _calibration(args), group_size=args.group_size or DEFAULT_GROUP_SIZE,
                         sym=args.sym, pins=_pins(args), progress=not args.quiet, usage=usage)
     print(f"{args.strategy} under {result.budget.describe()}: {result.footprint.avg_payload_bits:.3f} bits "
           f"({result.footprint.avg_bits:.3f} with scales/zeros), {result.footprint.nbytes / 2**20:.2f} MiB")
@@ -162,16 +198,18 @@ def build_parser() -> argparse.ArgumentParser:
 
         p.add_argument("--strategy", default=default_strategy, choices=sorted(STRATEGIES),
                        help="bit-allocation strategy (docs/planning.md)")
-        p.add_argument("--budget", type=float, help="average integer bits per weight over the quantizable linears")
-        p.add_argument("--budget-bytes", type=int, help="or: bytes of the quantizable linears incl. scales/zeros")
+        p.add_argument("--budget", type=_positive(float),
+                       help="average integer bits per weight over the quantizable linears")
+        p.add_argument("--budget-bytes", type=_positive(int),
+                       help="or: bytes of the quantizable linears incl. scales/zeros")
         p.add_argument("--pin", action="append", help="fix a width, e.g. 'model.layers.*.self_attn=8' (repeatable)")
         p.add_argument("--calib", nargs="+", help="calibration text file(s) (default: models/calib.txt)")
         p.add_argument("--usage", help="routing profile saved from a server (GET /v1/moemix/routing, one model's "
                                        "entry): expert frequencies for --strategy frequent-experts")
-        p.add_argument("--calib-samples", type=int, default=32, help="windows of 256 tokens")
+        p.add_argument("--calib-samples", type=_positive(int), default=32, help="windows of 256 tokens")
         p.add_argument("--quantizer", choices=["gptq", "rtn"],
                        help="default: gptq when a strategy plans or --calib is given, else rtn")
-        p.add_argument("--group-size", type=int, default=None, help="group size along K (default 128)")
+        p.add_argument("--group-size", type=_group_size, default=None, help="group size along K (default 128)")
         p.add_argument("--sym", action="store_true", help="symmetric (no zero points)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 

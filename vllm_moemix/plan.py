@@ -141,4 +141,4 @@ def resolved_to_config(resolved: Resolved) -> dict[str, Any]:
 def resolved_from_config(modules: Any) -> Resolved:
     if not isinstance(modules, dict):
         raise PlanError("quantization_config.modules must be an object of linear -> spec")
-    return {name: QuantSpec.from_value(value, where=name) for name, value in modules.items()}
+    return {name: QuantSpec.from_value(value, where=name, complete=True) for name, value in modules.items()}

@@ -134,6 +134,12 @@ def load_profile(path: str | Path) -> dict[int, dict[int, int]]:
     if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
         raise PlanError(f"{path} is not a moemix routing profile (GET /v1/moemix/routing)")
     usage: dict[int, dict[int, int]] = defaultdict(dict)
-    for row in data["experts"].values():
-        usage[int(row["layer"])][int(row["expert"])] = int(row["tokens"])
+    experts = data.get("experts")
+    if not isinstance(experts, dict):
+        raise PlanError(f"{path}: a routing profile needs an 'experts' object (GET /v1/moemix/routing)")
+    for key, row in experts.items():
+        try:
+            usage[int(row["layer"])][int(row["expert"])] = int(row["tokens"])
+        except (KeyError, TypeError, ValueError):
+            raise PlanError(f"{path}: expert {key!r} needs integer 'layer', 'expert' and 'tokens'") from None
     return dict(usage)

@@ -41,10 +41,13 @@ class QuantSpec:
     sym: bool = False
 
     def __post_init__(self) -> None:
-        if self.bits not in SUPPORTED_BITS:
+        # type() checks, not isinstance: True is an int and 4.0 == 4, and either would fail far from here.
+        if type(self.bits) is not int or self.bits not in SUPPORTED_BITS:
             raise PlanError(f"unsupported bit width {self.bits!r}; choose one of {SUPPORTED_BITS} or '{UNQUANTIZED}'")
-        if not isinstance(self.group_size, int) or self.group_size <= 0 or self.group_size % PACK_CHUNK:
+        if type(self.group_size) is not int or self.group_size <= 0 or self.group_size % PACK_CHUNK:
             raise PlanError(f"group_size must be a positive multiple of {PACK_CHUNK}, got {self.group_size!r}")
+        if type(self.sym) is not bool:
+            raise PlanError(f"sym must be true or false, got {self.sym!r}")
 
     @property
     def max_q(self) -> int:
@@ -69,31 +72,39 @@ class QuantSpec:
         return {"bits": self.bits, "group_size": self.group_size, "sym": self.sym}
 
     @classmethod
-    def from_value(cls, value: Any, default: QuantSpec | None = None, where: str = "") -> QuantSpec | None:
+    def from_value(cls, value: Any, default: QuantSpec | None = None, where: str = "",
+                   complete: bool = False) -> QuantSpec | None:
         """Parse a plan value: 4, "bf16", or {"bits": 4, "group_size": 64, "sym": true}.
 
-        Returns None for "bf16" (unquantized). Missing dict keys come from `default`.
+        Returns None for "bf16" (unquantized). Missing dict keys come from `default` in a plan; with
+        `complete` (a checkpoint's resolved modules, which the writer always spells out) every key must be
+        there: a reader must not guess how tensors were stored.
         """
         prefix = f"{where}: " if where else ""
-        if value == UNQUANTIZED or value == 16:
+        if value == UNQUANTIZED or (type(value) is int and value == 16):
             return None
         base = default or cls(bits=4)
-        if isinstance(value, bool):
+        if isinstance(value, bool) or isinstance(value, float):
             raise PlanError(f"{prefix}bits must be an integer, got {value!r}")
-        if isinstance(value, int):
+        if complete and not isinstance(value, dict):
+            raise PlanError(f"{prefix}expected {{\"bits\", \"group_size\", \"sym\"}} or '{UNQUANTIZED}', got {value!r}")
+        if type(value) is int:
             value = {"bits": value}
         if not isinstance(value, dict):
             raise PlanError(f"{prefix}expected bits, '{UNQUANTIZED}' or an object, got {value!r}")
         unknown = set(value) - {"bits", "group_size", "sym"}
         if unknown:
             raise PlanError(f"{prefix}unknown keys {sorted(unknown)}")
-        if value.get("bits") in (UNQUANTIZED, 16):
+        if value.get("bits") == UNQUANTIZED or (type(value.get("bits")) is int and value["bits"] == 16):
             return None
+        missing = [k for k in ("bits", "group_size", "sym") if k not in value]
+        if complete and missing:
+            raise PlanError(f"{prefix}missing {', '.join(missing)} (a checkpoint must say how each tensor is stored)")
         try:
             return cls(
                 bits=value.get("bits", base.bits),
                 group_size=value.get("group_size", base.group_size),
-                sym=bool(value.get("sym", base.sym)),
+                sym=value.get("sym", base.sym),
             )
         except PlanError as err:
             raise PlanError(f"{prefix}{err}") from None

@@ -7,6 +7,8 @@ and costs are counted over units.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -67,6 +69,10 @@ class Budget:
     def __post_init__(self) -> None:
         if (self.avg_bits is None) == (self.nbytes is None):
             raise PlanError("give exactly one budget: average bits or bytes")
+        if self.avg_bits is not None and not (math.isfinite(self.avg_bits) and self.avg_bits > 0):
+            raise PlanError(f"budget must be a positive number of average bits, got {self.avg_bits!r}")
+        if self.nbytes is not None and (type(self.nbytes) is not int or self.nbytes <= 0):
+            raise PlanError(f"byte budget must be a positive integer, got {self.nbytes!r}")
 
     def cost(self, unit: Unit, spec: QuantSpec | None, linears: dict[str, LinearInfo]) -> float:
         if self.avg_bits is not None:
