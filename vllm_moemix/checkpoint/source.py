@@ -15,19 +15,41 @@ from safetensors import safe_open
 from vllm_moemix.spec import PlanError
 
 
+INDEX = "model.safetensors.index.json"
+
+
+def shard_files(model_dir: Path) -> list[str]:
+    """The safetensors shards of a model directory, from its index if it has one.
+
+    Refuses what a loader must not follow: an index that is not JSON or has no weight_map, shard names that
+    leave the directory (absolute, `..`, symlinks out), and directories holding only pickle weights.
+    """
+    index = model_dir / INDEX
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+            raise PlanError(f"{index}: not a valid safetensors index ({err})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise PlanError(f"{index}: 'weight_map' must map tensor names to shard file names")
+        files = sorted(set(weight_map.values()))
+        root = model_dir.resolve()
+        for fname in files:
+            if not (model_dir / fname).resolve().is_relative_to(root) or not fname.endswith(".safetensors"):
+                raise PlanError(f"{index}: shard {fname!r} is not a .safetensors file inside {model_dir}")
+    else:
+        files = sorted(p.name for p in model_dir.glob("*.safetensors"))
+    if not files:
+        pickles = [p.name for p in model_dir.glob("*.bin")] + [p.name for p in model_dir.glob("*.pt")]
+        hint = " (pickle weights are not read; convert them to safetensors)" if pickles else ""
+        raise PlanError(f"{model_dir}: no safetensors weights found{hint}")
+    return files
+
+
 class SafetensorsSource:
     def __init__(self, model_dir: str | Path):
         self.dir = Path(model_dir)
-        index = self.dir / "model.safetensors.index.json"
-        if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-        else:
-            files = sorted(p.name for p in self.dir.glob("*.safetensors"))
-        if not files:
-            pickles = [p.name for p in self.dir.glob("*.bin")] + [p.name for p in self.dir.glob("*.pt")]
-            hint = " (pickle weights are not read; convert them to safetensors)" if pickles else ""
-            raise PlanError(f"{self.dir}: no safetensors weights found{hint}")
+        files = shard_files(self.dir)
         self.files = files
         self._where: dict[str, str] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}

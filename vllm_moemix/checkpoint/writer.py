@@ -23,7 +23,7 @@ from transformers import AutoConfig
 
 from vllm_moemix.arch import LinearInfo, quantizable_linears
 from vllm_moemix.checkpoint.format import FORMAT_VERSION, QUANT_METHOD, is_checkpoint_dir
-from vllm_moemix.checkpoint.source import SafetensorsSource
+from vllm_moemix.checkpoint.source import INDEX, SafetensorsSource
 from vllm_moemix.footprint import Footprint, footprint
 from vllm_moemix.plan import Plan, Resolved, resolved_to_config
 from vllm_moemix.quant.rtn import quantize_rtn
@@ -34,7 +34,7 @@ Quantizer = Callable[[str, torch.Tensor, QuantSpec], QuantizedWeight]
 """(linear name, float weight [N, K], spec) -> stored form. Called in decoder-layer order,
 so calibrated quantizers (quant/calibrated.py) can run one layer at a time."""
 
-WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", INDEX, "pytorch_model.bin.index.json")
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 
@@ -115,7 +115,7 @@ class _ShardWriter:
             "metadata": {"total_size": self.total_bytes},
             "weight_map": {k: renamed[v] for k, v in sorted(self.weight_map.items())},
         }
-        (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        (self.out_dir / INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def quantization_config(plan: Plan, resolved: Resolved, fp: Footprint, quantizer_name: str) -> dict[str, Any]:

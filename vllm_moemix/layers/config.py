@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,6 +13,7 @@ from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 
 from vllm_moemix.checkpoint.format import QUANT_METHOD, read_quantization_config
+from vllm_moemix.checkpoint.source import SafetensorsSource
 from vllm_moemix.layers.linear import MoeMixLinearMethod
 from vllm_moemix.layers.moe import MoeMixMoEMethod
 from vllm_moemix.plan import Resolved, spec_to_value
@@ -49,6 +51,16 @@ class MoeMixConfig(QuantizationConfig):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> MoeMixConfig:
         return cls(read_quantization_config(config))
+
+    def maybe_update_config(self, model_name: str, hf_config=None, revision: str | None = None) -> None:
+        """Called by vLLM while it builds the engine config, before any engine starts: check the shard files.
+
+        A moemix checkpoint is safetensors only, with an index that stays inside its directory and shards
+        whose headers read; refusing here names the problem instead of a worker dying mid-load.
+        """
+        model_dir = Path(model_name)
+        if model_dir.is_dir():
+            SafetensorsSource(model_dir)  # raises PlanError naming the file
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
         renamed = {}

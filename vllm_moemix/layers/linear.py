@@ -9,6 +9,7 @@ from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_
 from vllm.model_executor.parameter import GroupQuantScaleParameter, ModelWeightParameter
 
 from vllm_moemix import packing
+from vllm_moemix.checkpoint.format import check_stored_tensor
 from vllm_moemix.layers.kernels.base import LinearConfig, LinearKernel
 from vllm_moemix.layers.kernels.select import choose_linear_kernel
 from vllm_moemix.quant.tensors import SCALE_DTYPE
@@ -43,8 +44,11 @@ class MoeMixLinearMethod(LinearMethodBase):
             )
         loaded: Counter[str] = Counter()
         base_loader = extra_weight_attrs["weight_loader"]
+        # The full (pre-TP) column count is known for an unfused linear; fused shards are checked by vLLM.
+        full_n = output_size if len(output_partition_sizes) == 1 else None
 
         def weight_loader(param, loaded_weight, *args, **kwargs):
+            check_stored_tensor(self.prefix, param.moemix_name, loaded_weight, spec, input_size, full_n)
             loaded[param.moemix_name] += 1
             try:
                 return base_loader(param, loaded_weight, *args, **kwargs)
@@ -69,13 +73,13 @@ class MoeMixLinearMethod(LinearMethodBase):
         self.linear_config = LinearConfig(spec=spec, in_features=k, out_features=n, act_dtype=params_dtype)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        missing = [
+        wrong = [
             f"{self.prefix}.{name} ({layer.moemix_loaded[name]} of {want} shards)"
             for name, want in layer.moemix_expected_loads.items()
-            if layer.moemix_loaded[name] < want
+            if layer.moemix_loaded[name] != want
         ]
-        if missing:
-            raise PlanError("moemix checkpoint is missing tensors: " + ", ".join(missing))
+        if wrong:
+            raise PlanError("moemix checkpoint has missing or duplicate tensors: " + ", ".join(wrong))
         del layer.moemix_loaded, layer.moemix_expected_loads
         kernel_cls = choose_linear_kernel(self.linear_config, layer.qweight.device)
         self.kernel = kernel_cls(self.linear_config)

@@ -15,6 +15,7 @@ removed after loading.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +24,7 @@ from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 from vllm.model_executor.utils import set_weight_attrs
 
 from vllm_moemix import packing
-from vllm_moemix.checkpoint.format import SUFFIXES
+from vllm_moemix.checkpoint.format import SUFFIXES, check_stored_tensor
 from vllm_moemix.layers.kernels.base import ExpertsConfig, ExpertsKernel
 from vllm_moemix.layers.kernels.select import choose_experts_kernel
 from vllm_moemix.quant.tensors import SCALE_DTYPE
@@ -118,9 +119,9 @@ class MoeMixMoEMethod(FusedMoEMethodBase):
         layer.register_buffer("moemix_no_map", torch.empty(0, dtype=torch.int32), persistent=False)
         layer.register_buffer("moemix_routed_tokens", torch.zeros(num_experts, dtype=torch.int64), persistent=False)
         layer.moemix_local_to_global = local_to_global
-        layer.moemix_loaded = set()
+        layer.moemix_loaded = Counter()
 
-        loader = self._make_loader(layer, inter)
+        loader = self._make_loader(layer, inter, hidden_size)
         for proj in PROJECTIONS:
             for suffix in SUFFIXES:
                 placeholder = torch.nn.Parameter(torch.empty(0), requires_grad=False)
@@ -131,8 +132,9 @@ class MoeMixMoEMethod(FusedMoEMethodBase):
             hidden_size=hidden_size, intermediate_size=inter, act_dtype=params_dtype,
         )
 
-    def _make_loader(self, layer, inter: int):
+    def _make_loader(self, layer, inter: int, hidden: int):
         tp_rank = self.moe.tp_rank
+        full = {"w13": (hidden, inter * self.moe.tp_size), "w2": (inter * self.moe.tp_size, hidden)}  # (K, N)
 
         def load(param, loaded_weight, weight_name, shard_id, expert_id, return_success=False):
             local = layer._map_global_expert_id_to_local_expert_id(expert_id)
@@ -143,41 +145,41 @@ class MoeMixMoEMethod(FusedMoEMethodBase):
             g, slot = grp.where[local]
             spec = grp.specs[g]
             target = getattr(layer, grp.param_name(g, suffix))
-            where = f"{self.prefix}.{expert_id} ({shard_id}.{suffix}, {spec.bits}-bit g{spec.group_size})"
+            where = f"{self.prefix}.{expert_id}.{shard_id}"
             if target.numel() == 0:
                 raise PlanError(f"{where}: checkpoint has zero points but the plan says symmetric")
+            check_stored_tensor(where, suffix, loaded_weight, spec, *full[proj])  # before any narrow or copy
             target = target[slot]
             if proj == "w13":  # column parallel: this rank's slice of N, first half w1 (gate), second w3 (up)
-                loaded = loaded_weight.narrow(1, tp_rank * inter, inter) if loaded_weight.shape[1] != inter else loaded_weight
+                loaded = loaded_weight.narrow(1, tp_rank * inter, inter)
                 half = 0 if shard_id == "w1" else 1
                 target = target[:, half * inter : (half + 1) * inter]
             else:  # row parallel: this rank's slice of K (whole packed words: K per rank is a multiple of 32)
                 rows = target.shape[0]
-                loaded = loaded_weight.narrow(0, tp_rank * rows, rows) if loaded_weight.shape[0] != rows else loaded_weight
-            if loaded.shape != target.shape:
-                raise PlanError(
-                    f"{where}: checkpoint tensor of shape {list(loaded_weight.shape)} does not match the plan "
-                    f"(expected this rank's slice {list(target.shape)})"
-                )
+                loaded = loaded_weight.narrow(0, tp_rank * rows, rows)
             target.copy_(loaded)
-            layer.moemix_loaded.add((proj if proj == "w2" else shard_id, suffix, local))
+            layer.moemix_loaded[(proj if proj == "w2" else shard_id, suffix, local)] += 1
             return True if return_success else None
 
         return load
 
     def process_weights_after_loading(self, layer) -> None:
-        missing = []
+        problems = []
         for local in range(layer.local_num_experts):
             for proj, shards in (("w13", ("w1", "w3")), ("w2", ("w2",))):
                 grp = layer.moemix_groups[proj]
                 spec = grp.specs[grp.where[local][0]]
                 for shard in shards:
                     for suffix in SUFFIXES[:2] if spec.sym else SUFFIXES:
-                        if (shard, suffix) + (local,) not in layer.moemix_loaded:
-                            missing.append(f"local expert {local} {shard}.{suffix}")
-        if missing:
-            raise PlanError(f"{self.prefix}: moemix checkpoint is missing tensors: " + ", ".join(missing[:8])
-                            + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+                        times = layer.moemix_loaded[(shard, suffix, local)]
+                        if times != 1:
+                            problems.append(f"local expert {local} {shard}.{suffix}"
+                                            + ("" if times == 0 else f" (loaded {times} times)"))
+        if problems:
+            missing = [p for p in problems if "times)" not in p]
+            kind = "is missing tensors" if len(missing) == len(problems) else "has missing or duplicate tensors"
+            raise PlanError(f"{self.prefix}: moemix checkpoint {kind}: " + ", ".join(problems[:8])
+                            + (f" and {len(problems) - 8} more" if len(problems) > 8 else ""))
         for proj in PROJECTIONS:
             for suffix in SUFFIXES:
                 delattr(layer, f"{proj}_{suffix}")
