@@ -86,17 +86,23 @@ def reference_logprobs(reference_dir: str | Path, windows: Windows, batch: int =
     return out
 
 
+def compare_logprobs(logp: torch.Tensor, ref: torch.Tensor, ids: torch.Tensor) -> Comparison:
+    """KL(ref || model), top-1 agreement and perplexity from log-probabilities [n, seq_len, vocab] of the same ids.
+
+    Engine-neutral, so another engine's logits (llama.cpp's, benchmarks/llamacpp.py) are scored the same way.
+    """
+    logp, ref = logp.float(), ref.float()  # the reference may be stored as float16
+    nll = -logp[:, :-1].gather(-1, ids[:, 1:, None]).sum().item()
+    kl = (ref.exp() * (ref - logp)).sum(-1)[:, :-1].sum().item()
+    agree = (ref.argmax(-1) == logp.argmax(-1))[:, :-1].sum().item()
+    count = ids[:, 1:].numel()
+    return Comparison(math.exp(nll / count), kl / count, agree / count)
+
+
 def compare_to_reference(model_dir: str | Path, windows: Windows, ref_logprobs: torch.Tensor, batch: int = 8) -> Comparison:
     model = _float_model(Path(model_dir))
-    nll, kl, agree, count = 0.0, 0.0, 0, 0
     with torch.no_grad():
-        for i in range(0, len(windows.ids), batch):
-            ids = windows.ids[i : i + batch]
-            logp = torch.log_softmax(model(ids).logits.float(), -1)
-            ref = ref_logprobs[i : i + batch].float()
-            nll -= logp[:, :-1].gather(-1, ids[:, 1:, None]).sum().item()
-            kl += (ref.exp() * (ref - logp)).sum(-1)[:, :-1].sum().item()
-            agree += (ref.argmax(-1) == logp.argmax(-1))[:, :-1].sum().item()
-            count += ids[:, 1:].numel()
+        logp = torch.cat([torch.log_softmax(model(windows.ids[i : i + batch]).logits.float(), -1)
+                          for i in range(0, len(windows.ids), batch)])
     del model
-    return Comparison(math.exp(nll / count), kl / count, agree / count)
+    return compare_logprobs(logp, ref_logprobs, windows.ids)
