@@ -82,8 +82,9 @@ class LlamaCpp:
                  "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DCMAKE_BUILD_TYPE=Release"],
                 cwd=found.root)
             run(["cmake", "--build", "build", "-j", str(os.cpu_count()), "--target", "llama", *TOOLS], cwd=found.root)
-        # Bindings only (LLAMA_BUILD=OFF): they load build/bin/libllama.so through LLAMA_CPP_LIB_PATH.
-        run([sys.executable, "-m", "pip", "install", "--no-deps", str(src)],
+        # Bindings only (LLAMA_BUILD=OFF): they load build/bin/libllama.so through LLAMA_CPP_LIB_PATH. --no-deps keeps
+        # the pinned numpy/torch stack; diskcache is the one dependency of theirs that stack lacks.
+        run([sys.executable, "-m", "pip", "install", "--no-deps", str(src), "diskcache>=5.6"],
             env=dict(os.environ, CMAKE_ARGS="-DLLAMA_BUILD=OFF"))
         return found
 
