@@ -107,6 +107,10 @@ class WeightFacts:
         }
 
 
+def _number(value: Any) -> float | None:
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def read_weight_facts(model_dir: str | Path) -> WeightFacts:
     """Facts of a local Hugging Face directory; missing files give empty facts, never an exception."""
     model_dir = Path(model_dir)
@@ -115,13 +119,17 @@ def read_weight_facts(model_dir: str | Path) -> WeightFacts:
         config = json.loads((model_dir / "config.json").read_text())
     except (OSError, ValueError):
         return facts
-    qcfg = config.get("quantization_config") or {}
-    facts.quant_method = qcfg.get("quant_method")
-    modules: dict[str, Any] = qcfg.get("modules", {}) if facts.is_moemix else {}
+    qcfg = config.get("quantization_config") if isinstance(config, dict) else None
+    qcfg = qcfg if isinstance(qcfg, dict) else {}  # a malformed one is vLLM's loader's to refuse, with its name
+    method = qcfg.get("quant_method")
+    facts.quant_method = method if isinstance(method, str) else None
+    modules = qcfg.get("modules") if facts.is_moemix else None
+    modules = modules if isinstance(modules, dict) else {}
     if facts.is_moemix:
-        facts.summary = qcfg.get("summary") or {}
-        facts.avg_bits = facts.summary.get("avg_bits")
-        facts.avg_payload_bits = facts.summary.get("avg_payload_bits")
+        summary = qcfg.get("summary")
+        facts.summary = summary if isinstance(summary, dict) else {}
+        facts.avg_bits = _number(facts.summary.get("avg_bits"))
+        facts.avg_payload_bits = _number(facts.summary.get("avg_payload_bits"))
 
     bytes_by: dict[tuple[str, str], int] = defaultdict(int)
     linear_bits = linear_weights = 0
@@ -131,14 +139,18 @@ def read_weight_facts(model_dir: str | Path) -> WeightFacts:
         except (OSError, ValueError, struct.error):
             continue
         for name, info in header.items():
-            start, end = info["data_offsets"]
+            try:
+                start, end = info["data_offsets"]
+                dtype = _DTYPE_BITS.get(info["dtype"], str(info["dtype"]).lower())
+                shape = info["shape"]
+            except (KeyError, TypeError, ValueError):
+                continue  # a broken header entry: facts stay partial, loading will name the shard
             component = component_of(name)
             spec = modules.get(_module_of(name))
-            dtype = _DTYPE_BITS.get(info["dtype"], info["dtype"].lower())
-            bits = str(spec["bits"]) if isinstance(spec, dict) else dtype
+            bits = str(spec["bits"]) if isinstance(spec, dict) and "bits" in spec else dtype
             bytes_by[(component, bits)] += end - start
             if component != "other" and bits in _FLOAT_WIDTH and name.endswith("weight") and not isinstance(spec, dict):
-                n = math.prod(info["shape"])
+                n = math.prod(shape)
                 linear_weights += n
                 linear_bits += n * _FLOAT_WIDTH[bits]
     facts.bytes_by = dict(bytes_by)

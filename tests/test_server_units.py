@@ -122,6 +122,23 @@ def test_facts_of_a_missing_dir(tmp_path):
     assert read_weight_facts(tmp_path / "nope").total_bytes == 0
 
 
+@pytest.mark.parametrize("qcfg", ["moemix", ["moemix"], {"quant_method": 4},
+                                  {"quant_method": "moemix", "modules": [], "summary": "x"},
+                                  {"quant_method": "moemix", "modules": {"model.embed_tokens": {"sym": True}},
+                                   "summary": {"avg_bits": "3"}}])
+def test_facts_never_raise_on_a_malformed_quantization_config(random_mixtral, tmp_path, qcfg):
+    """Facts are best effort at start-up; refusing a malformed checkpoint is the loader's job (with its name)."""
+    import shutil
+
+    ckpt = tmp_path / "m"
+    shutil.copytree(random_mixtral, ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["quantization_config"] = qcfg
+    (ckpt / "config.json").write_text(json.dumps(config))
+    facts = read_weight_facts(ckpt)
+    assert facts.total_bytes > 0 and facts.avg_bits is None or isinstance(facts.avg_bits, float)
+
+
 def test_admission_gate():
     gate = AdmissionGate(limit=3)
     a, b = gate.try_acquire(2), gate.try_acquire(1)
