@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from vllm_moemix.layers.kernels import cpu
+# No vllm_moemix.layers (hence vLLM) import at module level: run as a script from benchmarks/, this file is
+# importable as `kernels`, which transformers probes for (the PyPI `kernels` package) while vLLM is importing.
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -127,6 +128,8 @@ def moemix_layer(shape: LayerShape, widths: tuple[int, ...], isa: str | None = N
     layer.register_buffer("moemix_no_map", torch.empty(0, dtype=torch.int32))
     layer.register_buffer("moemix_routed_tokens", torch.zeros(shape.experts, dtype=torch.int64))
     layer.expert_map = None
+    from vllm_moemix.layers.kernels import cpu
+
     config = ExpertsConfig(tuple(specs), tuple(specs), shape.hidden, shape.inter, torch.bfloat16)
     saved = os.environ.get(cpu.ISA_ENV)
     if isa:
@@ -204,6 +207,8 @@ def vllm_int4_layer(shape: LayerShape):
 
 def default_isas() -> list[str]:
     """The fastest variant this CPU runs, and AVX2 forced beside it (the floor every x86-64 user gets)."""
+    from vllm_moemix.layers.kernels import cpu
+
     supported = [v.name for v in cpu.variants() if v.supported]
     return supported[:1] + [v for v in supported[1:] if v == "avx2"]
 
@@ -310,8 +315,10 @@ def main() -> None:
     if has_amx():
         torch._C._cpu._init_amx()  # vLLM's AMX kernels need the AMX state requested (SIGILL otherwise)
     tokens = [int(t) for t in args.tokens.split(",")]
+    from vllm_moemix.layers.kernels.cpu import cpu_summary
+
     rows = rows_for([i for i in args.isas.split(",") if i])
-    cpu_name = cpu.cpu_summary()
+    cpu_name = cpu_summary()
     print(f"CPU: {cpu_name}")
     bandwidth = read_bandwidth_gbs(256 << 20 if args.quick else 2 << 30)
     results = []

@@ -248,7 +248,8 @@ def speed(llama: LlamaCpp, args) -> list[dict]:
     from vllm_moemix.planning.units import Budget
 
     work = Path(args.work) / "speed"
-    src = build_bf16(work / "bf16", 10, 1024, 3584, 8)
+    # the same random model (seeded) and cache directory as benchmarks/e2e_decode.py
+    src = build_bf16(REPO / "runs" / "bench" / "mixtral-l10-h1024-i3584-e8" / "bf16", 10, 1024, 3584, 8)
     linears = quantizable_linears(AutoConfig.from_pretrained(src))
     bf16 = llama.convert(src, work / "bf16.gguf")
     rows = []

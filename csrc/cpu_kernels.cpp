@@ -32,6 +32,14 @@ namespace {
 
 constexpr int kRowsPerTask = 32;  // activation rows one linear task walks per weight tile
 
+// Tasks per thread so that each thread gets at least ~128K multiply-adds: below that, waking the other
+// threads costs more than the work (tiny models, where per-step overhead sets decode speed), and
+// at::parallel_for runs a range shorter than its grain inline.
+int64_t grain_for(int64_t work_per_task) {
+  constexpr int64_t kMinWorkPerThread = 1 << 17;
+  return std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, work_per_task));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Run-time ISA selection: cpuid for the instructions, xgetbv for the OS saving the register state.
 
@@ -277,14 +285,15 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qweight, const a
   const int64_t T = x.size(0), K = x.size(1), N = qweight.numel() * 32 / (K * bits);
   const at::Tensor xf = as_float_rows(x);
   ActBuffer acts(T, K);
-  at::parallel_for(0, T, 1, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, T, grain_for(K), [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) acts.quantize(t, xf.data_ptr<float>() + t * K, bits);
   });
   at::Tensor out = at::empty({T, N}, x.options().dtype(at::kFloat));
   const PackedWeight W = weight_view(qweight, scales, zeros, 0, bits, group, K, N);
   const QuantizedActs A = acts.view();
   const int64_t tiles = N / V.tile, chunks = (T + kRowsPerTask - 1) / kRowsPerTask;
-  at::parallel_for(0, tiles * chunks, 1, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, tiles * chunks, grain_for(K * V.tile * std::min<int64_t>(T, kRowsPerTask)),
+                   [&](int64_t b, int64_t e) {
     std::vector<int64_t> rows;
     std::vector<float*> outs;
     for (int64_t task = b; task < e; ++task) {
@@ -360,7 +369,7 @@ at::Tensor fused_moe(const at::Tensor& x, const at::Tensor& topk_weights, const 
   const int perm_bits[3] = {2, 4, 8};
   std::vector<ActBuffer> xacts;
   for (int s = 0; s < 3; ++s) xacts.emplace_back(need[s] ? T : 0, H);
-  at::parallel_for(0, T, 1, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, T, grain_for(H), [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t)
       for (int s = 0; s < 3; ++s)
         if (need[s]) xacts[s].quantize(t, xf.data_ptr<float>() + t * H, perm_bits[s]);
@@ -369,7 +378,9 @@ at::Tensor fused_moe(const at::Tensor& x, const at::Tensor& topk_weights, const 
   // Stage 1: gate_up[p] = x[token(p)] @ W13[expert(p)], tasks = (active expert, column tile).
   std::vector<float> gate_up(P * N13);
   const int64_t tiles13 = N13 / V.tile;
-  at::parallel_for(0, static_cast<int64_t>(active.size()) * tiles13, 1, [&](int64_t b, int64_t e_) {
+  const int64_t rows_per_expert = (P + static_cast<int64_t>(active.size()) - 1) / static_cast<int64_t>(active.size());
+  at::parallel_for(0, static_cast<int64_t>(active.size()) * tiles13, grain_for(H * V.tile * rows_per_expert),
+                   [&](int64_t b, int64_t e_) {
     std::vector<float*> outs;
     for (int64_t task = b; task < e_; ++task) {
       const int64_t e = active[task / tiles13], tile = task % tiles13;
@@ -385,7 +396,7 @@ at::Tensor fused_moe(const at::Tensor& x, const at::Tensor& topk_weights, const 
   // Stage 2: h = silu(gate) * up, quantized for the pair's w2 width.
   ActBuffer hacts(P, I);
   std::vector<int64_t> pair_rows(P);
-  at::parallel_for(0, static_cast<int64_t>(active.size()), 1, [&](int64_t b, int64_t e_) {
+  at::parallel_for(0, static_cast<int64_t>(active.size()), grain_for(I * rows_per_expert), [&](int64_t b, int64_t e_) {
     std::vector<float> h(I);
     for (int64_t a = b; a < e_; ++a) {
       const int64_t e = active[a];
@@ -401,7 +412,7 @@ at::Tensor fused_moe(const at::Tensor& x, const at::Tensor& topk_weights, const 
 
   // Stage 3: out[token] += weight * h @ W2, tasks = column tiles of H (each owns its columns).
   const int64_t tiles2 = H / V.tile;
-  at::parallel_for(0, tiles2, 1, [&](int64_t b, int64_t e_) {
+  at::parallel_for(0, tiles2, grain_for(I * V.tile * P), [&](int64_t b, int64_t e_) {
     std::vector<float*> outs;
     for (int64_t tile = b; tile < e_; ++tile) {
       for (int64_t e : active) {

@@ -129,6 +129,7 @@ def test_activation_permutation_and_block_scales(bits, window):
 @pytest.mark.parametrize("sym", [False, True])
 @pytest.mark.parametrize("tokens", [1, 3, 37])
 def test_linear_exact_on_int8_activations(isa, bits, group, sym, tokens):
+    torch.manual_seed(1000 * bits + group + tokens)
     spec = QuantSpec(bits, group, sym=sym)
     qw = quantize_rtn(torch.randn(192, 256), spec)
     layer = torch.nn.Module()
@@ -141,7 +142,8 @@ def test_linear_exact_on_int8_activations(isa, bits, group, sym, tokens):
     x = int8_exact(tokens, 256, seed=bits)
     bias = torch.randn(192)
     expected = F.linear(x, qw.dequantize(), bias)
-    torch.testing.assert_close(kernel.apply(layer, x, bias), expected, rtol=1e-5, atol=1e-3)
+    # exact integer products; only float32 summation order differs (outputs reach ~1e2 at 8 bits)
+    torch.testing.assert_close(kernel.apply(layer, x, bias), expected, rtol=1e-4, atol=1e-3)
 
 
 def test_linear_keeps_leading_dims_bf16_and_compiles(isa):
