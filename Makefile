@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast bench models lock clean
+.PHONY: venv demo test test-fast bench bench-llamacpp models lock clean
 
 venv: $(STAMP)
 
@@ -33,6 +33,12 @@ test-fast: venv
 bench: venv
 	VLLM_CPU_KVCACHE_SPACE=1 $(PY) benchmarks/kernels.py
 	VLLM_CPU_KVCACHE_SPACE=1 $(PY) benchmarks/e2e_decode.py
+
+# Side by side with llama.cpp's k-quants (quality at equal bytes on the embedded models, decode speed): builds
+# llama.cpp from the pinned llama-cpp-python sdist under runs/llamacpp/ first (~15 min once), then ~30 min.
+bench-llamacpp: venv
+	$(PY) benchmarks/llamacpp.py setup
+	VLLM_CPU_KVCACHE_SPACE=1 $(PY) benchmarks/llamacpp.py
 
 # Rebuild the embedded trained models (about 20 minutes on 2 idle cores; they ship in models/). Needs Debian
 # python3.11-doc. Step counts as recorded in models/*/training.json (tiny-mixtral ran on a 10-minute clock).

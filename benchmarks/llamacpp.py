@@ -240,6 +240,8 @@ def quality(llama: LlamaCpp, model: Path, work: Path, args) -> list[dict]:
 def speed(llama: LlamaCpp, args) -> list[dict]:
     from transformers import AutoConfig
 
+    if str(REPO) not in sys.path:  # run as a script: make the repository's `benchmarks` package importable
+        sys.path.insert(0, str(REPO))
     from benchmarks.e2e_decode import build_bf16, generate_seconds, load
     from vllm_moemix.arch import quantizable_linears
     from vllm_moemix.checkpoint.writer import quantize_checkpoint
@@ -248,6 +250,7 @@ def speed(llama: LlamaCpp, args) -> list[dict]:
     from vllm_moemix.planning.units import Budget
 
     work = Path(args.work) / "speed"
+    work.mkdir(parents=True, exist_ok=True)
     # the same random model (seeded) and cache directory as benchmarks/e2e_decode.py
     src = build_bf16(REPO / "runs" / "bench" / "mixtral-l10-h1024-i3584-e8" / "bf16", 10, 1024, 3584, 8)
     linears = quantizable_linears(AutoConfig.from_pretrained(src))
