@@ -84,7 +84,7 @@ class QuantSpec:
         if value == UNQUANTIZED or (type(value) is int and value == 16):
             return None
         base = default or cls(bits=4)
-        if isinstance(value, bool) or isinstance(value, float):
+        if isinstance(value, (bool, float)):
             raise PlanError(f"{prefix}bits must be an integer, got {value!r}")
         if complete and not isinstance(value, dict):
             raise PlanError(f"{prefix}expected {{\"bits\", \"group_size\", \"sym\"}} or '{UNQUANTIZED}', got {value!r}")
