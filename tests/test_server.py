@@ -531,6 +531,126 @@ def _sse_events(response: httpx.Response):
             yield line.removeprefix("data: ")
 
 
+def _chunked_over_the_limit():  # no Content-Length: the size is checked while the body arrives
+    yield b'{"model": "tiny-moemix", "prompt": "'
+    for _ in range(9):
+        yield b"x" * 2**20
+    yield b'"}'
+
+
+_NO_AUTH = {"Authorization": None}
+# (case, method, path, headers, body: dict/list -> JSON, bytes -> raw, callable -> chunked) -> (status, type).
+# tiny-moemix admits 4 + 8 = 12 sequences, tiny-bf16 2; max_logprobs is vLLM's default, 20.
+BAD_INPUTS = [
+    ("huge n", "POST", "/v1/completions", {}, {"model": MOEMIX, "prompt": "x", "n": 10**6}, 400, "BadRequestError"),
+    ("huge n, chat", "POST", "/v1/chat/completions", {},
+     {"model": MOEMIX, "messages": [{"role": "user", "content": "hi"}], "n": 10**6}, 400, "BadRequestError"),
+    ("prompts x n over the limit", "POST", "/v1/completions", {},
+     {"model": MOEMIX, "prompt": ["a"] * 5, "n": 3, "max_tokens": 2}, 400, "BadRequestError"),
+    ("1000 prompts x n 1000", "POST", "/v1/completions", {},
+     {"model": MOEMIX, "prompt": ["a"] * 1000, "n": 1000}, 400, "BadRequestError"),
+    ("beam search, huge n", "POST", "/v1/completions", {},
+     {"model": MOEMIX, "prompt": "x", "use_beam_search": True, "n": 10**6, "max_tokens": 2}, 400, "BadRequestError"),
+    ("beam search, n 11 (2n logprobs > 20)", "POST", "/v1/completions", {},
+     {"model": MOEMIX, "prompt": "x", "use_beam_search": True, "n": 11, "max_tokens": 2}, 400, "BadRequestError"),
+    ("beam search, streamed", "POST", "/v1/completions", {},
+     {"model": MOEMIX, "prompt": "x", "use_beam_search": True, "n": 2, "max_tokens": 2, "stream": True}, 400,
+     "BadRequestError"),
+    ("logprobs 10**6", "POST", "/v1/completions", {},
+     {"model": MOEMIX, "prompt": "x", "logprobs": 10**6, "max_tokens": 2}, 400, "BadRequestError"),
+    ("logprobs -5", "POST", "/v1/completions", {},
+     {"model": MOEMIX, "prompt": "x", "logprobs": -5, "max_tokens": 2}, 400, "BadRequestError"),
+    ("top_logprobs 10**6, chat", "POST", "/v1/chat/completions", {},
+     {"model": MOEMIX, "messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 10**6,
+      "max_tokens": 2}, 400, "BadRequestError"),
+    ("5000 stop strings", "POST", "/v1/completions", {},  # vLLM's protocol allows 4, as OpenAI does
+     {"model": MOEMIX, "prompt": "x", "stop": [f"stop-{i}" for i in range(5000)], "max_tokens": 4}, 400,
+     "BadRequestError"),
+    ("out-of-vocabulary token id", "POST", "/v1/completions", {},
+     {"model": MOEMIX, "prompt": [1, 10**6], "max_tokens": 2}, 400, "BadRequestError"),
+    ("negative token id", "POST", "/v1/completions", {},
+     {"model": MOEMIX, "prompt": [[1, -1]], "max_tokens": 2}, 400, "BadRequestError"),
+    ("token id 2**70", "POST", "/v1/completions", {},
+     {"model": MOEMIX, "prompt": [2**70], "max_tokens": 2}, 400, "BadRequestError"),
+    ("max_tokens 1e400 (raw)", "POST", "/v1/completions", {},
+     b'{"model": "tiny-moemix", "prompt": "x", "max_tokens": 1e400}', 400, "BadRequestError"),
+    ("temperature NaN (raw)", "POST", "/v1/completions", {},
+     b'{"model": "tiny-moemix", "prompt": "x", "max_tokens": 2, "temperature": NaN}', 400, "BadRequestError"),
+    ("top_p NaN (raw)", "POST", "/v1/completions", {},
+     b'{"model": "tiny-moemix", "prompt": "x", "max_tokens": 2, "top_p": NaN}', 400, "BadRequestError"),
+    ("8 MB model name", "POST", "/v1/completions", {}, {"model": "m" * 8_000_000, "prompt": "x"}, 404,
+     "NotFoundError"),
+    ("chunked body over 8 MiB", "POST", "/v1/completions", {}, _chunked_over_the_limit, 413, "BadRequestError"),
+    ("OPTIONS", "OPTIONS", "/v1/completions", _NO_AUTH, None, 405, "Method Not Allowed"),
+    ("double slash", "POST", "//v1/completions", {}, {"model": MOEMIX, "prompt": "x"}, 404, "NotFoundError"),
+    ("lowercase bearer", "POST", "/v1/completions", {"Authorization": f"bearer {API_KEY}"},
+     {"model": MOEMIX, "prompt": "x"}, 401, "AuthenticationError"),
+    ("wrong key", "POST", "/v1/completions", {"Authorization": "Bearer wrong"}, {"model": MOEMIX, "prompt": "x"},
+     401, "AuthenticationError"),
+    ("no key", "POST", "/v1/completions", _NO_AUTH, {"model": MOEMIX, "prompt": "x"}, 401, "AuthenticationError"),
+    ("wrong content-type", "POST", "/v1/completions", {"content-type": "text/plain"},
+     json.dumps({"model": MOEMIX, "prompt": "x"}).encode(), 400, "BadRequestError"),
+    ("empty body", "POST", "/v1/completions", {}, b"", 400, "BadRequestError"),
+    ("JSON array body", "POST", "/v1/completions", {}, [{"model": MOEMIX, "prompt": "x"}], 400, "BadRequestError"),
+    ("temperature -1", "POST", "/v1/completions", {}, {"model": MOEMIX, "prompt": "x", "temperature": -1}, 400,
+     "BadRequestError"),
+    ("unknown model", "POST", "/v1/completions", {}, {"model": "gpt-5", "prompt": "x"}, 404, "NotFoundError"),
+]
+
+
+def _engine_cores(server) -> list:
+    import psutil
+
+    return [p for p in psutil.Process(server.proc.pid).children()
+            if "EngineCore" in " ".join([p.name(), *p.cmdline()])]
+
+
+def test_bad_inputs_never_a_server_error(server):
+    """Each hostile request gets its own 4xx as OpenAI error JSON (bounded in size), nothing is 5xx, no engine
+    dies, and both models serve normally afterwards."""
+    cores = {p.pid for p in _engine_cores(server)}
+    assert len(cores) == 2
+    results, wrong = [], []
+    with httpx.Client(timeout=60) as http:
+        for case, method, path, headers, body, status, err_type in BAD_INPUTS:
+            headers = {k: v for k, v in {**server.auth, "content-type": "application/json", **headers}.items()
+                       if v is not None}
+            content = (body() if callable(body) else json.dumps(body).encode() if isinstance(body, (dict, list))
+                       else body)
+            try:
+                r = http.request(method, server.url + path, content=content, headers=headers)
+            except httpx.TransportError as e:  # the server hung up: as bad as a 5xx
+                results.append((case, 599))
+                wrong.append((case, repr(e)))
+                continue
+            results.append((case, r.status_code))
+            got_type = None
+            if r.status_code != 200:
+                try:
+                    err = r.json()["error"]
+                    got_type = err["type"]
+                    assert err["code"] == r.status_code and err["message"] and "param" in err
+                except Exception:  # not OpenAI error JSON
+                    wrong.append((case, r.status_code, r.text[:300]))
+            if (r.status_code, got_type) != (status, err_type) or len(r.content) > 64 * 2**10:
+                wrong.append((case, r.status_code, got_type, len(r.content), r.text[:300]))
+
+    server_errors = [(case, s) for case, s in results if s >= 500]
+    health = httpx.get(server.url + "/health", timeout=30)
+    deaths = len(cores - {p.pid for p in _engine_cores(server)}) + sum(
+        s != "ok" for s in health.json().get("models", {}).values())
+    print(f"\n{len(results)} bad inputs, {len(server_errors)} 5xx, {deaths} engine deaths")
+    assert not server_errors and not wrong, (server_errors, wrong)
+    assert health.status_code == 200 and health.json()["models"] == {BF16: "ok", MOEMIX: "ok"} and deaths == 0
+    assert server.proc.poll() is None
+    for model in (BF16, MOEMIX):
+        done = server.client().completions.create(model=model, prompt=PROMPT, max_tokens=4,
+                                                  extra_body={"ignore_eos": True})
+        assert done.usage.completion_tokens == 4 and done.choices[0].finish_reason == "length"
+    m = server.metrics()
+    assert metric(m, "moemix_requests_in_flight", model=MOEMIX) == 0  # nothing above leaked a slot
+
+
 def test_dead_engine_is_503_and_the_rest_keeps_serving(server):
     """SIGKILL one model's engine-core process while both models stream: the dead model's stream ends with an
     OpenAI error event and `data: [DONE]`, its slot is freed and counted incomplete; /health turns 503 naming

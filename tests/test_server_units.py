@@ -502,3 +502,13 @@ def test_routing_refresh_respects_the_interval():
         assert eng.client.rpc_calls == 2
 
     asyncio.run(scenario())
+
+
+def test_unknown_model_name_is_not_echoed_whole(fake_app):
+    """A megabyte model name gets its 404 with the name cut short: an error is never as big as the request."""
+    client, _ = fake_app
+    r = client.post("/v1/completions", json={"model": "m" * 2**20, "prompt": "x"})
+    assert r.status_code == 404 and r.json()["error"]["type"] == "NotFoundError"
+    assert len(r.content) < 1024 and "...[truncated]" in r.json()["error"]["message"]
+    r = client.post("/v1/completions", json={"model": "gpt-5", "prompt": "x"})
+    assert "`gpt-5` does not exist" in r.json()["error"]["message"]

@@ -19,6 +19,7 @@ from vllm.entrypoints.serve.utils.sse_keep_alive import with_sse_keep_alive
 
 logger = logging.getLogger("moemix.server")
 SSE_ERROR_PREFIX = 'data: {"error"'  # how vLLM's stream generators report a failure (then `data: [DONE]`)
+MAX_ECHOED_NAME = 200  # an unknown model name is quoted back at most this long (a body may be megabytes)
 
 
 def pool(raw_request: Request) -> EnginePool:
@@ -31,7 +32,8 @@ def resolve(raw_request: Request, model: str | None) -> ModelEngine | JSONRespon
     eng = p.get(model)
     if eng is None:
         names = ", ".join(p.engines)
-        return error_response(404, f"The model `{model}` does not exist. Served models: {names}.", param="model")
+        shown = str(model) if len(str(model)) <= MAX_ECHOED_NAME else f"{model[:MAX_ECHOED_NAME]}...[truncated]"
+        return error_response(404, f"The model `{shown}` does not exist. Served models: {names}.", param="model")
     if eng.dead:
         return error_response(503, f"The engine of model `{eng.name}` is dead; the server needs a restart.")
     return eng

@@ -13,7 +13,7 @@ router = APIRouter()
 
 
 @router.get("/metrics", include_in_schema=False)
-async def metrics():
+def metrics():  # sync: rendered in a worker thread, so a scrape (~15 ms here) does not hold up the event loop
     registry = get_prometheus_registry()
     return Response(prometheus_client.generate_latest(registry), media_type=prometheus_client.CONTENT_TYPE_LATEST)
 
