@@ -131,3 +131,16 @@ def test_selection_reports_every_reason(monkeypatch):
     monkeypatch.setenv("MOEMIX_DISABLED_KERNELS", "NativeCpuLinearKernel,DequantLinearKernel")
     with pytest.raises(ValueError, match="DequantLinearKernel: disabled by MOEMIX_DISABLED_KERNELS"):
         choose_linear_kernel(config, torch.device("cpu"))
+
+
+def test_what_serves_is_said_and_a_reference_fallback_explained(monkeypatch):
+    from vllm_moemix.routing import describe_served, reference_fallback_reason
+
+    native = {"experts": {"NativeCpuExpertsKernel (avx2)": 4}, "linears": {"NativeCpuLinearKernel (avx2)": 8}}
+    assert describe_served(native) == ("experts: NativeCpuExpertsKernel (avx2) x4; "
+                                       "linears: NativeCpuLinearKernel (avx2) x8")
+    assert reference_fallback_reason(native) is None
+    monkeypatch.setenv("MOEMIX_CPU_ISA", "sse2")
+    slow = {"experts": {"DequantExpertsKernel": 4}, "linears": {}}
+    assert describe_served(slow) == "experts: DequantExpertsKernel x4"
+    assert reference_fallback_reason(slow).startswith("MOEMIX_CPU_ISA=sse2 names no variant")

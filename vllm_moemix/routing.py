@@ -71,9 +71,12 @@ def worker_kernels(worker: Any) -> dict[str, dict[str, int]]:
 
 def reference_fallback_reason(served: dict[str, dict[str, int]]) -> str | None:
     """Why the slow reference kernel serves some layer on this machine's CPU, or None if none does."""
-    if not any(kernel.startswith("Dequant") for counts in served.values() for kernel in counts):
-        return None
     from vllm_moemix.layers.kernels.cpu import choose_variant
+    from vllm_moemix.layers.kernels.select import REFERENCE_KERNELS
+
+    reference = {k.__name__ for k in REFERENCE_KERNELS}
+    if not any(kernel in reference for counts in served.values() for kernel in counts):
+        return None
 
     variant, why = choose_variant()
     return why if variant is None else "a layer's shape does not fit the native kernel (see the engine log)"

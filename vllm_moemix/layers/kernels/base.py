@@ -42,17 +42,24 @@ class ExpertsConfig:
         return {s.bits for s in self.w13_specs + self.w2_specs}
 
 
-class LinearKernel(ABC):
-    def __init__(self, config: LinearConfig):
-        self.config = config
+class Kernel:
+    """What every kernel shares: its config, and the name it reports as serving."""
 
-    @classmethod
-    @abstractmethod
-    def can_implement(cls, config: LinearConfig, device: torch.device) -> tuple[bool, str | None]: ...
+    def __init__(self, config):
+        self.config = config
 
     def describe(self) -> str:
         """What serves, as logs, /v1/models and metrics name it (native CPU kernels add their ISA)."""
         return type(self).__name__
+
+
+class LinearKernel(Kernel, ABC):
+    def __init__(self, config: LinearConfig):
+        super().__init__(config)
+
+    @classmethod
+    @abstractmethod
+    def can_implement(cls, config: LinearConfig, device: torch.device) -> tuple[bool, str | None]: ...
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         """Repack layer.qweight/scales/qzeros into this kernel's layout (default: keep)."""
@@ -61,16 +68,13 @@ class LinearKernel(ABC):
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
 
 
-class ExpertsKernel(ABC):
+class ExpertsKernel(Kernel, ABC):
     def __init__(self, config: ExpertsConfig):
-        self.config = config
+        super().__init__(config)
 
     @classmethod
     @abstractmethod
     def can_implement(cls, config: ExpertsConfig, device: torch.device) -> tuple[bool, str | None]: ...
-
-    def describe(self) -> str:
-        return type(self).__name__
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         """Repack the layer's per-width expert groups (default: keep)."""
