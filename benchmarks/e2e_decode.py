@@ -69,7 +69,7 @@ def build_bf16(out: Path, layers: int, hidden: int, inter: int, experts: int) ->
 
 def build_moemix(src: Path, out: Path, experts: int) -> Path:
     from vllm_moemix.checkpoint.writer import quantize_checkpoint
-    from vllm_moemix.plan import Plan
+    from vllm_moemix.config.plan import Plan
 
     if not (out / "config.json").exists():
         quantize_checkpoint(src, Plan.from_dict(moemix_plan(experts)), out, progress=True)
@@ -81,9 +81,9 @@ def build_gptq(src: Path, out: Path) -> Path:
     from safetensors.torch import load_file, save_file
     from transformers import AutoConfig
 
-    from vllm_moemix.arch import quantizable_linears
+    from vllm_moemix.config.arch import quantizable_linears
     from vllm_moemix.quant.rtn import quantize_rtn
-    from vllm_moemix.spec import QuantSpec
+    from vllm_moemix.config.spec import QuantSpec
 
     if (out / "config.json").exists():
         return out
@@ -142,7 +142,7 @@ def load(model: Path, isa: str | None = None):
     from vllm import LLM
 
     from vllm_moemix.layers.kernels.cpu import ISA_ENV
-    from vllm_moemix.routing import EXTENSION
+    from vllm_moemix.layers.introspect import EXTENSION
 
     saved = os.environ.get(ISA_ENV)
     if isa:
@@ -171,7 +171,7 @@ def measure(checkpoints: list[tuple[str, Path, str | None]], reps: int) -> tuple
     Decode tok/s = batch * NEW_TOKENS / (best time for NEW_TOKENS + 1 tokens - best time for 1 token).
     Returns (measured rows, rows of checkpoints that could not be served here, with why).
     """
-    from vllm_moemix.routing import describe_served
+    from vllm_moemix.layers.introspect import describe_served
 
     engines, rows, unavailable = [], [], []
     for name, path, isa in tqdm(checkpoints, desc="load engines"):
@@ -266,10 +266,10 @@ def main() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from transformers import AutoConfig
 
-    from vllm_moemix.arch import quantizable_linears
-    from vllm_moemix.footprint import footprint
+    from vllm_moemix.config.arch import quantizable_linears
+    from vllm_moemix.config.footprint import footprint
     from vllm_moemix.layers.kernels.cpu import cpu_summary, variants
-    from vllm_moemix.plan import Plan
+    from vllm_moemix.config.plan import Plan
 
     work = Path(args.work) / f"mixtral-l{args.layers}-h{args.hidden}-i{args.inter}-e{args.experts}"
     src = build_bf16(work / "bf16", args.layers, args.hidden, args.inter, args.experts)

@@ -106,31 +106,23 @@ def moemix_layer(shape: LayerShape, widths: tuple[int, ...], isa: str | None = N
     """A module laid out like MoeMixMoEMethod.create_weights, its experts cycling through `widths`.
 
     `isa` forces a native variant (MOEMIX_CPU_ISA while the kernel is made; the kernel keeps it)."""
-    from vllm_moemix.layers.kernels.base import ExpertsConfig
+    from vllm_moemix.config.spec import QuantSpec
+    from vllm_moemix.layers.kernels import cpu
     from vllm_moemix.layers.kernels.select import choose_experts_kernel
-    from vllm_moemix.layers.moe import WidthGroups
-    from vllm_moemix.spec import QuantSpec
+    from vllm_moemix.layers.layout import ExpertsLayout
 
     specs = [QuantSpec(widths[e % len(widths)], GROUP) for e in range(shape.experts)]
     layer = torch.nn.Module()
-    layer.moemix_groups = {"w13": WidthGroups.build("w13", specs), "w2": WidthGroups.build("w2", specs)}
-    dims = {"w13": (shape.hidden, 2 * shape.inter), "w2": (shape.inter, shape.hidden)}
-    for proj, grp in layer.moemix_groups.items():
-        k, n = dims[proj]
-        for g, spec in enumerate(grp.specs):
-            e = len(grp.members[g])
-            layer.register_buffer(grp.param_name(g, "qweight"), random_codes(e, k * spec.bits // 32, n))
-            layer.register_buffer(grp.param_name(g, "scales"), (torch.rand(e, k // GROUP, n) * 1e-3).half())
-            layer.register_buffer(grp.param_name(g, "qzeros"),
-                                  torch.randint(0, 1 << spec.bits, (e, k // GROUP, n), dtype=torch.uint8))
-    layer.register_buffer("w13_where", layer.moemix_groups["w13"].where_tensor(shape.experts))
-    layer.register_buffer("w2_where", layer.moemix_groups["w2"].where_tensor(shape.experts))
-    layer.register_buffer("moemix_no_map", torch.empty(0, dtype=torch.int32))
-    layer.register_buffer("moemix_routed_tokens", torch.zeros(shape.experts, dtype=torch.int64))
     layer.expert_map = None
-    from vllm_moemix.layers.kernels import cpu
-
-    config = ExpertsConfig(tuple(specs), tuple(specs), shape.hidden, shape.inter, torch.bfloat16)
+    layout = ExpertsLayout.build(specs, specs, shape.hidden, shape.inter)
+    layout.register(layer)
+    for proj, grp in layout.groups().items():
+        for g, spec in enumerate(grp.specs):
+            qweight = getattr(layer, grp.param_name(g, "qweight"))
+            qweight.data = random_codes(*qweight.shape)
+            getattr(layer, grp.param_name(g, "scales")).data.uniform_(0, 1e-3)
+            getattr(layer, grp.param_name(g, "qzeros")).data.random_(0, 1 << spec.bits)
+    config = layout.kernel_config(torch.bfloat16)
     saved = os.environ.get(cpu.ISA_ENV)
     if isa:
         os.environ[cpu.ISA_ENV] = isa
@@ -140,12 +132,12 @@ def moemix_layer(shape: LayerShape, widths: tuple[int, ...], isa: str | None = N
         os.environ.pop(cpu.ISA_ENV, None) if saved is None else os.environ.__setitem__(cpu.ISA_ENV, saved)
     kernel.process_weights_after_loading(layer)
     per_expert = [0] * shape.experts
-    for proj, grp in layer.moemix_groups.items():
+    for proj, grp in layout.groups().items():
         for g, members in enumerate(grp.members):
             group_bytes = sum(getattr(layer, grp.param_name(g, s)).nbytes for s in ("qweight", "scales", "qzeros"))
             for e in members:
                 per_expert[e] += group_bytes // len(members)
-    return (lambda x, w, i: kernel.apply(layer, x, w, i)), kernel.describe(), per_expert
+    return (lambda x, w, i: kernel.apply(layer, x, w, layout.route(layer, i))), kernel.describe(), per_expert
 
 
 # ---- vLLM baselines -----------------------------------------------------------------------------------

@@ -176,7 +176,7 @@ def run(cmd: list[str], cwd: Path | None = None, env: dict | None = None) -> str
 
 
 def compare(logp: torch.Tensor, ref: torch.Tensor, ids: torch.Tensor) -> dict:
-    from vllm_moemix.evaluate import compare_logprobs
+    from vllm_moemix.report.evaluate import compare_logprobs
 
     cmp = compare_logprobs(logp, ref, ids)
     return {"kl": cmp.kl, "top1": cmp.top1, "ppl": cmp.perplexity}
@@ -185,14 +185,14 @@ def compare(logp: torch.Tensor, ref: torch.Tensor, ids: torch.Tensor) -> dict:
 def quality(llama: LlamaCpp, model: Path, work: Path, args) -> list[dict]:
     from transformers import AutoConfig, AutoTokenizer
 
-    from vllm_moemix.arch import quantizable_linears
+    from vllm_moemix.config.arch import quantizable_linears
     from vllm_moemix.checkpoint.writer import quantize_checkpoint
-    from vllm_moemix.evaluate import Windows, compare_to_reference, reference_logprobs
-    from vllm_moemix.footprint import footprint
-    from vllm_moemix.plan import Plan
+    from vllm_moemix.report.evaluate import Windows, compare_to_reference, reference_logprobs
+    from vllm_moemix.config.footprint import footprint
+    from vllm_moemix.config.plan import Plan
     from vllm_moemix.planning.pipeline import CalibrationConfig, build_context, plan_model
     from vllm_moemix.planning.units import Budget
-    from vllm_moemix.quant.calibrated import HessianGPTQ
+    from vllm_moemix.calibration.gptq import HessianGPTQ
 
     work.mkdir(parents=True, exist_ok=True)
     windows = Windows.from_text(AutoTokenizer.from_pretrained(model), args.heldout, max_windows=args.windows)
@@ -243,9 +243,9 @@ def speed(llama: LlamaCpp, args) -> list[dict]:
     if str(REPO) not in sys.path:  # run as a script: make the repository's `benchmarks` package importable
         sys.path.insert(0, str(REPO))
     from benchmarks.e2e_decode import build_bf16, generate_seconds, load
-    from vllm_moemix.arch import quantizable_linears
+    from vllm_moemix.config.arch import quantizable_linears
     from vllm_moemix.checkpoint.writer import quantize_checkpoint
-    from vllm_moemix.footprint import footprint
+    from vllm_moemix.config.footprint import footprint
     from vllm_moemix.planning.pipeline import plan_model
     from vllm_moemix.planning.units import Budget
 

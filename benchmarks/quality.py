@@ -24,12 +24,12 @@ from pathlib import Path
 from rich.console import Console
 
 from vllm_moemix.checkpoint.writer import RTNQuantizer, quantize_checkpoint
-from vllm_moemix.evaluate import Windows, compare_to_reference, perplexity_vllm, reference_logprobs
-from vllm_moemix.plan import Plan
+from vllm_moemix.report.evaluate import Windows, compare_to_reference, perplexity_vllm, reference_logprobs
+from vllm_moemix.config.plan import Plan
 from vllm_moemix.planning.pipeline import CalibrationConfig, build_context, plan_model
 from vllm_moemix.planning.strategies import STRATEGIES
 from vllm_moemix.planning.units import Budget
-from vllm_moemix.quant.calibrated import HessianGPTQ
+from vllm_moemix.calibration.gptq import HessianGPTQ
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -312,10 +312,10 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qweight, const a
 }
 
 // SwiGLU experts of mixed widths: sum_k topk_weights[t,k] * expert_{ids[t,k]}(x[t]).
-// Experts live in per-width groups; *_where[e] = (group, slot). expert_map maps global ids to
-// local ones (-1: another rank), empty = identity. routed_tokens[e] counts this call's tokens.
-at::Tensor fused_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
-                     const at::Tensor& expert_map, at::Tensor& routed_tokens, const at::Tensor& w13_where,
+// Experts live in per-width groups; *_where[e] = (group, slot). local_ids are this rank's expert ids
+// (-1: another rank's expert); mapping and routing counts are the layer's job (layers/layout.py).
+at::Tensor fused_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& local_ids,
+                     const at::Tensor& w13_where,
                      const at::Tensor& w2_where, at::TensorList w13_q, at::TensorList w13_s, at::TensorList w13_z,
                      at::IntArrayRef w13_bits, at::IntArrayRef w13_group, at::TensorList w2_q,
                      at::TensorList w2_s, at::TensorList w2_z, at::IntArrayRef w2_bits, at::IntArrayRef w2_group,
@@ -323,12 +323,11 @@ at::Tensor fused_moe(const at::Tensor& x, const at::Tensor& topk_weights, const 
   const IsaVariant& V = variant(isa);
   for (int64_t b : w13_bits) check_bits(b);
   for (int64_t b : w2_bits) check_bits(b);
-  const int64_t T = x.size(0), H = x.size(1), top_k = topk_ids.size(1), E = w13_where.size(0);
+  const int64_t T = x.size(0), H = x.size(1), top_k = local_ids.size(1), E = w13_where.size(0);
   const int64_t I = intermediate, N13 = 2 * I;
   const at::Tensor xf = as_float_rows(x);
-  const at::Tensor ids = topk_ids.to(at::kLong).contiguous();
+  const at::Tensor ids = local_ids.to(at::kLong).contiguous();
   const at::Tensor wts = topk_weights.to(at::kFloat).contiguous();
-  const at::Tensor map = expert_map.numel() ? expert_map.to(at::kLong).contiguous() : expert_map;
   const auto where13 = w13_where.accessor<int64_t, 2>();
   const auto where2 = w2_where.accessor<int64_t, 2>();
 
@@ -336,8 +335,7 @@ at::Tensor fused_moe(const at::Tensor& x, const at::Tensor& topk_weights, const 
   std::vector<int64_t> count(E + 1, 0), start(E + 1, 0);
   std::vector<int64_t> local(T * top_k);
   for (int64_t i = 0; i < T * top_k; ++i) {
-    int64_t e = ids.data_ptr<int64_t>()[i];
-    if (map.numel()) e = map.data_ptr<int64_t>()[e];
+    const int64_t e = ids.data_ptr<int64_t>()[i];
     local[i] = e;
     if (e >= 0) ++count[e];
   }
@@ -354,12 +352,9 @@ at::Tensor fused_moe(const at::Tensor& x, const at::Tensor& topk_weights, const 
       pair_weight[p] = wts.data_ptr<float>()[i];
     }
   }
-  auto routed = routed_tokens.accessor<int64_t, 1>();
   std::vector<int64_t> active;
-  for (int64_t e = 0; e < E; ++e) {
-    routed[e] += count[e];
+  for (int64_t e = 0; e < E; ++e)
     if (count[e]) active.push_back(e);
-  }
   at::Tensor out = at::zeros({T, H}, x.options().dtype(at::kFloat));
   if (P == 0) return out.to(x.scalar_type());
 
@@ -435,9 +430,8 @@ at::Tensor fused_moe(const at::Tensor& x, const at::Tensor& topk_weights, const 
 TORCH_LIBRARY_FRAGMENT(moemix, m) {
   m.def("cpu_linear(Tensor x, Tensor qweight, Tensor scales, Tensor qzeros, int bits, int group_size, str isa) -> Tensor");
   m.def(
-      "cpu_fused_moe(Tensor x, Tensor topk_weights, Tensor topk_ids, Tensor expert_map, Tensor(a!) routed_tokens, "
-      "Tensor w13_where, Tensor w2_where, Tensor[] w13_qweights, Tensor[] w13_scales, Tensor[] w13_qzeros, "
-      "int[] w13_bits, int[] w13_groups, Tensor[] w2_qweights, Tensor[] w2_scales, Tensor[] w2_qzeros, "
+      "cpu_fused_moe(Tensor x, Tensor topk_weights, Tensor local_ids, Tensor w13_where, Tensor w2_where, "
+      "Tensor[] w13_qweights, Tensor[] w13_scales, Tensor[] w13_qzeros, int[] w13_bits, int[] w13_groups, Tensor[] w2_qweights, Tensor[] w2_scales, Tensor[] w2_qzeros, "
       "int[] w2_bits, int[] w2_groups, int intermediate, str isa) -> Tensor");
 }
 

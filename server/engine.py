@@ -27,9 +27,9 @@ from server.admission import AdmissionGate, admission_limit
 from server.facts import WeightFacts, read_weight_facts
 from server.metrics import SharedPrometheusStatLogger, Throughput, throughput_logger_factory
 from server.settings import ModelSettings, ServerSettings, SettingsError, to_vllm_argv
-from vllm_moemix.routing import EXTENSION as ROUTING_EXTENSION
-from vllm_moemix.routing import describe_served, reference_fallback_reason
-from vllm_moemix.routing import merge as merge_routing
+from vllm_moemix.layers.introspect import EXTENSION as ROUTING_EXTENSION
+from vllm_moemix.layers.introspect import describe_served, reference_fallback_reason
+from vllm_moemix.config.routing_profile import merge as merge_routing
 
 logger = logging.getLogger("moemix.server")
 
@@ -91,11 +91,11 @@ class ModelEngine:
     start_seconds: float = 0.0
     stopped: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
-    routing: dict | None = None  # last expert-routing profile (vllm_moemix.routing.merge), moemix models only
+    routing: dict | None = None  # last expert-routing profile (vllm_moemix.config.routing_profile.merge), moemix models only
     routing_refresh_s: float = 5.0  # gather it from the workers at most this often
     routing_at: float = float("-inf")  # time.monotonic() of the last gathering
     _routing_lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False, repr=False)
-    kernels: dict[str, dict[str, int]] | None = None  # what serves (vllm_moemix.routing.worker_kernels), moemix only
+    kernels: dict[str, dict[str, int]] | None = None  # what serves (vllm_moemix.layers.introspect.worker_kernels), moemix only
 
     @property
     def counts_routing(self) -> bool:

@@ -26,7 +26,7 @@ from vllm.v1.metrics.perf import PerfMetricsProm
 from vllm.v1.metrics.prometheus import get_prometheus_registry
 from vllm.v1.spec_decode.metrics import SpecDecodingProm
 
-from vllm_moemix.routing import by_layer_and_bits
+from vllm_moemix.config.routing_profile import by_layer_and_bits
 
 if TYPE_CHECKING:
     from server.engine import EnginePool

@@ -81,7 +81,7 @@ def demo_server(tmp_path_factory):
 
     Shared by the deploy and load-test suites (one engine start). Yields (url, port)."""
     from vllm_moemix.checkpoint.writer import quantize_checkpoint
-    from vllm_moemix.plan import Plan
+    from vllm_moemix.config.plan import Plan
 
     tmp = tmp_path_factory.mktemp("demo-server")
     ckpt = tmp / "tiny-moemix"

@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from vllm_moemix.plan import Resolved, resolved_from_config
+from vllm_moemix.config.plan import Resolved, resolved_from_config
 from vllm_moemix.quant.tensors import SCALE_DTYPE
-from vllm_moemix.spec import PlanError, QuantSpec
+from vllm_moemix.config.spec import PlanError, QuantSpec
 
 QUANT_METHOD = "moemix"
 FORMAT_VERSION = 1

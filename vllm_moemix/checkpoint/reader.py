@@ -16,9 +16,9 @@ from safetensors.torch import save_file
 
 from vllm_moemix.checkpoint.format import SUFFIXES, load_config, read_quantization_config
 from vllm_moemix.checkpoint.source import INDEX, SafetensorsSource
-from vllm_moemix.plan import Resolved
+from vllm_moemix.config.plan import Resolved
 from vllm_moemix.quant.tensors import dequantize_kn
-from vllm_moemix.spec import PlanError
+from vllm_moemix.config.spec import PlanError
 
 
 def read_plan(ckpt_dir: str | Path) -> Resolved:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from vllm_moemix.spec import PlanError
+from vllm_moemix.config.spec import PlanError
 
 
 INDEX = "model.safetensors.index.json"

@@ -21,14 +21,14 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import AutoConfig
 
-from vllm_moemix.arch import LinearInfo, quantizable_linears
+from vllm_moemix.config.arch import LinearInfo, quantizable_linears
 from vllm_moemix.checkpoint.format import FORMAT_VERSION, QUANT_METHOD, is_checkpoint_dir
 from vllm_moemix.checkpoint.source import INDEX, SafetensorsSource
-from vllm_moemix.footprint import Footprint, footprint
-from vllm_moemix.plan import Plan, Resolved, resolved_to_config
+from vllm_moemix.config.footprint import Footprint, footprint
+from vllm_moemix.config.plan import Plan, Resolved, resolved_to_config
 from vllm_moemix.quant.rtn import quantize_rtn
 from vllm_moemix.quant.tensors import QuantizedWeight
-from vllm_moemix.spec import PlanError, QuantSpec
+from vllm_moemix.config.spec import PlanError, QuantSpec
 
 Quantizer = Callable[[str, torch.Tensor, QuantSpec], QuantizedWeight]
 """(linear name, float weight [N, K], spec) -> stored form. Called in decoder-layer order,

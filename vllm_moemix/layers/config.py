@@ -16,8 +16,8 @@ from vllm_moemix.checkpoint.format import QUANT_METHOD, read_quantization_config
 from vllm_moemix.checkpoint.source import SafetensorsSource
 from vllm_moemix.layers.linear import MoeMixLinearMethod
 from vllm_moemix.layers.moe import MoeMixMoEMethod
-from vllm_moemix.plan import Resolved, spec_to_value
-from vllm_moemix.spec import PlanError, QuantSpec
+from vllm_moemix.config.plan import Resolved, spec_to_value
+from vllm_moemix.config.spec import PlanError, QuantSpec
 
 
 @register_quantization_config(QUANT_METHOD)

@@ -8,12 +8,13 @@ import torch
 from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
 from vllm.model_executor.parameter import GroupQuantScaleParameter, ModelWeightParameter
 
-from vllm_moemix import packing
+from vllm_moemix.quant import packing
 from vllm_moemix.checkpoint.format import check_stored_tensor
 from vllm_moemix.layers.kernels.base import LinearConfig, LinearKernel
 from vllm_moemix.layers.kernels.select import choose_linear_kernel
+from vllm_moemix.layers.layout import TP_HINT
 from vllm_moemix.quant.tensors import SCALE_DTYPE
-from vllm_moemix.spec import PlanError, QuantSpec
+from vllm_moemix.config.spec import PlanError, QuantSpec
 
 
 @register_weight_loader_v2_supported_method
@@ -37,11 +38,7 @@ class MoeMixLinearMethod(LinearMethodBase):
         **extra_weight_attrs,
     ) -> None:
         spec, k, n = self.spec, input_size_per_partition, sum(output_partition_sizes)
-        if k % spec.group_size:
-            raise PlanError(
-                f"{self.prefix}: input dimension per tensor-parallel rank is {k} (of {input_size}), "
-                f"which group_size {spec.group_size} does not divide; use a smaller group size or less tensor parallelism"
-            )
+        spec.check_input_dim(k, self.prefix, f" (of {input_size}){TP_HINT}")
         loaded: Counter[str] = Counter()
         base_loader = extra_weight_attrs["weight_loader"]
         # The full (pre-TP) column count is known for an unfused linear; fused shards are checked by vLLM.

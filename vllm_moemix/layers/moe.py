@@ -1,70 +1,25 @@
 """vLLM fused-MoE method whose experts in one layer have different widths.
 
-vLLM's stock loader maps `experts.{e}.w1.qweight` to the layer attribute
-`w13_qweight` and calls its weight_loader with the global expert id. We
-register zero-size placeholders under those names whose loader routes each
-expert's tensors into per-width groups:
-
-    w13 group i (one QuantSpec): qweight [E_i, H*bits/32, 2*I], scales/qzeros [E_i, H/g, 2*I]
-    w2  group j (one QuantSpec): qweight [E_j, I*bits/32, H],   scales/qzeros [E_j, I/g, H]
-
-`w13_where[e] = (group, slot)` locates local expert e (w2_where likewise), so
-2-bit experts occupy 2 bits in memory next to 8-bit ones. Placeholders are
-removed after loading.
+vLLM's stock loader maps `experts.{e}.w1.qweight` to the layer attribute `w13_qweight` and calls its
+weight_loader with the global expert id. We register zero-size placeholders under those names whose loader
+routes each expert's tensors into the per-width groups of an `ExpertsLayout` (layout.py), so 2-bit experts
+occupy 2 bits in memory next to 8-bit ones. Placeholders are removed after loading.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
 
 import torch
 from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase
 from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 from vllm.model_executor.utils import set_weight_attrs
 
-from vllm_moemix import packing
 from vllm_moemix.checkpoint.format import SUFFIXES, check_stored_tensor
-from vllm_moemix.layers.kernels.base import ExpertsConfig, ExpertsKernel
+from vllm_moemix.config.spec import PlanError, QuantSpec
+from vllm_moemix.layers.kernels.base import ExpertsKernel
 from vllm_moemix.layers.kernels.select import choose_experts_kernel
-from vllm_moemix.quant.tensors import SCALE_DTYPE
-from vllm_moemix.spec import PlanError, QuantSpec
-
-PROJECTIONS = ("w13", "w2")
-
-
-@dataclass
-class WidthGroups:
-    """The experts of one projection (w13 or w2), grouped by QuantSpec."""
-
-    proj: str
-    specs: list[QuantSpec]
-    members: list[list[int]]  # group -> local expert ids, in slot order
-    where: dict[int, tuple[int, int]] = field(default_factory=dict)  # local expert -> (group, slot)
-
-    @classmethod
-    def build(cls, proj: str, specs_by_expert: list[QuantSpec]) -> WidthGroups:
-        specs = sorted(set(specs_by_expert))
-        members: list[list[int]] = [[] for _ in specs]
-        where = {}
-        for expert, spec in enumerate(specs_by_expert):
-            g = specs.index(spec)
-            where[expert] = (g, len(members[g]))
-            members[g].append(expert)
-        return cls(proj, specs, members, where)
-
-    @property
-    def bits(self) -> list[int]:
-        return [s.bits for s in self.specs]
-
-    def param_name(self, group: int, suffix: str) -> str:
-        return f"{self.proj}_g{group}_{suffix}"
-
-    def tensor_lists(self, layer: torch.nn.Module) -> tuple[list[torch.Tensor], ...]:
-        return tuple([getattr(layer, self.param_name(g, s)) for g in range(len(self.specs))] for s in SUFFIXES)
-
-    def where_tensor(self, num_experts: int) -> torch.Tensor:
-        return torch.tensor([self.where[e] for e in range(num_experts)], dtype=torch.int64).reshape(num_experts, 2)
+from vllm_moemix.layers.layout import PROJECTIONS, ExpertsLayout
 
 
 class MoeMixMoEMethod(FusedMoEMethodBase):
@@ -90,34 +45,8 @@ class MoeMixMoEMethod(FusedMoEMethodBase):
                 if local_id >= 0:
                     local_to_global[local_id] = global_id
         specs = [self.specs_by_global[g] for g in local_to_global]
-        groups = {
-            "w13": WidthGroups.build("w13", [s[0] for s in specs]),
-            "w2": WidthGroups.build("w2", [s[1] for s in specs]),
-        }
-        shapes = {"w13": (hidden_size, 2 * inter), "w2": (inter, hidden_size)}  # (K, N)
-        for proj, grp in groups.items():
-            k, n = shapes[proj]
-            for g, spec in enumerate(grp.specs):
-                if k % spec.group_size:
-                    raise PlanError(
-                        f"{self.prefix}: {proj} input dimension per rank is {k}, which group_size "
-                        f"{spec.group_size} does not divide; use a smaller group size or less tensor parallelism"
-                    )
-                e = len(grp.members[g])
-                zeros_shape = (0,) if spec.sym else (e, k // spec.group_size, n)
-                for suffix, shape, dtype in (
-                    ("qweight", (e, packing.packed_rows(k, spec.bits), n), torch.int32),
-                    ("scales", (e, k // spec.group_size, n), SCALE_DTYPE),
-                    ("qzeros", zeros_shape, torch.uint8),
-                ):
-                    layer.register_parameter(
-                        grp.param_name(g, suffix), torch.nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=False)
-                    )
-        layer.moemix_groups = groups
-        layer.register_buffer("w13_where", groups["w13"].where_tensor(num_experts), persistent=False)
-        layer.register_buffer("w2_where", groups["w2"].where_tensor(num_experts), persistent=False)
-        layer.register_buffer("moemix_no_map", torch.empty(0, dtype=torch.int32), persistent=False)
-        layer.register_buffer("moemix_routed_tokens", torch.zeros(num_experts, dtype=torch.int64), persistent=False)
+        layout = ExpertsLayout.build([s[0] for s in specs], [s[1] for s in specs], hidden_size, inter)
+        layout.register(layer, self.prefix)
         layer.moemix_local_to_global = local_to_global
         layer.moemix_loaded = Counter()
 
@@ -127,10 +56,7 @@ class MoeMixMoEMethod(FusedMoEMethodBase):
                 placeholder = torch.nn.Parameter(torch.empty(0), requires_grad=False)
                 layer.register_parameter(f"{proj}_{suffix}", placeholder)
                 set_weight_attrs(placeholder, {"weight_loader": loader})
-        self.experts_config = ExpertsConfig(
-            w13_specs=tuple(s[0] for s in specs), w2_specs=tuple(s[1] for s in specs),
-            hidden_size=hidden_size, intermediate_size=inter, act_dtype=params_dtype,
-        )
+        self.experts_config = layout.kernel_config(params_dtype)
 
     def _make_loader(self, layer, inter: int, hidden: int):
         tp_rank = self.moe.tp_rank
@@ -141,7 +67,7 @@ class MoeMixMoEMethod(FusedMoEMethodBase):
             if local == -1:
                 return False if return_success else None
             proj, suffix = weight_name.rsplit(".", 1)[-1].split("_", 1)
-            grp = layer.moemix_groups[proj]
+            grp = layer.moemix_layout.groups()[proj]
             g, slot = grp.where[local]
             spec = grp.specs[g]
             target = getattr(layer, grp.param_name(g, suffix))
@@ -167,8 +93,7 @@ class MoeMixMoEMethod(FusedMoEMethodBase):
         problems = []
         for local in range(layer.local_num_experts):
             for proj, shards in (("w13", ("w1", "w3")), ("w2", ("w2",))):
-                grp = layer.moemix_groups[proj]
-                spec = grp.specs[grp.where[local][0]]
+                spec = layer.moemix_layout.groups()[proj].spec_of(local)
                 for shard in shards:
                     for suffix in SUFFIXES[:2] if spec.sym else SUFFIXES:
                         times = layer.moemix_loaded[(shard, suffix, local)]
@@ -190,4 +115,4 @@ class MoeMixMoEMethod(FusedMoEMethodBase):
         layer.moemix_kernel = self.kernel.describe()
 
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input):
-        return self.kernel.apply(layer, x, topk_weights, topk_ids)
+        return self.kernel.apply(layer, x, topk_weights, ExpertsLayout.route(layer, topk_ids))

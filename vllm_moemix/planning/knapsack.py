@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Hashable
 from dataclasses import dataclass
 
-from vllm_moemix.spec import PlanError
+from vllm_moemix.config.spec import PlanError
 
 
 @dataclass(frozen=True)

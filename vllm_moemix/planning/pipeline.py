@@ -15,15 +15,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from vllm_moemix.calibration import DEFAULT_CALIB, LayerStats, LayerwiseModel, calibration_samples, iterate_layers
-from vllm_moemix.footprint import Footprint, footprint
-from vllm_moemix.plan import Plan
+from vllm_moemix.calibration.layerwise import DEFAULT_CALIB, LayerStats, LayerwiseModel, calibration_samples, iterate_layers
+from vllm_moemix.config.footprint import Footprint, footprint
+from vllm_moemix.config.plan import Plan
 from vllm_moemix.planning import scores
 from vllm_moemix.planning.strategies import STRATEGIES, Assignment, PlanningContext
 from vllm_moemix.planning.units import Budget, Unit, assignment_to_plan, planning_units
 from vllm_moemix.quant.gptq import gptq_quantize
 from vllm_moemix.quant.rtn import quantize_rtn
-from vllm_moemix.spec import SUPPORTED_BITS, PlanError, QuantSpec
+from vllm_moemix.config.spec import SUPPORTED_BITS, PlanError, QuantSpec
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Pure scorers of weights and calibration statistics. Higher score = deserves more bits.
 
 Each function cites where it comes from; all are unit-tested on hand-built
-weights whose right answer is known (tests/test_scores.py).
+weights whose right answer is known (tests/planning/test_planning.py).
 """
 
 from __future__ import annotations

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vllm_moemix.arch import ROLE_ATTENTION, ROLE_EXPERT, ROLE_SHARED, LinearInfo
-from vllm_moemix.calibration import LayerStats
+from vllm_moemix.config.arch import ROLE_ATTENTION, ROLE_EXPERT, ROLE_SHARED, LinearInfo
+from vllm_moemix.calibration.layerwise import LayerStats
 from vllm_moemix.planning import knapsack, scores
 from vllm_moemix.planning.units import Budget, Unit
-from vllm_moemix.spec import SUPPORTED_BITS, PlanError, QuantSpec
+from vllm_moemix.config.spec import SUPPORTED_BITS, PlanError, QuantSpec
 
 Assignment = dict[Unit, QuantSpec | None]
 

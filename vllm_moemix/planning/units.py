@@ -12,9 +12,9 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from vllm_moemix.arch import ROLE_EXPERT, LinearInfo
-from vllm_moemix.plan import Plan, Resolved
-from vllm_moemix.spec import PlanError, QuantSpec
+from vllm_moemix.config.arch import ROLE_EXPERT, LinearInfo
+from vllm_moemix.config.plan import Plan, Resolved
+from vllm_moemix.config.spec import PlanError, QuantSpec
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from vllm_moemix import packing
+from vllm_moemix.quant import packing
 from vllm_moemix.quant.rtn import group_params
 from vllm_moemix.quant.tensors import SCALE_DTYPE, QuantizedWeight
-from vllm_moemix.spec import QuantSpec
+from vllm_moemix.config.spec import QuantSpec
 
 
 class HessianAccumulator:
@@ -50,7 +50,7 @@ def gptq_quantize(
 
     static_groups (default): take each group's scale/zero from the original weights, not the
     error-updated ones as reference GPTQ does (act_order requires it). Measured on correlated
-    inputs, 2-bit sym: output error 117 static vs 206 dynamic vs 184 RTN (tests/test_gptq.py).
+    inputs, 2-bit sym: output error 117 static vs 206 dynamic vs 184 RTN (tests/quant/test_gptq.py).
     """
     static_groups = static_groups or act_order
     n, k = weight.shape

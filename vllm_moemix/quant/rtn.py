@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from vllm_moemix import packing
+from vllm_moemix.quant import packing
 from vllm_moemix.quant.tensors import SCALE_DTYPE, QuantizedWeight
-from vllm_moemix.spec import QuantSpec
+from vllm_moemix.config.spec import QuantSpec
 
 _MIN_SCALE = 1e-7  # keeps all-zero groups finite; fp16 represents it as a subnormal
 

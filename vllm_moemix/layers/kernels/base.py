@@ -1,9 +1,11 @@
 """The one small interface every moemix kernel implements.
 
 Like vLLM's mixed-precision linear kernels (Marlin, Machete, Exllama), each
-kernel says whether it `can_implement` a configuration on a device and why not;
-`select.py` walks kernels in priority order and reports every reason when none
-fits. Layers own the parameters (created from the checkpoint format); kernels
+kernel says whether it `can_implement` a configuration on a device and why not,
+in two questions: can this hardware run it (`can_run_on`), and does it support
+this configuration (`supports`: widths, group sizes, shapes — what a planner may
+ask without the hardware). `select.py` walks kernels in priority order and
+reports every reason when none fits. Layers own the parameters (created from the checkpoint format); kernels
 may repack them once in `process_weights_after_loading`, then `apply`.
 """
 
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_moemix.spec import QuantSpec
+from vllm_moemix.config.spec import QuantSpec
 
 
 @dataclass(frozen=True)
@@ -52,14 +54,25 @@ class Kernel:
         """What serves, as logs, /v1/models and metrics name it (native CPU kernels add their ISA)."""
         return type(self).__name__
 
+    @classmethod
+    def can_run_on(cls, device: torch.device) -> tuple[bool, str | None]:
+        """Can this device (and this CPU's instruction set) run the kernel at all."""
+        return True, None
+
+    @classmethod
+    def supports(cls, config) -> tuple[bool, str | None]:
+        """Does the kernel handle this configuration (widths, group sizes, shapes) wherever it runs."""
+        return True, None
+
+    @classmethod
+    def can_implement(cls, config, device: torch.device) -> tuple[bool, str | None]:
+        ok, why = cls.can_run_on(device)
+        return cls.supports(config) if ok else (False, why)
+
 
 class LinearKernel(Kernel, ABC):
     def __init__(self, config: LinearConfig):
         super().__init__(config)
-
-    @classmethod
-    @abstractmethod
-    def can_implement(cls, config: LinearConfig, device: torch.device) -> tuple[bool, str | None]: ...
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         """Repack layer.qweight/scales/qzeros into this kernel's layout (default: keep)."""
@@ -72,10 +85,6 @@ class ExpertsKernel(Kernel, ABC):
     def __init__(self, config: ExpertsConfig):
         super().__init__(config)
 
-    @classmethod
-    @abstractmethod
-    def can_implement(cls, config: ExpertsConfig, device: torch.device) -> tuple[bool, str | None]: ...
-
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         """Repack the layer's per-width expert groups (default: keep)."""
 
@@ -85,6 +94,7 @@ class ExpertsKernel(Kernel, ABC):
         layer: torch.nn.Module,
         x: torch.Tensor,
         topk_weights: torch.Tensor,
-        topk_ids: torch.Tensor,
+        local_ids: torch.Tensor,
     ) -> torch.Tensor:
-        """Weighted sum of the routed experts' SwiGLU MLPs, [T, H] in x's dtype."""
+        """Weighted sum of the routed experts' SwiGLU MLPs, [T, H] in x's dtype. `local_ids` are this rank's
+        expert ids (-1: another rank's), already mapped and counted by `ExpertsLayout.route`."""

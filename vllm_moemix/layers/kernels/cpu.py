@@ -100,12 +100,22 @@ def _native():
     return module
 
 
-def _can_run(device: torch.device, output_dims: list[int]) -> tuple[bool, str | None]:
+def _runs_on(device: torch.device) -> tuple[bool, str | None]:
     if device.type != "cpu":
         return False, f"native kernels run on CPU, not {device.type}"
     variant, why = choose_variant()
+    return variant is not None, why
+
+
+def _tiles_fit(output_dims: list[int]) -> tuple[bool, str | None]:
+    """Every width and group size runs natively; output dimensions must fill whole column tiles of the variant
+    this CPU runs (elsewhere: of the widest variant built, so the answer holds on every CPU)."""
+    variant, _ = choose_variant()
     if variant is None:
-        return False, why
+        module, why = _native_status()
+        if module is None:
+            return False, why
+        variant = max(variants(), key=lambda v: v.tile)
     for n in output_dims:
         if n % variant.tile:
             return False, f"output dimension {n} is not a multiple of {variant.tile} (the {variant.name} tile width)"
@@ -131,9 +141,7 @@ def _register_fakes() -> None:
         return x.new_empty(x.shape[0], qweight.numel() * 32 // (x.shape[1] * bits))
 
     @torch.library.register_fake("moemix::cpu_fused_moe")
-    def _(x, topk_weights, topk_ids, expert_map, routed_tokens, w13_where, w2_where, w13_qweights, w13_scales,
-          w13_qzeros, w13_bits, w13_groups, w2_qweights, w2_scales, w2_qzeros, w2_bits, w2_groups, intermediate,
-          isa):
+    def _(x, *layout_args):
         return torch.empty_like(x)
 
 
@@ -153,8 +161,12 @@ class _NativeCpuKernel:
 
 class NativeCpuLinearKernel(_NativeCpuKernel, LinearKernel):
     @classmethod
-    def can_implement(cls, config: LinearConfig, device: torch.device) -> tuple[bool, str | None]:
-        return _can_run(device, [config.out_features])
+    def can_run_on(cls, device: torch.device) -> tuple[bool, str | None]:
+        return _runs_on(device)
+
+    @classmethod
+    def supports(cls, config: LinearConfig) -> tuple[bool, str | None]:
+        return _tiles_fit([config.out_features])
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         zeros = getattr(layer, "qzeros", None)
@@ -178,11 +190,15 @@ class NativeCpuLinearKernel(_NativeCpuKernel, LinearKernel):
 
 class NativeCpuExpertsKernel(_NativeCpuKernel, ExpertsKernel):
     @classmethod
-    def can_implement(cls, config: ExpertsConfig, device: torch.device) -> tuple[bool, str | None]:
-        return _can_run(device, [2 * config.intermediate_size, config.hidden_size])
+    def can_run_on(cls, device: torch.device) -> tuple[bool, str | None]:
+        return _runs_on(device)
+
+    @classmethod
+    def supports(cls, config: ExpertsConfig) -> tuple[bool, str | None]:
+        return _tiles_fit([2 * config.intermediate_size, config.hidden_size])
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        for grp in layer.moemix_groups.values():
+        for grp in layer.moemix_layout.groups().values():
             for g, spec in enumerate(grp.specs):
                 names = [grp.param_name(g, s) for s in ("qweight", "scales", "qzeros")]
                 q, s, z = repack_for_cpu(*(getattr(layer, n).data for n in names), spec.bits, self.isa)
@@ -191,12 +207,6 @@ class NativeCpuExpertsKernel(_NativeCpuKernel, ExpertsKernel):
                 if z is not None:
                     _replace(layer, names[2], z)
 
-    def apply(self, layer, x, topk_weights, topk_ids):
-        w13, w2 = layer.moemix_groups["w13"], layer.moemix_groups["w2"]
-        expert_map = layer.expert_map if layer.expert_map is not None else layer.moemix_no_map
-        return torch.ops.moemix.cpu_fused_moe(
-            x, topk_weights, topk_ids, expert_map, layer.moemix_routed_tokens, layer.w13_where, layer.w2_where,
-            *w13.tensor_lists(layer), w13.bits, [s.group_size for s in w13.specs],
-            *w2.tensor_lists(layer), w2.bits, [s.group_size for s in w2.specs],
-            self.config.intermediate_size, self.isa,
-        )
+    def apply(self, layer, x, topk_weights, local_ids):
+        return torch.ops.moemix.cpu_fused_moe(x, topk_weights, local_ids, *layer.moemix_layout.op_args(layer),
+                                              self.config.intermediate_size, self.isa)

@@ -6,10 +6,11 @@ partitioned by their (w13 spec, w2 spec) pair rather than by width group: a pair
 at load with vLLM's own `gptq_marlin_moe_repack` / `marlin_moe_permute_scales` / `marlin_zero_points`;
 every other pair is a Triton partition (`triton_moe.moe_width_group`). The per-width groups the loader
 filled are replaced by the partitions (same bytes: Marlin repacking does not widen), so memory stays
-what the plan says. Each partition sees the router's global ids through its own expert map (-1: not in
-this partition, or on another expert-parallel rank) and the partial outputs are summed.
+what the plan says. Each partition sees this rank's local expert ids through its own expert map (-1: not
+in this partition; one sentinel entry past the local experts stands for "another rank's expert") and the
+partial outputs are summed.
 
-Only the shape and partition logic runs on this project's CI (no GPU); see tests/test_marlin_glue.py.
+Only the shape and partition logic runs on this project's CI (no GPU); see tests/layers/test_marlin_glue.py.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_moemix.layers.kernels.base import ExpertsConfig, ExpertsKernel
-from vllm_moemix.spec import QuantSpec
+from vllm_moemix.config.spec import QuantSpec
 
 MARLIN_GROUP_SIZES = (32, 64, 128)
 MIN_CAPABILITY = (8, 0)
@@ -69,17 +70,17 @@ def partition_experts(config: ExpertsConfig) -> list[Partition]:
     return list(parts.values())
 
 
-def partition_expert_map(part: Partition, local_of_global: torch.Tensor, num_local: int) -> torch.Tensor:
-    """Global expert id -> slot in this partition, -1 where the expert is elsewhere (int32)."""
-    slot_of_local = torch.full((num_local,), -1, dtype=torch.int32)
+def partition_expert_map(part: Partition, num_local: int) -> torch.Tensor:
+    """Local expert id -> slot in this partition, -1 where the expert is elsewhere (int32, num_local + 1 long:
+    the last entry is the sentinel that ids of other ranks' experts are sent to)."""
+    slot_of_local = torch.full((num_local + 1,), -1, dtype=torch.int32)
     slot_of_local[torch.tensor(part.experts)] = torch.arange(len(part.experts), dtype=torch.int32)
-    mapped = slot_of_local[local_of_global.clamp(min=0).long()]
-    return torch.where(local_of_global >= 0, mapped, torch.full_like(mapped, -1))
+    return slot_of_local
 
 
 def gather(layer: torch.nn.Module, proj: str, experts: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stack the qweight/scales/qzeros of `experts` out of the layer's width groups."""
-    grp = layer.moemix_groups[proj]
+    grp = layer.moemix_layout.groups()[proj]
     where = [grp.where[e] for e in experts]
     out = []
     for suffix in ("qweight", "scales", "qzeros"):
@@ -109,13 +110,11 @@ def to_marlin(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
     return marlin_q, marlin_s, marlin_z
 
 
-@torch.library.custom_op("moemix::marlin_moe", mutates_args=("routed_tokens",))
+@torch.library.custom_op("moemix::marlin_moe", mutates_args=())
 def marlin_moe(
     x: torch.Tensor,
     topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor,
-    local_of_global: torch.Tensor,
-    routed_tokens: torch.Tensor,
+    local_ids: torch.Tensor,
     maps: list[torch.Tensor],
     tensors: list[torch.Tensor],
     kinds: list[int],
@@ -128,36 +127,39 @@ def marlin_moe(
 
     from vllm_moemix.layers.kernels.triton_moe import moe_width_group
 
-    local = local_of_global.long()[topk_ids.long()]
-    routed_tokens += torch.bincount(local[local >= 0], minlength=routed_tokens.numel()).to(routed_tokens.dtype)
+    ids = torch.where(local_ids < 0, maps[0].numel() - 1, local_ids)  # other ranks' experts -> the sentinel
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for p, (emap, kind) in enumerate(zip(maps, kinds)):
         q13, s13, z13, q2, s2, z2 = tensors[6 * p: 6 * p + 6]
         bits13, group13, bits2, group2 = specs[4 * p: 4 * p + 4]
         if kind >= 0:
             out += fused_marlin_moe(
-                x, q13, q2, None, None, s13, s2, topk_weights, topk_ids, quant_type_id=kind,
+                x, q13, q2, None, None, s13, s2, topk_weights, ids, quant_type_id=kind,
                 global_num_experts=emap.numel(), expert_map=emap,
                 w1_zeros=z13 if z13.numel() else None, w2_zeros=z2 if z2.numel() else None,
             ).float()
         else:
-            out += moe_width_group(x, topk_weights, emap.long()[topk_ids.long()].to(torch.int32), q13, s13, z13,
+            out += moe_width_group(x, topk_weights, emap[ids], q13, s13, z13,
                                    q2, s2, z2, bits13, group13, bits2, group2)
     return out.to(x.dtype)
 
 
 @marlin_moe.register_fake
-def _(x, topk_weights, topk_ids, local_of_global, routed_tokens, maps, tensors, kinds, specs):
+def _(x, topk_weights, local_ids, maps, tensors, kinds, specs):
     return torch.empty_like(x)
 
 
 class MarlinExpertsKernel(ExpertsKernel):
     @classmethod
-    def can_implement(cls, config: ExpertsConfig, device: torch.device) -> tuple[bool, str | None]:
+    def can_run_on(cls, device: torch.device) -> tuple[bool, str | None]:
         if device.type != "cuda":
             return False, f"Marlin runs on CUDA, not {device.type}"
         if torch.cuda.get_device_capability(device) < MIN_CAPABILITY:
             return False, f"Marlin needs compute capability >= {MIN_CAPABILITY}"
+        return True, None
+
+    @classmethod
+    def supports(cls, config: ExpertsConfig) -> tuple[bool, str | None]:
         parts = partition_experts(config)
         if not any(p.marlin for p in parts):
             reasons = {marlin_pair_reason(p.w13, p.w2, config.hidden_size, config.intermediate_size) for p in parts}
@@ -166,9 +168,6 @@ class MarlinExpertsKernel(ExpertsKernel):
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         num_local = len(self.config.w13_specs)
-        expert_map = getattr(layer, "expert_map", None)
-        local_of_global = (expert_map.to(torch.int32) if expert_map is not None
-                           else torch.arange(num_local, dtype=torch.int32)).cpu()
         self.partitions = partition_experts(self.config)
         maps, tensors, kinds, specs = [], [], [], []
         for part in self.partitions:
@@ -181,18 +180,16 @@ class MarlinExpertsKernel(ExpertsKernel):
                 kinds.append(-1)
             empty = torch.empty(0, dtype=torch.int32, device=w13[0].device)
             tensors += [t if t is not None else empty for t in (*w13, *w2)]
-            maps.append(partition_expert_map(part, local_of_global, num_local).to(w13[0].device))
+            maps.append(partition_expert_map(part, num_local).to(w13[0].device))
             specs += [part.w13.bits, part.w13.group_size, part.w2.bits, part.w2.group_size]
-        for grp in layer.moemix_groups.values():  # the partitions replace the width groups
+        for grp in layer.moemix_layout.groups().values():  # the partitions replace the width groups
             for g in range(len(grp.specs)):
                 for suffix in ("qweight", "scales", "qzeros"):
                     delattr(layer, grp.param_name(g, suffix))
         for i, t in enumerate(tensors):
             layer.register_buffer(f"moemix_part_{i}", t, persistent=False)
-        layer.register_buffer("moemix_local_of_global", local_of_global.to(tensors[0].device), persistent=False)
         self.maps, self.kinds, self.specs, self.num_tensors = maps, kinds, specs, len(tensors)
 
-    def apply(self, layer, x, topk_weights, topk_ids):
+    def apply(self, layer, x, topk_weights, local_ids):
         tensors = [getattr(layer, f"moemix_part_{i}") for i in range(self.num_tensors)]
-        return torch.ops.moemix.marlin_moe(x, topk_weights, topk_ids, layer.moemix_local_of_global,
-                                           layer.moemix_routed_tokens, self.maps, tensors, self.kinds, self.specs)
+        return torch.ops.moemix.marlin_moe(x, topk_weights, local_ids, self.maps, tensors, self.kinds, self.specs)

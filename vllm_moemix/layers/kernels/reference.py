@@ -10,14 +10,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vllm_moemix.layers.kernels.base import ExpertsConfig, ExpertsKernel, LinearConfig, LinearKernel
+from vllm_moemix.layers.kernels.base import ExpertsKernel, LinearKernel
 from vllm_moemix.quant.tensors import dequantize_kn
 
 
 class DequantLinearKernel(LinearKernel):
-    @classmethod
-    def can_implement(cls, config: LinearConfig, device: torch.device) -> tuple[bool, str | None]:
-        return True, None
+    """Runs everywhere, everything (the base class answers yes to both questions)."""
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         w = dequantize_kn(layer.qweight, layer.scales, getattr(layer, "qzeros", None), self.config.spec.bits, x.dtype)
@@ -30,43 +28,37 @@ def _expert_weight(qweights: list[torch.Tensor], scales: list[torch.Tensor], qze
     return dequantize_kn(qweights[group][slot], scales[group][slot], qzeros[group][slot] if qzeros[group].numel() else None, bits[group], dtype)
 
 
-@torch.library.custom_op("moemix::dequant_moe", mutates_args=("routed_tokens",))
+@torch.library.custom_op("moemix::dequant_moe", mutates_args=())
 def dequant_moe(
     x: torch.Tensor,
     topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor,
-    expert_map: torch.Tensor,
-    routed_tokens: torch.Tensor,
+    local_ids: torch.Tensor,
     w13_where: torch.Tensor,
     w2_where: torch.Tensor,
     w13_qweights: list[torch.Tensor],
     w13_scales: list[torch.Tensor],
     w13_qzeros: list[torch.Tensor],
     w13_bits: list[int],
+    w13_groups: list[int],
     w2_qweights: list[torch.Tensor],
     w2_scales: list[torch.Tensor],
     w2_qzeros: list[torch.Tensor],
     w2_bits: list[int],
+    w2_groups: list[int],
 ) -> torch.Tensor:
-    """SwiGLU experts with per-expert widths.
+    """SwiGLU experts with per-expert widths, in the argument order of `ExpertsLayout.op_args`.
 
-    `*_where[e] = (group, slot)` locates local expert e in the per-width groups.
-    `expert_map` maps global to local ids (-1: not on this rank); empty = identity.
-    `routed_tokens[e]` (int64, per local expert) is incremented by the tokens routed to e: the
-    serving-time usage profile. Opaque to torch.compile: routing is data-dependent.
+    `local_ids` [T, k] are this rank's expert ids (-1: another rank's); `*_where[e] = (group, slot)`
+    locates local expert e in the per-width groups (the group size is implied by the scales' shape).
+    Opaque to torch.compile: routing is data-dependent.
     """
-    num_tokens, top_k = topk_ids.shape
-    ids = topk_ids.to(torch.int64)
-    if expert_map.numel():
-        ids = expert_map.to(torch.int64)[ids]
-    flat_ids = ids.reshape(-1)
+    num_tokens, top_k = local_ids.shape
+    flat_ids = local_ids.reshape(-1).to(torch.int64)
     flat_weights = topk_weights.reshape(-1).to(torch.float32)
     token_of = torch.arange(num_tokens, device=x.device).repeat_interleave(top_k)
     out = torch.zeros(num_tokens, x.shape[1], dtype=torch.float32, device=x.device)
     order = torch.argsort(flat_ids, stable=True)
     experts, counts = torch.unique_consecutive(flat_ids[order], return_counts=True)
-    local = experts >= 0
-    routed_tokens.index_add_(0, experts[local], counts[local].to(routed_tokens.dtype))
     start = 0
     for expert, count in zip(experts.tolist(), counts.tolist()):
         rows = order[start : start + count]
@@ -86,22 +78,10 @@ def dequant_moe(
 
 
 @dequant_moe.register_fake
-def _(x, topk_weights, topk_ids, expert_map, routed_tokens, w13_where, w2_where, w13_qweights, w13_scales, w13_qzeros, w13_bits,
-      w2_qweights, w2_scales, w2_qzeros, w2_bits):
+def _(x, *layout_args):
     return torch.empty_like(x)
 
 
 class DequantExpertsKernel(ExpertsKernel):
-    @classmethod
-    def can_implement(cls, config: ExpertsConfig, device: torch.device) -> tuple[bool, str | None]:
-        return True, None
-
-    def apply(self, layer, x, topk_weights, topk_ids):
-        w13, w2 = layer.moemix_groups["w13"], layer.moemix_groups["w2"]
-        expert_map = layer.expert_map
-        if expert_map is None:
-            expert_map = layer.moemix_no_map
-        return torch.ops.moemix.dequant_moe(
-            x, topk_weights, topk_ids, expert_map, layer.moemix_routed_tokens, layer.w13_where, layer.w2_where,
-            *w13.tensor_lists(layer), w13.bits, *w2.tensor_lists(layer), w2.bits,
-        )
+    def apply(self, layer, x, topk_weights, local_ids):
+        return torch.ops.moemix.dequant_moe(x, topk_weights, local_ids, *layer.moemix_layout.op_args(layer))

@@ -14,7 +14,7 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-from vllm_moemix.layers.kernels.base import ExpertsConfig, ExpertsKernel, LinearConfig, LinearKernel
+from vllm_moemix.layers.kernels.base import ExpertsKernel, LinearKernel
 
 
 def _run_stage(a, a_row, slot_of_pair, group_of_pair, out, qweights, scales, qzeros, bits, groups, mult=None):
@@ -51,13 +51,11 @@ def _moe(x, topk_weights, local_ids, where13, where2, w13, w2) -> torch.Tensor:
     return torch.zeros(num_tokens, x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, token_of_pair, down)
 
 
-@torch.library.custom_op("moemix::triton_moe", mutates_args=("routed_tokens",))
+@torch.library.custom_op("moemix::triton_moe", mutates_args=())
 def triton_moe(
     x: torch.Tensor,
     topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor,
-    expert_map: torch.Tensor,
-    routed_tokens: torch.Tensor,
+    local_ids: torch.Tensor,
     w13_where: torch.Tensor,
     w2_where: torch.Tensor,
     w13_qweights: list[torch.Tensor],
@@ -71,21 +69,15 @@ def triton_moe(
     w2_bits: list[int],
     w2_groups: list[int],
 ) -> torch.Tensor:
-    """Same contract as `moemix::dequant_moe` (routing counts included), opaque to torch.compile."""
-    ids = topk_ids.to(torch.int64)
-    if expert_map.numel():
-        ids = expert_map.to(torch.int64)[ids]
-    local = ids[ids >= 0]
-    routed_tokens += torch.bincount(local, minlength=routed_tokens.numel()).to(routed_tokens.dtype)
-    out = _moe(x, topk_weights, ids, w13_where, w2_where,
+    """Same contract as `moemix::dequant_moe`, opaque to torch.compile."""
+    out = _moe(x, topk_weights, local_ids, w13_where, w2_where,
                (w13_qweights, w13_scales, w13_qzeros, w13_bits, w13_groups),
                (w2_qweights, w2_scales, w2_qzeros, w2_bits, w2_groups))
     return out.to(x.dtype)
 
 
 @triton_moe.register_fake
-def _(x, topk_weights, topk_ids, expert_map, routed_tokens, w13_where, w2_where, w13_qweights, w13_scales,
-      w13_qzeros, w13_bits, w13_groups, w2_qweights, w2_scales, w2_qzeros, w2_bits, w2_groups):
+def _(x, *layout_args):
     return torch.empty_like(x)
 
 
@@ -133,7 +125,7 @@ def _triton_on(device: torch.device) -> tuple[bool, str | None]:
 
 class TritonLinearKernel(LinearKernel):
     @classmethod
-    def can_implement(cls, config: LinearConfig, device: torch.device) -> tuple[bool, str | None]:
+    def can_run_on(cls, device: torch.device) -> tuple[bool, str | None]:
         return _triton_on(device)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -149,14 +141,8 @@ class TritonLinearKernel(LinearKernel):
 
 class TritonExpertsKernel(ExpertsKernel):
     @classmethod
-    def can_implement(cls, config: ExpertsConfig, device: torch.device) -> tuple[bool, str | None]:
+    def can_run_on(cls, device: torch.device) -> tuple[bool, str | None]:
         return _triton_on(device)
 
-    def apply(self, layer, x, topk_weights, topk_ids):
-        w13, w2 = layer.moemix_groups["w13"], layer.moemix_groups["w2"]
-        expert_map = layer.expert_map if layer.expert_map is not None else layer.moemix_no_map
-        return torch.ops.moemix.triton_moe(
-            x, topk_weights, topk_ids, expert_map, layer.moemix_routed_tokens, layer.w13_where, layer.w2_where,
-            *w13.tensor_lists(layer), w13.bits, [s.group_size for s in w13.specs],
-            *w2.tensor_lists(layer), w2.bits, [s.group_size for s in w2.specs],
-        )
+    def apply(self, layer, x, topk_weights, local_ids):
+        return torch.ops.moemix.triton_moe(x, topk_weights, local_ids, *layer.moemix_layout.op_args(layer))

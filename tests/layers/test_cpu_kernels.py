@@ -1,0 +1,260 @@
+"""Native CPU kernels (csrc/) against the reference math, for every ISA variant this CPU runs.
+
+Two kinds of checks: with activations that int8 represents exactly, the kernel must equal the
+dequantized float matmul (this pins down unpacking, layouts, scales and zero points); with random
+activations it must equal the same math on per-32-value fake-quantized activations, and stay
+within a few percent of unquantized activations.
+
+Numeric tests run once per variant (`isa` fixture): the fastest one and every lower one forced through
+MOEMIX_CPU_ISA, so an AVX-512 machine also checks the AVX2 path. A variant is skipped only when the CPU
+lacks its ISA, and the skip names what is missing. Layout tests need no particular ISA.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.support import H, I, SPECS2, SPECS13, MixedExperts, routing, run_experts
+from vllm_moemix.layers.layout import routed_tokens
+from vllm_moemix.quant import packing
+from vllm_moemix.layers.kernels import cpu
+from vllm_moemix.layers.kernels.base import ExpertsConfig, LinearConfig
+from vllm_moemix.layers.kernels.cpu import NativeCpuExpertsKernel, NativeCpuLinearKernel
+from vllm_moemix.layers.kernels.select import choose_experts_kernel, choose_linear_kernel
+from vllm_moemix.quant.rtn import quantize_rtn
+from vllm_moemix.config.spec import QuantSpec
+
+native_ok, native_why = cpu._native_status()
+pytestmark = pytest.mark.skipif(not native_ok, reason=f"native CPU kernels unavailable: {native_why}")
+VARIANTS = {v.name: v for v in cpu.variants()} or {"avx512_vnni": None, "avx_vnni": None, "avx2": None}
+
+
+@pytest.fixture(params=list(VARIANTS))
+def isa(request, monkeypatch):
+    """Run the test with this variant forced; skip (naming the missing flags) where the CPU lacks it."""
+    variant = VARIANTS[request.param]
+    if not variant.supported:
+        pytest.skip(f"CPU lacks {', '.join(variant.missing)} (needed by the {variant.name} variant)")
+    monkeypatch.setenv(cpu.ISA_ENV, variant.name)
+    return variant
+
+
+def int8_exact(tokens: int, k: int, seed: int = 0) -> torch.Tensor:
+    """Integer activations in [-127, 127] with 127 in every 32-block: int8 quantization is lossless."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(-127, 128, (tokens, k), generator=gen).float()
+    x[:, ::32] = 127.0
+    return x
+
+
+def fake_quant(x: torch.Tensor) -> torch.Tensor:
+    """What the kernel does to activations: symmetric int8 per 32 values, round half to even."""
+    blocks = x.float().reshape(*x.shape[:-1], -1, 32)
+    scale = blocks.abs().amax(-1, keepdim=True) / 127
+    q = torch.where(scale > 0, torch.round(blocks / torch.where(scale > 0, scale, 1)), 0)
+    return (q * scale).reshape(x.shape)
+
+
+# --- layout (csrc/cpu_kernels.cpp `repack`, `quantize_activations`), re-derived here from its description ---
+
+def hi_bit_position(k: int) -> int:
+    """kernel_api.h: value k of a 32-value chunk keeps its high bit at bit 8t + 4r + j, k = 16r + 4t + j."""
+    r, rest = divmod(k, 16)
+    t, j = divmod(rest, 4)
+    return 8 * t + 4 * r + j
+
+
+def untile(t: torch.Tensor, tile: int) -> torch.Tensor:
+    """[..., N/tile, R, tile] -> [..., R, N]."""
+    *lead, strips, r, width = t.shape
+    assert width == tile
+    return t.transpose(-3, -2).reshape(*lead, r, strips * tile)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_repack_is_tile_major_with_3bit_planes(name, bits):
+    tile = VARIANTS[name].tile
+    q = torch.randint(0, 1 << bits, (2, 128, 2 * tile))  # two experts, K=128
+    packed = torch.stack([packing.pack(e, bits) for e in q])
+    scales = torch.randn(2, 4, 2 * tile).half()
+    zeros = torch.randint(0, 255, (2, 4, 2 * tile), dtype=torch.uint8)
+    rq, rs, rz = cpu.repack_for_cpu(packed, scales, zeros, bits, name)
+    assert rq.dtype == torch.int32 and rq.numel() == packed.numel()  # same bytes, rearranged
+    assert torch.equal(untile(rs, tile), scales) and torch.equal(untile(rz, tile), zeros)
+    flat = untile(rq, tile)
+    if bits != 3:
+        assert torch.equal(flat, packed)
+        return
+    low = packing.unpack(flat[:, : 128 // 16], 2)
+    words = flat[:, 128 // 16 :].to(torch.int64) & 0xFFFFFFFF  # [E, K/32, N]
+    positions = torch.tensor([hi_bit_position(k) for k in range(32)])
+    high = (words.unsqueeze(2) >> positions.view(1, 1, 32, 1)) & 1  # [E, K/32, 32 values, N]
+    assert torch.equal(low | (high.reshape(2, 128, 2 * tile) << 2).to(torch.int32), q.to(torch.int32))
+
+
+def test_hi_bit_positions_are_a_permutation():
+    assert sorted(hi_bit_position(k) for k in range(32)) == list(range(32))
+
+
+def test_repack_keeps_symmetric_weights_without_zeros():
+    packed = packing.pack(torch.randint(0, 4, (64, 64)), 2)
+    _, _, z = cpu.repack_for_cpu(packed, torch.ones(2, 64).half(), None, 2, "avx2")
+    assert z is None
+
+
+@pytest.mark.parametrize("bits, window", [(2, 16), (3, 16), (4, 8), (8, 1)])
+def test_activation_permutation_and_block_scales(bits, window):
+    """Values j, j+s, j+2s, j+3s of each window (s = window/4) sit together: one broadcast meets one lane."""
+    x = torch.randn(3, 96)
+    q, scale, bsum = cpu._native().quantize_activations(x, bits)
+    blocks = x.reshape(3, 3, 32)
+    expected_scale = blocks.abs().amax(-1) / 127
+    torch.testing.assert_close(scale, expected_scale)
+    plain = torch.round(blocks / expected_scale.unsqueeze(-1)).to(torch.int8).reshape(3, 96)
+    if window == 1:
+        order = torch.arange(96)
+    else:
+        stride = window // 4
+        order = torch.tensor([base + (p % 4) * stride + p // 4 for base in range(0, 96, window) for p in range(window)])
+    assert torch.equal(q, plain[:, order])  # position p of a window holds value (p % 4) * stride + p // 4
+    torch.testing.assert_close(bsum, expected_scale * plain.reshape(3, 3, 32).float().sum(-1))
+
+
+# --- numerics, per variant ---
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("tokens", [1, 3, 37])
+def test_linear_exact_on_int8_activations(isa, bits, group, sym, tokens):
+    torch.manual_seed(1000 * bits + group + tokens)
+    spec = QuantSpec(bits, group, sym=sym)
+    qw = quantize_rtn(torch.randn(192, 256), spec)
+    layer = torch.nn.Module()
+    layer.qweight, layer.scales = torch.nn.Parameter(qw.qweight, False), torch.nn.Parameter(qw.scales, False)
+    if qw.qzeros is not None:
+        layer.qzeros = torch.nn.Parameter(qw.qzeros, False)
+    kernel = NativeCpuLinearKernel(LinearConfig(spec, 256, 192, torch.float32))
+    assert kernel.isa == isa.name
+    kernel.process_weights_after_loading(layer)
+    x = int8_exact(tokens, 256, seed=bits)
+    bias = torch.randn(192)
+    expected = F.linear(x, qw.dequantize(), bias)
+    # exact integer products; only float32 summation order differs (outputs reach ~1e2 at 8 bits)
+    torch.testing.assert_close(kernel.apply(layer, x, bias), expected, rtol=1e-4, atol=1e-3)
+
+
+def test_linear_keeps_leading_dims_bf16_and_compiles(isa):
+    torch.manual_seed(0)
+    spec = QuantSpec(4, 64)
+    qw = quantize_rtn(torch.randn(128, 128), spec)
+    layer = torch.nn.Module()
+    layer.qweight, layer.scales, layer.qzeros = qw.qweight.clone(), qw.scales.clone(), qw.qzeros.clone()
+    kernel = NativeCpuLinearKernel(LinearConfig(spec, 128, 128, torch.bfloat16))
+    kernel.process_weights_after_loading(layer)
+    x = torch.randn(2, 5, 128).to(torch.bfloat16)
+    compiled = torch.compile(lambda x: kernel.apply(layer, x, None), fullgraph=True, dynamic=True)
+    out = compiled(x)
+    assert out.shape == (2, 5, 128) and out.dtype == torch.bfloat16
+    expected = F.linear(fake_quant(x.float()), qw.dequantize())
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=0.1)  # bf16 output
+
+
+def _moe_case(tokens, skew=False, expert_map=None, num_global=None):
+    torch.manual_seed(tokens)
+    layer = MixedExperts(SPECS13, SPECS2)
+    layer.expert_map = expert_map
+    kernel = NativeCpuExpertsKernel(layer.config())
+    kernel.process_weights_after_loading(layer)
+    assert kernel.isa == os.environ[cpu.ISA_ENV]
+    w, ids = routing(tokens, num_global or len(SPECS13), skew=skew, seed=tokens)
+    return layer, kernel, torch.randn(tokens, H), w, ids
+
+
+def naive_fake_quant(layer, x, topk_weights, topk_ids):
+    """MixedExperts.naive with the kernel's activation quantization applied to x and to h."""
+    return layer.naive(x, topk_weights, topk_ids, act_quant=fake_quant)
+
+
+@pytest.mark.parametrize("tokens, skew", [(1, False), (2, False), (7, False), (33, True)])
+def test_mixed_width_moe_matches_reference(isa, tokens, skew):
+    layer, kernel, x, w, ids = _moe_case(tokens, skew)
+    out = run_experts(kernel, layer, x, w, ids)
+    torch.testing.assert_close(out, naive_fake_quant(layer, x, w, ids), rtol=1e-4, atol=1e-3)
+    exact = layer.naive(x, w, ids)
+    assert (out - exact).norm() / exact.norm() < 0.03  # int8 activations cost about 1%
+    assert torch.equal(routed_tokens(layer), torch.bincount(ids.flatten().long(), minlength=len(SPECS13)))
+
+
+def test_expert_parallel_map_skips_remote_experts(isa):
+    emap = torch.tensor([-1, 3, 0, -1, 1, 2, -1, 4], dtype=torch.int32)  # 8 global experts, 5 local
+    layer, kernel, x, w, ids = _moe_case(9, expert_map=emap, num_global=8)
+    out = run_experts(kernel, layer, x, w, ids)
+    torch.testing.assert_close(out, naive_fake_quant(layer, x, w, ids), rtol=1e-4, atol=1e-3)
+    counts = torch.bincount(ids.flatten().long(), minlength=8)
+    assert routed_tokens(layer).tolist() == [int(counts[g]) for g in (2, 4, 5, 1, 7)]
+
+
+def test_no_local_tokens_gives_zeros(isa):
+    emap = torch.tensor([-1] * 8 + [0, 1, 2, 3, 4], dtype=torch.int32)
+    layer, kernel, x, w, ids = _moe_case(4, expert_map=emap, num_global=8)  # ids only hit global 0..7
+    assert torch.equal(run_experts(kernel, layer, x, w, ids), torch.zeros(4, H))
+
+
+def test_moe_compiles_fullgraph_bf16(isa):
+    layer, kernel, _, _, _ = _moe_case(1)
+    compiled = torch.compile(lambda x, w, i: run_experts(kernel, layer, x, w, i) * 1.0, fullgraph=True, dynamic=True)
+    for tokens in (3, 11):
+        x = torch.randn(tokens, H).to(torch.bfloat16)
+        w, i = routing(tokens, len(SPECS13), seed=tokens)
+        out = compiled(x, w, i)
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), naive_fake_quant(layer, x.float(), w, i), rtol=2e-2, atol=0.1)  # bf16 output
+
+
+def test_selection_prefers_native_and_explains_refusals(isa, monkeypatch):
+    experts = ExpertsConfig((QuantSpec(2),), (QuantSpec(3),), 128, 128, torch.bfloat16)
+    linear = LinearConfig(QuantSpec(4), 128, 64, torch.bfloat16)
+    assert choose_experts_kernel(experts, torch.device("cpu")) is NativeCpuExpertsKernel
+    assert choose_linear_kernel(linear, torch.device("cpu")) is NativeCpuLinearKernel
+    ok, why = NativeCpuLinearKernel.can_implement(LinearConfig(QuantSpec(4), 128, 80, torch.bfloat16),
+                                                  torch.device("cpu"))
+    assert not ok and why == f"output dimension 80 is not a multiple of {isa.tile} (the {isa.name} tile width)"
+    assert NativeCpuExpertsKernel.can_implement(experts, torch.device("meta")) == (
+        False, "native kernels run on CPU, not meta")
+    monkeypatch.setattr(cpu, "_native_status", lambda: (None, "native extension not built"))
+    assert NativeCpuExpertsKernel.can_implement(experts, torch.device("cpu")) == (False, "native extension not built")
+    with pytest.raises(RuntimeError, match="not built"):
+        cpu._native()
+
+
+def test_default_is_the_fastest_supported_variant(monkeypatch):
+    monkeypatch.delenv(cpu.ISA_ENV, raising=False)
+    fastest = next(v for v in cpu.variants() if v.supported)
+    assert cpu.choose_variant() == (fastest, None)
+
+
+def test_refusals_name_the_missing_isa(monkeypatch):
+    lacking = [cpu.IsaVariant("avx512_vnni", 64, 4, ("avx512f", "avx512_vnni"), ("avx512f", "avx512_vnni")),
+               cpu.IsaVariant("avx2", 32, 4, ("avx2", "fma"), ("avx2",))]
+    monkeypatch.setattr(cpu, "variants", lambda: lacking)
+    monkeypatch.delenv(cpu.ISA_ENV, raising=False)
+    variant, why = cpu.choose_variant()
+    assert variant is None and why == "avx512_vnni needs avx512f, avx512_vnni; avx2 needs avx2 (CPU lacks them)"
+    monkeypatch.setenv(cpu.ISA_ENV, "avx512_vnni")
+    assert cpu.choose_variant() == (None, "MOEMIX_CPU_ISA=avx512_vnni, but the CPU lacks avx512f, avx512_vnni")
+    monkeypatch.setenv(cpu.ISA_ENV, "neon")
+    assert cpu.choose_variant() == (None, "MOEMIX_CPU_ISA=neon names no variant; built: avx512_vnni, avx2")
+    ok, why = NativeCpuExpertsKernel.can_implement(ExpertsConfig((QuantSpec(2),), (QuantSpec(2),), 64, 64,
+                                                                 torch.float32), torch.device("cpu"))
+    assert not ok and "neon" in why
+
+
+def test_op_refuses_unknown_variant():
+    packed = packing.pack(torch.randint(0, 4, (64, 64)), 2)
+    with pytest.raises(RuntimeError, match="unknown moemix cpu kernel variant 'sse2'"):
+        torch.ops.moemix.cpu_linear(torch.randn(1, 64), packed, torch.ones(2, 64).half(), torch.empty(0, dtype=torch.uint8),
+                                    2, 32, "sse2")

@@ -1,0 +1,514 @@
+"""Server pieces that need no engine: settings, checkpoint facts, admission, auth/body-limit middleware, and the
+whole app over fake engines (admission errors, streams whose engine dies, routing-count caching)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from server.admission import AdmissionGate, admission_limit, request_slots
+from server.facts import component_of, read_weight_facts
+from server.settings import SettingsError, build_settings, is_loopback, parse_model_arg, to_vllm_argv
+
+
+def test_model_args():
+    assert parse_model_arg("models/x").name == "models/x"
+    m = parse_model_arg("tiny=models/x")
+    assert (m.name, m.path) == ("tiny", "models/x")
+    with pytest.raises(SettingsError):
+        parse_model_arg("=models/x")
+
+
+def test_yaml_and_flags(tmp_path, monkeypatch):
+    for d in ("a", "b", "c"):
+        (tmp_path / d).mkdir()
+    cfg = tmp_path / "server.yaml"
+    cfg.write_text("port: 9000\nmax_queue: 3\napi_key_env: TEST_KEY\nvllm_args: {max_model_len: 128}\n"
+                   "models:\n  - {name: a, path: a, max_queue: 0, vllm_args: {max_num_seqs: 2}}\n"
+                   f"  - {tmp_path / 'b'}\n")
+    monkeypatch.setenv("TEST_KEY", "s3cret")
+    s = build_settings([f"c={tmp_path / 'c'}"], str(cfg), port=9100, override_vllm_args={"enforce_eager": True})
+    assert [m.name for m in s.models] == ["a", str(tmp_path / "b"), "c"]
+    assert s.models[0].path == str(tmp_path / "a")  # relative to the YAML file
+    assert s.port == 9100 and s.api_key == "s3cret"  # flag wins over YAML; key from the env var
+    assert [s.max_queue_for(m) for m in s.models] == [0, 3, 3]
+    assert s.vllm_args_for(s.models[0]) == {"max_model_len": 128, "max_num_seqs": 2, "enforce_eager": True}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("models: [{path: a/b}, {path: a/b}]", "unique"),
+    ("modles: [a/b]", "unknown keys"),
+    ("models: [{name: x}]", "path"),
+    ("models: [a/b]\nmax_queue: -1", "non-negative"),
+    ("models: [{path: a/b, vllm_args: [1]}]", "mapping"),
+    ("[1, 2]", "mapping"),
+])
+def test_yaml_mistakes_are_named(tmp_path, text, message):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(text)
+    with pytest.raises(SettingsError, match=message):
+        build_settings([], str(cfg))
+
+
+def test_no_model_is_an_error():
+    with pytest.raises(SettingsError, match="no model"):
+        build_settings([])
+    with pytest.raises(SettingsError, match="does not exist"):
+        build_settings(["/no/such/model"])
+    assert build_settings(["org/some-model"]).models[0].path == "org/some-model"  # a hub id: vLLM's business
+
+
+def test_vllm_argv():
+    argv = to_vllm_argv({"max_model_len": 256, "enforce_eager": True, "enable_prefix_caching": False,
+                         "compilation_config": {"mode": 0}, "seed": None})
+    assert argv == ["--max-model-len", "256", "--enforce-eager", "--no-enable-prefix-caching",
+                    "--compilation-config", '{"mode": 0}']
+
+
+def test_vllm_args_go_through_vllms_parser():
+    from server.engine import vllm_serve_args
+    from server.settings import ModelSettings
+
+    args = vllm_serve_args(ModelSettings("m", "/m"), {"max_model_len": 128, "enforce_eager": True})
+    assert (args.model, args.served_model_name, args.max_model_len, args.enforce_eager) == ("/m", ["m"], 128, True)
+    with pytest.raises(SettingsError, match="bad vllm_args"):
+        vllm_serve_args(ModelSettings("m", "/m"), {"no_such_option": 1})
+
+
+@pytest.mark.parametrize("name, component", [
+    ("model.layers.0.block_sparse_moe.experts.3.w1.qweight", "experts"),
+    ("model.layers.0.mlp.experts.gate_up_proj", "experts"),
+    ("model.layers.0.block_sparse_moe.gate.weight", "other"),
+    ("model.layers.0.mlp.shared_expert.down_proj.scales", "shared"),
+    ("model.layers.0.mlp.shared_expert_gate.weight", "other"),
+    ("model.layers.0.self_attn.q_proj.qzeros", "attention"),
+    ("model.layers.0.self_attn.q_norm.weight", "other"),
+    ("model.embed_tokens.weight", "other"),
+    ("lm_head.weight", "other"),
+])
+def test_components(name, component):
+    assert component_of(name) == component
+
+
+def test_facts_of_a_moemix_checkpoint(random_mixtral, tmp_path):
+    from vllm_moemix.checkpoint.writer import quantize_checkpoint
+    from vllm_moemix.config.plan import Plan
+
+    plan = Plan.from_dict({"default": {"bits": 4, "group_size": 64},
+                           "modules": {"model.layers.*.block_sparse_moe.experts.[01]": 2,
+                                       "model.layers.*.self_attn": 8}})
+    out = tmp_path / "q"
+    quantize_checkpoint(random_mixtral, plan, out, progress=False)
+    facts = read_weight_facts(out)
+    summary = json.loads((out / "config.json").read_text())["quantization_config"]["summary"]
+    assert facts.is_moemix and facts.avg_bits == summary["avg_bits"]
+    by = facts.by_component()
+    assert set(by["experts"]) == {"2", "4"} and set(by["attention"]) == {"8"}
+    # the quantized linears' bytes in the tensors equal the writer's accounting, width by width
+    for width, n in summary["bytes_by_width"].items():
+        assert by["experts"].get(width, 0) + by["attention"].get(width, 0) == n
+    assert facts.moemix_json()["bytes_by_width"] == summary["bytes_by_width"]
+
+    plain = read_weight_facts(random_mixtral)
+    assert plain.quant_method is None and plain.moemix_json() is None
+    assert plain.avg_bits == 16.0 and set(plain.by_component()["experts"]) == {"bf16"}
+
+
+def test_facts_of_a_missing_dir(tmp_path):
+    assert read_weight_facts(tmp_path / "nope").total_bytes == 0
+
+
+@pytest.mark.parametrize("qcfg", ["moemix", ["moemix"], {"quant_method": 4},
+                                  {"quant_method": "moemix", "modules": [], "summary": "x"},
+                                  {"quant_method": "moemix", "modules": {"model.embed_tokens": {"sym": True}},
+                                   "summary": {"avg_bits": "3"}}])
+def test_facts_never_raise_on_a_malformed_quantization_config(random_mixtral, tmp_path, qcfg):
+    """Facts are best effort at start-up; refusing a malformed checkpoint is the loader's job (with its name)."""
+    import shutil
+
+    ckpt = tmp_path / "m"
+    shutil.copytree(random_mixtral, ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["quantization_config"] = qcfg
+    (ckpt / "config.json").write_text(json.dumps(config))
+    facts = read_weight_facts(ckpt)
+    assert facts.total_bytes > 0 and facts.avg_bits is None or isinstance(facts.avg_bits, float)
+
+
+def test_admission_gate():
+    gate = AdmissionGate(limit=3)
+    a, b = gate.try_acquire(2), gate.try_acquire(1)
+    assert a and b and gate.in_flight == 3
+    assert gate.try_acquire(1) is None and gate.rejected == 1
+    a.release()
+    a.release()  # idempotent
+    assert gate.in_flight == 1
+    b.release()
+    assert gate.try_acquire(10) is None and gate.in_flight == 0  # larger than the limit: never admitted
+
+
+def test_admission_limit_has_a_default_queue():
+    assert admission_limit(4, None) == 8  # the queue defaults to one batch: never unbounded
+    assert admission_limit(4, 0) == 4 and admission_limit(4, 10) == 14
+
+
+def test_request_slots():
+    class R:
+        def __init__(self, n=None, prompt=None):
+            self.n, self.prompt = n, prompt
+
+    assert request_slots(R()) == 1
+    assert request_slots(R(n=3, prompt="x")) == 3
+    assert request_slots(R(n=2, prompt=["a", "b"])) == 4
+    assert request_slots(R(prompt=[1, 2, 3])) == 1  # one prompt given as token ids
+
+
+def _call(app, path, headers=(), body=b""):
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": path, "headers": list(headers)}
+    asyncio.run(app(scope, receive, send))
+    status = sent[0]["status"]
+    payload = json.loads(sent[1]["body"]) if len(sent) > 1 and sent[1]["body"] else None
+    return status, dict(sent[0]["headers"]), payload
+
+
+async def _ok_app(scope, receive, send):
+    await receive()
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def test_api_key_middleware():
+    from server.middleware.auth import APIKeyMiddleware
+
+    app = APIKeyMiddleware(_ok_app, "k")
+    status, headers, body = _call(app, "/v1/completions")
+    assert status == 401 and headers[b"www-authenticate"] == b"Bearer"
+    assert body["error"]["type"] == "AuthenticationError" and body["error"]["code"] == 401
+    assert _call(app, "/v1/completions", [(b"authorization", b"Bearer x")])[0] == 401
+    assert _call(app, "/v1/completions", [(b"authorization", b"Bearer k")])[0] == 200
+    assert _call(app, "/health")[0] == 200 and _call(app, "/metrics")[0] == 200
+
+
+def test_body_limit_middleware():
+    from server.middleware.body_limit import BodyLimitMiddleware
+
+    app = BodyLimitMiddleware(_ok_app, 10)
+    status, _, body = _call(app, "/v1/completions", [(b"content-length", b"11")], b"x" * 11)
+    assert status == 413 and body["error"]["code"] == 413
+    assert _call(app, "/v1/completions", [(b"content-length", b"10")], b"x" * 10)[0] == 200
+
+
+def _chunked_call(app, chunks: list[bytes]):
+    """A POST whose body arrives in pieces without Content-Length (Transfer-Encoding: chunked)."""
+    sent, messages = [], [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
+                          for i, c in enumerate(chunks)]
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app({"type": "http", "method": "POST", "path": "/v1/completions", "headers": []}, receive, send))
+    return sent
+
+
+def test_body_limit_middleware_chunked():
+    from server.middleware.body_limit import BodyLimitMiddleware
+
+    seen = []
+
+    async def echo_app(scope, receive, send):
+        seen.append(await receive())
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    app = BodyLimitMiddleware(echo_app, 10)
+    sent = _chunked_call(app, [b"x" * 6, b"x" * 6])
+    assert sent[0]["status"] == 413 and json.loads(sent[1]["body"])["error"]["code"] == 413
+    assert not seen  # refused before the app read anything
+    assert _chunked_call(app, [b"x" * 5, b"y" * 5])[0]["status"] == 200
+    assert seen == [{"type": "http.request", "body": b"x" * 5 + b"y" * 5, "more_body": False}]  # replayed whole
+
+
+# ----------------------------------------------------------------------------------- auth and start-up
+
+
+@pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("127.3.2.1", True), ("::1", True),
+                                            ("localhost", True), ("0.0.0.0", False), ("::", False),
+                                            ("10.0.0.5", False), ("example.com", False), ("", False)])
+def test_is_loopback(host, loopback):
+    assert is_loopback(host) is loopback
+
+
+def test_non_loopback_without_key_is_refused(tmp_path, monkeypatch):
+    monkeypatch.delenv("MOEMIX_API_KEY", raising=False)
+    model = str(tmp_path)
+    with pytest.raises(SettingsError, match="refusing to serve 0.0.0.0 without an API key.*--insecure-no-auth"):
+        build_settings([model], host="0.0.0.0")
+    assert build_settings([model]).api_key is None  # loopback: fine without a key
+    assert build_settings([model], host="0.0.0.0", insecure_no_auth=True).api_key is None
+    monkeypatch.setenv("MOEMIX_API_KEY", "from-env")
+    assert build_settings([model], host="0.0.0.0").api_key == "from-env"
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("insecure_no_auth: true\n")
+    with pytest.raises(SettingsError, match="unknown keys"):  # a flag only: never silently from a file
+        build_settings([model], str(cfg))
+
+
+def test_api_key_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEMIX_API_KEY", "from-env")
+    key = tmp_path / "key"
+    key.write_text("s3cret\n")
+    assert build_settings([str(tmp_path)], api_key_file=str(key), host="0.0.0.0").api_key == "s3cret"
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("api_key_file: key\n")  # relative to the YAML file
+    assert build_settings([str(tmp_path)], str(cfg)).api_key == "s3cret"
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(SettingsError, match="is empty"):
+        build_settings([str(tmp_path)], api_key_file=str(tmp_path / "empty"))
+    with pytest.raises(SettingsError, match="cannot read the API key file"):
+        build_settings([str(tmp_path)], api_key_file=str(tmp_path / "missing"))
+
+
+def _serve_args(argv: list[str]) -> argparse.Namespace:
+    from server.cli import add_serve_parser
+
+    parser = argparse.ArgumentParser(prog="moemix")
+    add_serve_parser(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(["serve", *argv])
+
+
+def test_cli_refuses_an_open_host_with_one_line(tmp_path, monkeypatch, capsys):
+    import server.cli
+
+    monkeypatch.delenv("MOEMIX_API_KEY", raising=False)
+    monkeypatch.setattr(server.cli, "bind_socket", lambda *a: pytest.fail("bound a port without an API key"))
+    with pytest.raises(SystemExit) as e:
+        server.cli.main(["serve", str(tmp_path), "--host", "0.0.0.0", "--port", "0"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("moemix serve: error: refusing to serve 0.0.0.0"), err
+    with pytest.raises(SystemExit):  # the key itself and its file are alternatives
+        _serve_args([str(tmp_path), "--api-key", "k", "--api-key-file", "f"])
+
+
+def test_startup_warnings(tmp_path, monkeypatch):
+    from server.cli import settings_from_args, startup_warnings
+
+    monkeypatch.delenv("MOEMIX_API_KEY", raising=False)
+    args = _serve_args([str(tmp_path), "--host", "0.0.0.0", "--insecure-no-auth"])
+    (warning,) = startup_warnings(args, settings_from_args(args))
+    assert warning.startswith("NO AUTHENTICATION") and "0.0.0.0:8000" in warning
+    args = _serve_args([str(tmp_path), "--host", "0.0.0.0", "--api-key", "k"])
+    (warning,) = startup_warnings(args, settings_from_args(args))
+    assert "`ps`" in warning and "--api-key-file" in warning
+    (tmp_path / "key").write_text("k")
+    args = _serve_args([str(tmp_path), "--host", "0.0.0.0", "--api-key-file", str(tmp_path / "key")])
+    assert startup_warnings(args, settings_from_args(args)) == []
+
+
+def test_unapplied_vllm_http_options_are_named():
+    from server.engine import unapplied_vllm_options, vllm_serve_args
+    from server.settings import ModelSettings
+
+    options = {"api_key": "k", "sse-keep-alive-interval": 5, "allowed_origins": '["*"]', "max_model_len": 128,
+               "chat_template": "{{ x }}", "enable_auto_tool_choice": True}
+    vllm_serve_args(ModelSettings("m", "/m"), {k: v for k, v in options.items() if k != "enable_auto_tool_choice"})
+    warnings = unapplied_vllm_options(options)  # accepted by vLLM's parser (above), applied by nobody here
+    assert [w.split("`")[1] for w in warnings] == ["api_key", "sse_keep_alive_interval", "allowed_origins"]
+    assert "NOT applied (use --api-key-file)" in warnings[0]
+
+
+def test_uvicorn_concurrency_limit(tmp_path):
+    from server.cli import CONCURRENCY_HEADROOM, uvicorn_config
+
+    pool = SimpleNamespace(engines={"a": SimpleNamespace(gate=AdmissionGate(2)),
+                                    "b": SimpleNamespace(gate=AdmissionGate(12))})
+    settings = build_settings([str(tmp_path)])
+    assert uvicorn_config(None, settings, pool).limit_concurrency == 14 + CONCURRENCY_HEADROOM
+    settings.limit_concurrency = 50
+    assert uvicorn_config(None, settings, pool).limit_concurrency == 50
+
+
+# ------------------------------------------------------------------------------- the app over fake engines
+
+
+def _routing_rank(tokens: int) -> list[dict]:
+    return [{"layer": "model.layers.0.block_sparse_moe", "experts": [0, 1], "tokens": [tokens, 1], "bits": [2, 4]}]
+
+
+class FakeClient:
+    """What the server asks of an AsyncLLM; collective_rpc("moemix_routing") counts its calls."""
+
+    errored = False
+    model_config = SimpleNamespace(max_model_len=64)
+
+    def __init__(self):
+        self.rpc_calls = 0
+
+    async def collective_rpc(self, method, timeout=None, kwargs=None):
+        assert method == "moemix_routing"
+        self.rpc_calls += 1
+        return [_routing_rank(self.rpc_calls)]
+
+    async def check_health(self):
+        pass
+
+    async def do_log_stats(self):
+        pass
+
+    def shutdown(self):
+        pass
+
+
+class FakeCompletions:
+    """Streams two chunks; prompt "die" raises mid-stream (the engine died), "vllm-error" ends the way vLLM's own
+    generator does when the engine dies (an error event, then [DONE])."""
+
+    async def create_completion(self, request, raw_request):
+        from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        async def chunks():
+            yield 'data: {"choices": [{"text": "a"}]}\n\n'
+            if request.prompt == "die":
+                raise EngineDeadError()
+            if request.prompt == "vllm-error":
+                yield f"data: {json.dumps(create_error_response(EngineDeadError()).model_dump())}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return chunks()
+
+
+class FakeTokenization:
+    async def create_tokenize(self, request, raw_request):
+        from vllm.entrypoints.serve.tokenize.protocol import TokenizeResponse
+
+        return TokenizeResponse(tokens=[1, 2], count=2, max_model_len=64)
+
+
+@pytest.fixture
+def fake_app(tmp_path):
+    """(TestClient, ModelEngine): build_app over one fake moemix engine admitting 2 sequences."""
+    from starlette.datastructures import State
+    from starlette.testclient import TestClient
+
+    from server.app import build_app
+    from server.engine import EnginePool, ModelEngine
+    from server.facts import WeightFacts
+    from server.metrics import Throughput
+    from vllm_moemix.layers.introspect import EXTENSION
+
+    settings = build_settings([str(tmp_path)], routing_refresh_s=3600)
+    state = State()
+    state.openai_serving_completion, state.serving_tokenization = FakeCompletions(), FakeTokenization()
+    eng = ModelEngine(name="m", path=str(tmp_path), args=argparse.Namespace(worker_extension_cls=EXTENSION),
+                      client=FakeClient(), state=state, facts=WeightFacts(path=str(tmp_path)),
+                      gate=AdmissionGate(2), throughput=Throughput(), routing_refresh_s=3600)
+    with TestClient(build_app(EnginePool({"m": eng}), settings)) as client:
+        yield client, eng
+
+
+def test_request_larger_than_the_limit_is_400_not_admitted_alone(fake_app):
+    client, eng = fake_app
+    for body in ({"model": "m", "prompt": "x", "n": 3}, {"model": "m", "prompt": ["a", "b", "c"]}):
+        r = client.post("/v1/completions", json={**body, "max_tokens": 2})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["type"] == "BadRequestError" and err["code"] == 400
+        assert "needs 3 slots" in err["message"] and "admits at most 2" in err["message"]
+    assert eng.gate.in_flight == 0 and eng.gate.rejected == 0
+
+
+def test_tokenize_is_admitted(fake_app):
+    client, eng = fake_app
+    assert client.post("/tokenize", json={"model": "m", "prompt": "x"}).json()["count"] == 2
+    eng.gate.in_flight = eng.gate.limit  # busy
+    r = client.post("/tokenize", json={"model": "m", "prompt": "x"})
+    assert r.status_code == 429 and r.json()["error"]["type"] == "RateLimitError" and r.headers["retry-after"]
+    eng.gate.in_flight = 0
+
+
+@pytest.mark.parametrize("prompt", ["die", "vllm-error"])
+def test_engine_death_mid_stream_ends_with_an_error_event(fake_app, prompt):
+    client, eng = fake_app
+    with client.stream("POST", "/v1/completions", json={"model": "m", "prompt": prompt, "stream": True}) as r:
+        assert r.status_code == 200
+        events = r.read().decode().split("\n\n")
+    assert events[0].startswith('data: {"choices"') and events[-2:] == ["data: [DONE]", ""]
+    err = json.loads(events[-3].removeprefix("data: "))["error"]
+    assert err["code"] == 500 and err["type"] == "InternalServerError" and err["message"]
+    assert eng.gate.in_flight == 0 and eng.gate.incomplete == 1  # slot freed, counted as not finished
+    with client.stream("POST", "/v1/completions", json={"model": "m", "prompt": "ok", "stream": True}) as r:
+        assert r.read().decode().endswith("data: [DONE]\n\n")
+    assert eng.gate.in_flight == 0 and eng.gate.incomplete == 1  # a normal stream is not
+
+
+def test_chunked_body_over_the_limit_is_413(fake_app):
+    client, _ = fake_app
+    limit = client.app.state.settings.max_body_bytes
+
+    def body():
+        yield b'{"model": "m", "prompt": "'
+        yield b"x" * limit
+        yield b'"}'
+
+    r = client.post("/v1/completions", content=body(), headers={"content-type": "application/json"})
+    assert r.status_code == 413, r.text
+    assert r.json()["error"]["code"] == 413 and "over" in r.json()["error"]["message"]
+
+
+def test_metrics_scrapes_never_reach_the_workers(fake_app):
+    client, eng = fake_app
+    for _ in range(3):
+        assert client.get("/metrics").status_code == 200
+    assert eng.client.rpc_calls <= 1  # at most the background refresher's first gathering
+    routing = client.get("/v1/moemix/routing").json()["m"]
+    assert eng.client.rpc_calls == 1  # the endpoint respects routing_refresh_s (3600 s) too
+    assert routing["experts"]["model.layers.0.block_sparse_moe.0"]["tokens"] == 1
+    assert 'moemix_expert_routed_tokens_total{bits="2",layer="0",model="m"} 1.0' in client.get("/metrics").text
+
+
+def test_routing_refresh_respects_the_interval():
+    from server.engine import ModelEngine
+    from server.facts import WeightFacts
+    from server.metrics import Throughput
+    from vllm_moemix.layers.introspect import EXTENSION
+
+    eng = ModelEngine(name="m", path="/m", args=argparse.Namespace(worker_extension_cls=EXTENSION),
+                      client=FakeClient(), state=None, facts=WeightFacts(path="/m"), gate=AdmissionGate(1),
+                      throughput=Throughput(), routing_refresh_s=0.2)
+
+    async def scenario():
+        first = await asyncio.gather(*(eng.refresh_routing() for _ in range(5)))  # concurrent: one gathering
+        assert eng.client.rpc_calls == 1 and all(r is first[0] for r in first)
+        await eng.refresh_routing()
+        assert eng.client.rpc_calls == 1
+        await asyncio.sleep(0.25)
+        await eng.refresh_routing()
+        assert eng.client.rpc_calls == 2
+
+    asyncio.run(scenario())
+
+
+def test_unknown_model_name_is_not_echoed_whole(fake_app):
+    """A megabyte model name gets its 404 with the name cut short: an error is never as big as the request."""
+    client, _ = fake_app
+    r = client.post("/v1/completions", json={"model": "m" * 2**20, "prompt": "x"})
+    assert r.status_code == 404 and r.json()["error"]["type"] == "NotFoundError"
+    assert len(r.content) < 1024 and "...[truncated]" in r.json()["error"]["message"]
+    r = client.post("/v1/completions", json={"model": "gpt-5", "prompt": "x"})
+    assert "`gpt-5` does not exist" in r.json()["error"]["message"]
