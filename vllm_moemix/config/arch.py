@@ -20,7 +20,6 @@ ROLE_ATTENTION = "attention"
 ROLE_EXPERT = "expert"
 ROLE_SHARED = "shared_expert"
 ROLE_DENSE = "dense_mlp"
-ROLES = (ROLE_ATTENTION, ROLE_EXPERT, ROLE_SHARED, ROLE_DENSE)
 
 
 def _head_dim(c: Any) -> int:

@@ -106,13 +106,3 @@ def assignment_to_plan(assignment: dict[Unit, QuantSpec | None], default: QuantS
         modules = {k: v for k, v in modules.items() if v != default}
     return Plan(default=default, modules=modules)
 
-
-def check_assignment(assignment: dict[Unit, QuantSpec | None], units: list[Unit]) -> None:
-    missing = [u.key for u in units if u not in assignment]
-    if missing:
-        raise PlanError(f"strategy left units without a width: {missing[:5]}")
-
-
-def expert_units(units: list[Unit]) -> list[Unit]:
-    return [u for u in units if u.role == ROLE_EXPERT]
-
