@@ -48,8 +48,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="server YAML: models, per-model vLLM options, limits")
     key = p.add_mutually_exclusive_group()
     key.add_argument("--api-key-file", default=None, metavar="PATH",
-                     help="require `Authorization: Bearer KEY` on /v1/* and /tokenize, KEY read from this file "
-                          "(or env MOEMIX_API_KEY). Needed on any host but loopback")
+                     help="require `Authorization: Bearer KEY` on every path but /health, /metrics, /version and "
+                          "the API docs, KEY read from this file (or env MOEMIX_API_KEY). Needed on any host but "
+                          "loopback")
     key.add_argument("--api-key", default=None,
                      help="the key itself (visible to local users in `ps`: prefer --api-key-file)")
     p.add_argument("--insecure-no-auth", action="store_true", default=None,

@@ -201,6 +201,21 @@ def test_api_key_middleware():
     assert _call(app, "/health")[0] == 200 and _call(app, "/metrics")[0] == 200
 
 
+def test_api_key_scheme_is_case_insensitive_and_paths_cannot_bypass_it():
+    from server.middleware.auth import APIKeyMiddleware
+
+    app = APIKeyMiddleware(_ok_app, "k")
+    for header in (b"bearer k", b"BEARER k", b"Bearer  k", b" Bearer k "):  # RFC 7235: the scheme has no case
+        assert _call(app, "/v1/models", [(b"authorization", header)])[0] == 200, header
+    for header in (b"Basic k", b"Bearerk", b"k", b"bearer", b"bearer K"):
+        assert _call(app, "/v1/models", [(b"authorization", header)])[0] == 401, header
+    for path in ("//v1/models", "/v1/../v1/models", "/health/../v1/models", "/./v1/models", "///tokenize",
+                 "/v1/models/", "/unknown", "/healthz"):  # every path not exactly open needs the key
+        assert _call(app, path)[0] == 401, path
+    for path in ("/health", "/metrics", "/version", "/openapi.json", "//health", "/v1/../health"):
+        assert _call(app, path)[0] == 200, path
+
+
 def test_body_limit_middleware():
     from server.middleware.body_limit import BodyLimitMiddleware
 
