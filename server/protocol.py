@@ -1,11 +1,17 @@
 """Our additions to vLLM's protocol models (vllm.entrypoints.serve.engine.protocol): a model card that says
-what the checkpoint holds. Extra fields are ignored by OpenAI clients (the `openai` package keeps them)."""
+what the checkpoint holds (extra fields are ignored by OpenAI clients; the `openai` package keeps them), and a
+chat request that rejects wrongly shaped JSON before vLLM's own validators trip over it."""
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Any
 
+from pydantic import Field, model_validator
+
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.serve.engine.protocol import ModelCard, ModelList, OpenAIBaseModel
+from vllm.exceptions import VLLMValidationError
 
 
 class MoemixFacts(OpenAIBaseModel):
@@ -39,3 +45,54 @@ class MoemixModelCard(ModelCard):
 
 class MoemixModelList(ModelList):
     data: list[MoemixModelCard] = Field(default_factory=list)
+
+
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+               float: "a number", type(None): "null"}
+
+
+def _expect_object(value: Any, param: str) -> None:
+    if not isinstance(value, dict):
+        got = _JSON_TYPES.get(type(value), type(value).__name__)
+        raise VLLMValidationError(f"`{param}` must be an object, got {got}.", parameter=param)
+
+
+def reject_misshapen_objects(data: Any) -> Any:
+    """vLLM's request models run `mode="before"` validators that dereference raw JSON (`.get`,
+    `["function"]["name"]`, `list(...)`) before pydantic has checked a single type: a number or a list where they
+    expect an object raised AttributeError/KeyError (500). Run first (pydantic runs a subclass's before-validators
+    before its parents'), this turns each such shape into a 400 naming the field."""
+    if not isinstance(data, dict):
+        return data
+    if data.get("structured_outputs") is not None:
+        _expect_object(data["structured_outputs"], "structured_outputs")
+    tools = data.get("tools")
+    if isinstance(tools, list):  # read as tools[i]["function"]["name"] when tool_choice names a function
+        for i, tool in enumerate(tools):
+            _expect_object(tool, f"tools[{i}]")
+            _expect_object(tool.get("function"), f"tools[{i}].function")
+            if not isinstance(tool["function"].get("name"), str):
+                raise VLLMValidationError(f"`tools[{i}].function.name` must be a string.",
+                                          parameter=f"tools[{i}].function.name")
+    messages = data.get("messages")
+    if isinstance(messages, list):  # read as list(tool_calls)
+        for i, message in enumerate(messages):
+            if isinstance(message, dict) and message.get("tool_calls") is not None \
+                    and not isinstance(message["tool_calls"], list):
+                raise VLLMValidationError(f"`messages[{i}].tool_calls` must be an array.",
+                                          parameter=f"messages[{i}].tool_calls")
+    return data
+
+
+class CheckedChatCompletionRequest(ChatCompletionRequest):
+    @model_validator(mode="before")
+    @classmethod
+    def _shapes_first(cls, data: Any) -> Any:
+        return reject_misshapen_objects(data)
+
+
+class CheckedCompletionRequest(CompletionRequest):
+    @model_validator(mode="before")
+    @classmethod
+    def _shapes_first(cls, data: Any) -> Any:
+        return reject_misshapen_objects(data)

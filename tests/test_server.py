@@ -279,6 +279,33 @@ def test_api_key_is_required_on_v1(server):
     assert httpx.get(server.url + "/metrics").status_code == 200
 
 
+def test_auth_scheme_case_and_path_probes(server):
+    """`bearer KEY` is `Bearer KEY` (RFC 7235); no spelling of a protected path gets past the key. Raw paths through
+    http.client: httpx would resolve the dot segments itself."""
+    import http.client
+
+    for scheme in ("bearer", "BEARER"):
+        headers = {"Authorization": f"{scheme} {API_KEY}"}
+        assert httpx.get(server.url + "/v1/models", headers=headers).status_code == 200
+        r = httpx.post(server.url + "/v1/completions", json={"model": MOEMIX, "prompt": "x", "max_tokens": 1},
+                       headers=headers, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 1, r.text
+
+    def raw_get(path: str) -> tuple[int, dict]:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        try:
+            conn.request("GET", path)
+            r = conn.getresponse()
+            return r.status, json.loads(r.read())
+        finally:
+            conn.close()
+
+    for path in ("//v1/models", "/v1/../v1/models", "/health/../v1/models", "/v1/./models", "/%2E%2E/v1/models",
+                 "/v1//models", "//tokenize", "/v1/models/..%2F..%2Fv1%2Fmodels"):
+        status, body = raw_get(path)
+        assert status == 401 and body["error"]["type"] == "AuthenticationError", (path, status, body)
+
+
 def test_overload_is_429_and_disconnect_aborts(server):
     """tiny-bf16 admits max_num_seqs + max_queue = 2 requests; the 3rd gets 429 + Retry-After. Dropping the two
     streams aborts them in the engine: it stops generating long before their 2 x 250 tokens, and the slots
@@ -539,6 +566,33 @@ def _chunked_over_the_limit():  # no Content-Length: the size is checked while t
 
 
 _NO_AUTH = {"Authorization": None}
+_HI = {"role": "user", "content": "hi"}
+_NAMED_TOOL = {"type": "function", "function": {"name": "f"}}
+_MISSHAPEN_CHAT = {
+    "a message that is a number": {"messages": [1.5]},
+    "a message that is null": {"messages": [None]},
+    "content that is a number": {"messages": [{"role": "user", "content": 1.5}]},
+    "content parts that are numbers": {"messages": [{"role": "user", "content": [1.5, 2]}]},
+    "a text part whose text is a number": {"messages": [{"role": "user", "content": [{"type": "text", "text": 1}]}]},
+    "tool_calls a number": {"messages": [_HI, {"role": "assistant", "tool_calls": 1.5}]},
+    "a tool call whose function is a number": {"messages": [_HI, {"role": "assistant", "tool_calls": [
+        {"id": "a", "type": "function", "function": 1.5}]}]},
+    "structured_outputs a number": {"messages": [_HI], "structured_outputs": 1.5},
+    "structured_outputs a string": {"messages": [_HI], "structured_outputs": "json"},
+    "tools a number": {"messages": [_HI], "tools": 1.5},
+    "a tool that is a number, named tool_choice": {"messages": [_HI], "tools": [1.5], "tool_choice": _NAMED_TOOL},
+    "a tool without function, named tool_choice": {"messages": [_HI], "tools": [{}], "tool_choice": _NAMED_TOOL},
+    "a tool function without name, named tool_choice": {"messages": [_HI], "tools": [{"type": "function",
+                                                                                       "function": {}}],
+                                                        "tool_choice": _NAMED_TOOL},
+    "a tool function that is a number": {"messages": [_HI], "tools": [{"type": "function", "function": 1.5}]},
+    "tool_choice a number": {"messages": [_HI], "tools": [_NAMED_TOOL], "tool_choice": 1.5},
+    "tool_choice function a number": {"messages": [_HI], "tools": [_NAMED_TOOL],
+                                      "tool_choice": {"type": "function", "function": 1.5}},
+    "response_format a number": {"messages": [_HI], "response_format": 1.5},
+    "stream_options a number": {"messages": [_HI], "stream": True, "stream_options": 1.5},
+    "chat_template_kwargs a number": {"messages": [_HI], "chat_template_kwargs": 1.5},
+}
 # (case, method, path, headers, body: dict/list -> JSON, bytes -> raw, callable -> chunked) -> (status, type).
 # tiny-moemix admits 4 + 8 = 12 sequences, tiny-bf16 2; max_logprobs is vLLM's default, 20.
 BAD_INPUTS = [
@@ -583,8 +637,7 @@ BAD_INPUTS = [
     ("chunked body over 8 MiB", "POST", "/v1/completions", {}, _chunked_over_the_limit, 413, "BadRequestError"),
     ("OPTIONS", "OPTIONS", "/v1/completions", _NO_AUTH, None, 405, "Method Not Allowed"),
     ("double slash", "POST", "//v1/completions", {}, {"model": MOEMIX, "prompt": "x"}, 404, "NotFoundError"),
-    ("lowercase bearer", "POST", "/v1/completions", {"Authorization": f"bearer {API_KEY}"},
-     {"model": MOEMIX, "prompt": "x"}, 401, "AuthenticationError"),
+    ("double slash, no key", "GET", "//v1/models", _NO_AUTH, None, 401, "AuthenticationError"),
     ("wrong key", "POST", "/v1/completions", {"Authorization": "Bearer wrong"}, {"model": MOEMIX, "prompt": "x"},
      401, "AuthenticationError"),
     ("no key", "POST", "/v1/completions", _NO_AUTH, {"model": MOEMIX, "prompt": "x"}, 401, "AuthenticationError"),
@@ -595,6 +648,11 @@ BAD_INPUTS = [
     ("temperature -1", "POST", "/v1/completions", {}, {"model": MOEMIX, "prompt": "x", "temperature": -1}, 400,
      "BadRequestError"),
     ("unknown model", "POST", "/v1/completions", {}, {"model": "gpt-5", "prompt": "x"}, 404, "NotFoundError"),
+    # JSON of the wrong shape where vLLM's own before-validators dereference it (they raised 500 before)
+    *((f"chat: {case}", "POST", "/v1/chat/completions", {}, {"model": MOEMIX, "max_tokens": 2, **fields}, 400,
+       "BadRequestError") for case, fields in _MISSHAPEN_CHAT.items()),
+    ("structured_outputs an array", "POST", "/v1/completions", {},
+     {"model": MOEMIX, "prompt": "x", "max_tokens": 2, "structured_outputs": [1]}, 400, "BadRequestError"),
 ]
 
 
