@@ -76,8 +76,7 @@ def build_app(pool: EnginePool, settings: ServerSettings, shutdown_engines: bool
     app = FastAPI(title="moemix OpenAI-compatible server", version=server.__version__, lifespan=lifespan)
     app.state.pool = pool
     app.state.settings = settings
-    # vLLM's exception handlers and SSE keep-alive read these two from app.state.args.
-    app.state.args = Namespace(log_error_stack=False, sse_keep_alive_interval=0)
+    app.state.args = Namespace(log_error_stack=False)  # read by vLLM's exception handlers
 
     for module in (completions, chat, models, tokenize, health, metrics):
         module.attach_router(app)

@@ -63,6 +63,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                         f"admission limits + {CONCURRENCY_HEADROOM})")
     p.add_argument("--routing-refresh", dest="routing_refresh_s", type=float, default=None,
                    help="seconds between gatherings of expert-routing counts from the workers (default 5)")
+    p.add_argument("--sse-keep-alive", dest="sse_keep_alive_s", type=float, default=None,
+                   help="seconds a stream may stay silent (queued, long prefill) before an SSE comment "
+                        "`: keep-alive` is sent, so proxies keep the connection; 0 never (default 15)")
     p.add_argument("--retry-after", dest="retry_after_s", type=int, default=None,
                    help="Retry-After seconds on 429 (default 1)")
     p.add_argument("--drain-timeout", dest="drain_timeout_s", type=float, default=None,
@@ -87,7 +90,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
                           api_key_file=args.api_key_file, insecure_no_auth=args.insecure_no_auth,
                           max_queue=args.max_queue, retry_after_s=args.retry_after_s,
                           drain_timeout_s=args.drain_timeout_s, limit_concurrency=args.limit_concurrency,
-                          routing_refresh_s=args.routing_refresh_s, log_level=args.log_level,
+                          routing_refresh_s=args.routing_refresh_s, sse_keep_alive_s=args.sse_keep_alive_s,
+                          log_level=args.log_level,
                           override_vllm_args=overrides or None)
 
 

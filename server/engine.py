@@ -58,7 +58,8 @@ def vllm_serve_args(model: ModelSettings, options: dict[str, Any]) -> argparse.N
 # objects this server builds: every FrontendArgs-only field but the pooling one, plus these.
 _HTTP_ONLY_OPTIONS = {"sse_keep_alive_interval", "tool_parser_plugin", "enable_tokenizer_info_endpoint",
                       "tokens_only", "enable_scale_out", "headless", "api_server_count", "grpc"}
-_OUR_FLAG = {"api_key": "--api-key-file", "host": "--host", "port": "--port", "uvicorn_log_level": "--log-level"}
+_OUR_FLAG = {"api_key": "--api-key-file", "host": "--host", "port": "--port", "uvicorn_log_level": "--log-level",
+             "sse_keep_alive_interval": "--sse-keep-alive"}
 
 
 def unapplied_vllm_options(options: dict[str, Any]) -> list[str]:

@@ -30,6 +30,7 @@ BF16, MOEMIX = "tiny-bf16", "tiny-moemix"
 BF16_MAX_NUM_SEQS = 2  # with max_queue 0: the 3rd concurrent request to tiny-bf16 gets 429
 PROMPT = "The Python interpreter"
 ROUTING_REFRESH_S = 1  # the server gathers expert-routing counts this often
+SSE_KEEP_ALIVE_S = 0.25  # a stream silent this long gets `: keep-alive`
 
 
 class Server:
@@ -97,6 +98,7 @@ def server(moemix_ckpt, tmp_path_factory):
         "retry_after_s": 2,
         "drain_timeout_s": 60,
         "routing_refresh_s": ROUTING_REFRESH_S,
+        "sse_keep_alive_s": SSE_KEEP_ALIVE_S,
         "vllm_args": {"max_model_len": 256, "max_num_seqs": 4, "enforce_eager": True},
         "models": [
             {"name": BF16, "path": str(TRAINED_MIXTRAL), "max_queue": 0,
@@ -196,11 +198,37 @@ def test_sse_wire_format(server):
     with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=server.auth, timeout=60) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         raw = r.read().decode()
-    events = raw.split("\n\n")
+    events = [e for e in raw.split("\n\n") if e != ": keep-alive"]  # if the first token took > SSE_KEEP_ALIVE_S
     assert events[-1] == "" and events[-2] == "data: [DONE]"
     payloads = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
     assert all(e.startswith("data: ") for e in events[:-1])
     assert payloads[-1]["usage"]["completion_tokens"] == 4
+
+
+def test_sse_keep_alive_while_queued(server):
+    """A stream queued behind a full batch (max_num_seqs 4 streams of 250 tokens) sends `: keep-alive` comments
+    every SSE_KEEP_ALIVE_S until its first token, then its tokens as usual."""
+    client = server.client()
+    batch = [client.completions.create(model=MOEMIX, prompt=f"{PROMPT} {i}", max_tokens=250, stream=True,
+                                       extra_body={"ignore_eos": True}) for i in range(4)]
+    try:
+        for s in batch:
+            next(iter(s))  # all four generating: the next request waits for a free sequence
+        body = {"model": MOEMIX, "prompt": PROMPT, "max_tokens": 4, "stream": True}
+        t0, before_first = time.monotonic(), []
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=server.auth, timeout=60) as r:
+            lines = [line for line in r.iter_lines() if line]
+        for line in lines:
+            if line.startswith("data: "):
+                break
+            before_first.append(line)
+        took = time.monotonic() - t0
+    finally:
+        for s in batch:
+            s.close()
+    assert set(before_first) == {": keep-alive"} and len(before_first) >= 2, (took, lines[:8])
+    data = [line for line in lines if line.startswith("data: ")]
+    assert data[-1] == "data: [DONE]" and json.loads(data[-2].removeprefix("data: "))["choices"][0]["finish_reason"]
 
 
 def test_parallel_streams_all_complete(server):

@@ -46,6 +46,9 @@ def test_yaml_and_flags(tmp_path, monkeypatch):
     ("models: [a/b]\nmax_queue: -1", "non-negative"),
     ("models: [{path: a/b, vllm_args: [1]}]", "mapping"),
     ("[1, 2]", "mapping"),
+    ("models: [a/b]\nsse_keep_alive_s: -1", "sse_keep_alive_s must be a non-negative number"),
+    ("models: [a/b]\nsse_keep_alive_s: .inf", "sse_keep_alive_s must be a non-negative number"),
+    ("models: [a/b]\nsse_keep_alive_s: yes", "sse_keep_alive_s must be a non-negative number"),
 ])
 def test_yaml_mistakes_are_named(tmp_path, text, message):
     cfg = tmp_path / "bad.yaml"
