@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -148,8 +149,43 @@ async def serve(settings: ServerSettings, sock: socket.socket | None = None) -> 
         sock.close()
 
 
-def _interrupt(*_):
+ENGINE_EXIT_TIMEOUT_S = 10  # after an interrupted start-up, engine processes still there this long are killed
+
+
+def _engine_processes() -> list:
+    """Our descendants but multiprocessing's resource tracker (it must outlive the engines to clean up after
+    them): the engine-core processes and their workers."""
+    import multiprocessing.resource_tracker
+
+    import psutil
+
+    tracker = getattr(multiprocessing.resource_tracker._resource_tracker, "_pid", None)
+    try:
+        return [p for p in psutil.Process().children(recursive=True) if p.pid != tracker]
+    except psutil.Error:
+        return []
+
+
+def _interrupt_start_up(*_):
+    """SIGTERM/SIGINT before serving: an engine constructor blocks until its engine core is up (tens of seconds)
+    and cannot be cancelled, and an engine core that is still initializing only notes a SIGTERM for later. Nothing
+    is in flight yet, so kill the engine processes (workers included, before they lose their parent): the
+    constructors then fail at once."""
+    for proc in _engine_processes():
+        with contextlib.suppress(Exception):
+            proc.kill()
     raise KeyboardInterrupt("terminated")
+
+
+def _reap_engine_processes() -> None:
+    """No engine process outlives the server, however start-up or shutdown ended."""
+    import psutil
+
+    _, alive = psutil.wait_procs(_engine_processes(), timeout=ENGINE_EXIT_TIMEOUT_S)
+    for proc in alive:
+        logger.warning("killing engine process %d, still running %d s after stop", proc.pid, ENGINE_EXIT_TIMEOUT_S)
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -162,8 +198,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(asctime)s %(name)s: %(message)s")
     for warning in startup_warnings(args, settings):
         logger.warning(warning)
-    # Until uvicorn installs its own handlers, SIGTERM interrupts start-up cleanly (engines are stopped).
-    signal.signal(signal.SIGTERM, _interrupt)
+    # Until uvicorn installs its own handlers (and after it restores these), a signal stops start-up at once.
+    signal.signal(signal.SIGTERM, _interrupt_start_up)
+    signal.signal(signal.SIGINT, _interrupt_start_up)
     try:
         asyncio.run(serve(settings, sock))
     except KeyboardInterrupt:
@@ -171,6 +208,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     except SettingsError as e:
         print(f"moemix serve: error: {e}", file=sys.stderr)
         raise SystemExit(2) from e
+    finally:
+        _reap_engine_processes()
 
 
 def main(argv: list[str] | None = None) -> None:

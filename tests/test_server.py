@@ -31,6 +31,7 @@ BF16_MAX_NUM_SEQS = 2  # with max_queue 0: the 3rd concurrent request to tiny-bf
 PROMPT = "The Python interpreter"
 ROUTING_REFRESH_S = 1  # the server gathers expert-routing counts this often
 SSE_KEEP_ALIVE_S = 0.25  # a stream silent this long gets `: keep-alive`
+START_UP_STOP_S = 20  # SIGTERM during start-up to no process left: ~5 s here (it used to wait for the engine, ~30 s)
 
 
 class Server:
@@ -786,6 +787,45 @@ def test_dead_engine_is_503_and_the_rest_keeps_serving(server):
     assert server.client().completions.create(model=alive, prompt="x", max_tokens=2).usage.completion_tokens == 2
     assert metric(server.metrics(), "moemix_engine_healthy", model=dead) == 0
     server.alive_model = alive
+
+
+def test_sigterm_during_engine_start_up_leaves_no_process(tmp_path):
+    """SIGTERM while the engine core is loading: the engine processes are stopped at once (not after the engine
+    finished starting) and the whole process tree is gone within START_UP_STOP_S; the exit is clean."""
+    import psutil
+
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", PYTHONUNBUFFERED="1")
+    log = tmp_path / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "server", "serve", str(TRAINED_MIXTRAL), "--port",
+                                 str(free_port()), "--enforce-eager", "--max-model-len", "256"],
+                                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    root = psutil.Process(proc.pid)
+    tree = {proc.pid: root}
+
+    def grow_tree() -> list:
+        try:
+            tree.update((p.pid, p) for p in root.children(recursive=True))
+        except psutil.Error:
+            pass
+        return [p for p in tree.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+    try:
+        deadline = time.monotonic() + 180
+        while not any("EngineCore" in " ".join([p.name(), *p.cmdline()]) for p in grow_tree()):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)  # the engine core is starting: its workers are not even up yet
+        stopped_at = time.monotonic()
+        while alive := grow_tree():
+            assert time.monotonic() - stopped_at < START_UP_STOP_S, ([(p.pid, p.name()) for p in alive],
+                                                                     log.read_text()[-3000:])
+            time.sleep(0.1)
+        print(f"\nprocess tree of {len(tree)} gone {time.monotonic() - stopped_at:.1f} s after SIGTERM")
+        assert proc.wait(10) == 0
+    finally:
+        for p in grow_tree():
+            p.kill()
 
 
 # -------------------------------------------------------------------------------- graceful shutdown (last)
