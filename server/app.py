@@ -101,6 +101,6 @@ def build_app(pool: EnginePool, settings: ServerSettings, shutdown_engines: bool
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
-    metrics.instrument(app)
+    metrics.instrument(app, settings.metrics_max_age_s, settings.metrics_scrapes_per_s)
     metrics_mod.install(pool)
     return app

@@ -67,6 +67,12 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--sse-keep-alive", dest="sse_keep_alive_s", type=float, default=None,
                    help="seconds a stream may stay silent (queued, long prefill) before an SSE comment "
                         "`: keep-alive` is sent, so proxies keep the connection; 0 never (default 15)")
+    p.add_argument("--metrics-max-age", dest="metrics_max_age_s", type=float, default=None,
+                   help="seconds a rendered /metrics body is served again before it is rendered anew, so a "
+                        "scrape flood cannot slow generation; 0 renders every scrape (default 1)")
+    p.add_argument("--metrics-scrapes-per-s", dest="metrics_scrapes_per_s", type=float, default=None,
+                   help="/metrics answers at most this many scrapes a second, the others wait their turn (idle), "
+                        "so a flood cannot take CPU from generation; 0 no bound (default 20)")
     p.add_argument("--retry-after", dest="retry_after_s", type=int, default=None,
                    help="Retry-After seconds on 429 (default 1)")
     p.add_argument("--drain-timeout", dest="drain_timeout_s", type=float, default=None,
@@ -92,7 +98,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
                           max_queue=args.max_queue, retry_after_s=args.retry_after_s,
                           drain_timeout_s=args.drain_timeout_s, limit_concurrency=args.limit_concurrency,
                           routing_refresh_s=args.routing_refresh_s, sse_keep_alive_s=args.sse_keep_alive_s,
-                          log_level=args.log_level,
+                          metrics_max_age_s=args.metrics_max_age_s,
+                          metrics_scrapes_per_s=args.metrics_scrapes_per_s, log_level=args.log_level,
                           override_vllm_args=overrides or None)
 
 

@@ -31,6 +31,7 @@ BF16_MAX_NUM_SEQS = 2  # with max_queue 0: the 3rd concurrent request to tiny-bf
 PROMPT = "The Python interpreter"
 ROUTING_REFRESH_S = 1  # the server gathers expert-routing counts this often
 SSE_KEEP_ALIVE_S = 0.25  # a stream silent this long gets `: keep-alive`
+METRICS_MAX_AGE_S = 0.25  # /metrics serves one rendering this long (default 1 s)
 START_UP_STOP_S = 20  # SIGTERM during start-up to no process left: ~5 s here (it used to wait for the engine, ~30 s)
 
 
@@ -58,8 +59,10 @@ class Server:
         return httpx.post(self.url + path, json=body, headers=headers, timeout=timeout, **kwargs)
 
     def metrics(self) -> dict[tuple[str, frozenset], float]:
+        """/metrics as rendered after this call began (a scrape may get a rendering up to METRICS_MAX_AGE_S old)."""
         from prometheus_client.parser import text_string_to_metric_families
 
+        time.sleep(METRICS_MAX_AGE_S)
         text = httpx.get(self.url + "/metrics", timeout=30).text
         return {(s.name, frozenset(s.labels.items())): s.value
                 for fam in text_string_to_metric_families(text) for s in fam.samples}
@@ -100,6 +103,7 @@ def server(moemix_ckpt, tmp_path_factory):
         "drain_timeout_s": 60,
         "routing_refresh_s": ROUTING_REFRESH_S,
         "sse_keep_alive_s": SSE_KEEP_ALIVE_S,
+        "metrics_max_age_s": METRICS_MAX_AGE_S,
         "vllm_args": {"max_model_len": 256, "max_num_seqs": 4, "enforce_eager": True},
         "models": [
             {"name": BF16, "path": str(TRAINED_MIXTRAL), "max_queue": 0,
@@ -418,6 +422,87 @@ def test_non_streaming_disconnect_aborts(server):
         time.sleep(0.2)
     time.sleep(1)
     assert metric(server.metrics(), "vllm:generation_tokens_total", model_name=MOEMIX) - tokens_before < 200
+
+
+def _stream_timings(url: str, headers: dict, body: dict) -> tuple[httpx.Response, float | None, list[float], list[str]]:
+    """(response, seconds to the first data event, gaps between data events, the data events) of one SSE request;
+    an error response's body is its one event."""
+    t0 = time.perf_counter()
+    first, last, gaps, events = None, None, [], []
+    with httpx.stream("POST", url, json=body, headers=headers, timeout=60) as r:
+        if r.status_code != 200:
+            r.read()
+            return r, None, [], [r.text]
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            now = time.perf_counter()
+            if last is None:
+                first = now - t0
+            else:
+                gaps.append(now - last)
+            last = now
+            events.append(line.removeprefix("data: "))
+    return r, first, gaps, events
+
+
+# GET /metrics as fast as THREADS keep-alive connections allow, until SIGTERM; prints how many were answered.
+_FLOOD = """
+import http.client, signal, sys, threading
+port, threads = int(sys.argv[1]), int(sys.argv[2])
+stop, done = threading.Event(), [0] * threads
+def hammer(i):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    while not stop.is_set():
+        conn.request("GET", "/metrics")
+        r = conn.getresponse()
+        r.read()
+        done[i] += r.status == 200
+signal.signal(signal.SIGTERM, lambda *_: stop.set())
+workers = [threading.Thread(target=hammer, args=(i,)) for i in range(threads)]
+for w in workers: w.start()
+for w in workers: w.join()
+print(sum(done))
+"""
+FLOOD_CLIENTS = 4
+SCRAPES_PER_S = 20  # the server's default metrics_scrapes_per_s
+FLOOD_ITL_BOUND = 1.5  # median inter-token latency under the flood / without it (measured ~1.0; 1.2-1.6 before)
+
+
+def test_metrics_flood_does_not_slow_streaming(server):
+    """Median inter-token latency of 200-token streams with FLOOD_CLIENTS connections hammering /metrics (a separate
+    process) and without, interleaved twice. The flood is answered at the server's pace (metrics_scrapes_per_s,
+    default 20) from a rendering at most METRICS_MAX_AGE_S old."""
+    import statistics
+
+    url, body = server.url + "/v1/completions", {"model": MOEMIX, "prompt": PROMPT, "max_tokens": 200,
+                                                  "ignore_eos": True, "stream": True, "temperature": 0}
+
+    def gaps() -> list[float]:
+        r, _, g, events = _stream_timings(url, server.auth, body)
+        assert r.status_code == 200 and events[-1] == "[DONE]", events[-3:]
+        return g
+
+    gaps()  # warm
+    quiet, flooded, scrapes, flood_s = [], [], 0, 0.0
+    for _ in range(2):
+        quiet += gaps() + gaps()
+        flood = subprocess.Popen([sys.executable, "-c", _FLOOD, str(server.port), str(FLOOD_CLIENTS)],
+                                 stdout=subprocess.PIPE, text=True)
+        t0 = time.monotonic()
+        try:
+            time.sleep(0.3)  # all connections hammering
+            flooded += gaps() + gaps()
+        finally:
+            flood.send_signal(signal.SIGTERM)
+            scrapes += int(flood.communicate(timeout=30)[0])
+            flood_s += time.monotonic() - t0
+    ratio = statistics.median(flooded) / statistics.median(quiet)
+    print(f"\nITL median without flood {1e3 * statistics.median(quiet):.2f} ms, with {scrapes} scrapes in {flood_s:.1f} s "
+          f"{1e3 * statistics.median(flooded):.2f} ms: ratio {ratio:.2f} (mean ratio "
+          f"{statistics.mean(flooded) / statistics.mean(quiet):.2f})")
+    assert SCRAPES_PER_S * flood_s / 2 <= scrapes <= SCRAPES_PER_S * (flood_s + 1), (scrapes, flood_s)
+    assert ratio <= FLOOD_ITL_BOUND, ratio
 
 
 # ------------------------------------------------------------------------------- health, metrics, misc

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -430,7 +431,7 @@ def fake_app(tmp_path):
     from server.metrics import Throughput
     from vllm_moemix.routing import EXTENSION
 
-    settings = build_settings([str(tmp_path)], routing_refresh_s=3600)
+    settings = build_settings([str(tmp_path)], routing_refresh_s=3600, metrics_max_age_s=0)  # fresh each scrape
     state = State()
     state.openai_serving_completion, state.serving_tokenization = FakeCompletions(), FakeTokenization()
     eng = ModelEngine(name="m", path=str(tmp_path), args=argparse.Namespace(worker_extension_cls=EXTENSION),
@@ -498,6 +499,68 @@ def test_metrics_scrapes_never_reach_the_workers(fake_app):
     assert eng.client.rpc_calls == 1  # the endpoint respects routing_refresh_s (3600 s) too
     assert routing["experts"]["model.layers.0.block_sparse_moe.0"]["tokens"] == 1
     assert 'moemix_expert_routed_tokens_total{bits="2",layer="0",model="m"} 1.0' in client.get("/metrics").text
+
+
+def test_metrics_flood_renders_once_per_interval():
+    """Scrapes within metrics_max_age_s share one rendering (concurrent ones too) and get the same body; the next
+    scrape after the interval renders anew."""
+    import prometheus_client
+
+    from server.routes.metrics import CachedExposition
+
+    registry = prometheus_client.CollectorRegistry()
+    counter = prometheus_client.Counter("flood_probe", "a value that changes", registry=registry)
+    exposition = CachedExposition(registry, max_age_s=0.3)
+
+    async def scenario():
+        bodies = await asyncio.gather(*(exposition.body() for _ in range(50)))
+        assert exposition.renders == 1 and len(set(bodies)) == 1
+        counter.inc()
+        assert await exposition.body() == bodies[0] and exposition.renders == 1  # still within the interval
+        await asyncio.sleep(0.35)
+        assert b"flood_probe_total 1.0" in await exposition.body() and exposition.renders == 2
+
+    asyncio.run(scenario())
+
+
+def test_metrics_scrapes_are_paced():
+    """At most per_s callers a second get through; the others wait, in arrival order."""
+    from server.routes.metrics import Pacer
+
+    pacer = Pacer(per_s=50)
+
+    async def scenario():
+        t0 = time.monotonic()
+        done = []
+
+        async def scrape(i):
+            await pacer.turn()
+            done.append(i)
+
+        await asyncio.gather(*(scrape(i) for i in range(11)))
+        return time.monotonic() - t0, done
+
+    took, order = asyncio.run(scenario())
+    assert order == list(range(11)) and 0.19 <= took < 0.5, took  # 10 intervals of 20 ms after the first
+    assert Pacer(per_s=0).interval == 0  # no bound
+
+
+def test_metrics_are_served_before_routing_and_auth(tmp_path):
+    """GET /metrics is answered by the outermost ASGI layer: no key needed even with one set, the Prometheus
+    content type, HEAD without a body; other methods go on to the app."""
+    from starlette.testclient import TestClient
+
+    from server.app import build_app
+    from server.engine import EnginePool
+
+    settings = build_settings([str(tmp_path)], api_key="k")
+    with TestClient(build_app(EnginePool({}), settings, shutdown_engines=False)) as client:
+        r = client.get("/metrics")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=")
+        assert b"# TYPE" in r.content
+        head = client.head("/metrics")
+        assert head.status_code == 200 and head.content == b"" and int(head.headers["content-length"]) > 0
+        assert client.post("/metrics").status_code == 404  # not the metrics endpoint: on to the app
 
 
 def test_routing_refresh_respects_the_interval():
