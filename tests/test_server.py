@@ -505,6 +505,56 @@ def test_metrics_flood_does_not_slow_streaming(server):
     assert ratio <= FLOOD_ITL_BOUND, ratio
 
 
+OVERLOAD_S = 4  # how long 4x the capacity keeps streaming at tiny-bf16
+
+
+def test_overload_four_times_the_capacity(server):
+    """4 x tiny-bf16's admission capacity (2) of clients streaming back to back for OVERLOAD_S: every answer is a
+    complete stream or a 429 with Retry-After and OpenAI error JSON; no admitted stream fails."""
+    from threading import Event
+
+    capacity = BF16_MAX_NUM_SEQS  # max_queue 0
+    url = server.url + "/v1/completions"
+    body = {"model": BF16, "prompt": PROMPT, "max_tokens": 16, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    stop = Event()
+
+    def client() -> tuple[list[float], int, list]:
+        ttfts, rejected, failures = [], 0, []
+        while not stop.is_set():
+            r, ttft, _, events = _stream_timings(url, server.auth, body)
+            if r.status_code == 429:
+                err = json.loads(events[0])["error"]
+                if (err["type"], err["code"], r.headers.get("retry-after")) != ("RateLimitError", 429, "2"):
+                    failures.append((429, dict(r.headers), events[0]))
+                rejected += 1
+                time.sleep(0.01)
+                continue
+            usage = json.loads(events[-2]).get("usage") if len(events) >= 2 else None
+            if r.status_code != 200 or events[-1] != "[DONE]" or any('"error"' in e for e in events) or \
+                    not usage or usage["completion_tokens"] != 16:
+                failures.append((r.status_code, events[-3:]))
+            else:
+                ttfts.append(ttft)
+        return ttfts, rejected, failures
+
+    with ThreadPoolExecutor(4 * capacity) as pool:
+        futures = [pool.submit(client) for _ in range(4 * capacity)]
+        time.sleep(OVERLOAD_S)
+        stop.set()
+        results = [f.result() for f in futures]
+    ttfts = sorted(t for ttft, _, _ in results for t in ttft)
+    rejected = sum(n for _, n, _ in results)
+    failures = [f for _, _, fails in results for f in fails]
+    p99 = ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))] if ttfts else None
+    print(f"\n{4 * capacity} clients for {OVERLOAD_S} s at capacity {capacity}: {len(ttfts)} admitted, {rejected} "
+          f"429, {len(failures)} failed; admitted TTFT p50 {1e3 * ttfts[len(ttfts) // 2]:.0f} ms, "
+          f"p99 {1e3 * p99:.0f} ms")
+    assert not failures, failures[:5]
+    assert len(ttfts) >= 4 and rejected > 0, (len(ttfts), rejected)
+    assert metric(server.metrics(), "moemix_requests_in_flight", model=BF16) == 0
+
+
 # ------------------------------------------------------------------------------- health, metrics, misc
 
 
