@@ -71,6 +71,7 @@ def build_app(pool: EnginePool, settings: ServerSettings, shutdown_engines: bool
     import vllm.envs as envs
     from vllm.entrypoints.serve.exception_handling.handlers.validation import validation_exception_handler
     from vllm.entrypoints.serve.exception_handling.register import init_exception_handler
+    from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
     lifespan = _lifespan(pool, settings, envs.VLLM_LOG_STATS_INTERVAL, shutdown_engines)
     app = FastAPI(title="moemix OpenAI-compatible server", version=server.__version__, lifespan=lifespan)
@@ -90,6 +91,15 @@ def build_app(pool: EnginePool, settings: ServerSettings, shutdown_engines: bool
         body = json.loads(resp.body)
         body["error"]["type"] = "BadRequestError"
         return JSONResponse(body, status_code=resp.status_code)
+
+    @app.exception_handler(EngineGenerateError)
+    @app.exception_handler(EngineDeadError)
+    async def engine_error(_: Request, exc: EngineGenerateError | EngineDeadError):
+        # vLLM's handler stops the whole server through app.state.server (absent here: an AttributeError, 500
+        # again); one model's engine failing must not take the other models down.
+        if isinstance(exc, EngineDeadError):
+            return error_response(503, "The model's engine is dead; the server needs a restart.")
+        return error_response(500, "The engine failed to process this request.")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException):  # unknown route 404, wrong method 405, ...

@@ -57,13 +57,32 @@ def _expect_object(value: Any, param: str) -> None:
         raise VLLMValidationError(f"`{param}` must be an object, got {got}.", parameter=param)
 
 
-def reject_misshapen_objects(data: Any) -> Any:
+INT64 = (-(2**63), 2**63 - 1)  # what the engine's msgpack encoder can carry
+
+
+def _reject_huge_integers(data: Any) -> None:
+    """Integers vLLM's protocol leaves unbounded (top_k, stream_interval, ...) are encoded for the engine process
+    with msgpack, which raises OverflowError past 64 bits: deep in the engine client, a 500."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, dict):
+            stack += ((f"{where}.{key}" if where else str(key), item) for key, item in value.items())
+        elif isinstance(value, list):
+            stack += ((f"{where}[{i}]", item) for i, item in enumerate(value))
+        elif isinstance(value, int) and not isinstance(value, bool) and not INT64[0] <= value <= INT64[1]:
+            raise VLLMValidationError(f"`{where}` is outside the 64-bit integer range.", parameter=where)
+
+
+def reject_json_vllm_trips_on(data: Any) -> Any:
     """vLLM's request models run `mode="before"` validators that dereference raw JSON (`.get`,
     `["function"]["name"]`, `list(...)`) before pydantic has checked a single type: a number or a list where they
     expect an object raised AttributeError/KeyError (500). Run first (pydantic runs a subclass's before-validators
-    before its parents'), this turns each such shape into a 400 naming the field."""
+    before its parents'), this turns each such shape, and every integer the engine could not be sent, into a 400
+    naming the field."""
     if not isinstance(data, dict):
         return data
+    _reject_huge_integers(data)
     if data.get("structured_outputs") is not None:
         _expect_object(data["structured_outputs"], "structured_outputs")
     tools = data.get("tools")
@@ -88,11 +107,11 @@ class CheckedChatCompletionRequest(ChatCompletionRequest):
     @model_validator(mode="before")
     @classmethod
     def _shapes_first(cls, data: Any) -> Any:
-        return reject_misshapen_objects(data)
+        return reject_json_vllm_trips_on(data)
 
 
 class CheckedCompletionRequest(CompletionRequest):
     @model_validator(mode="before")
     @classmethod
     def _shapes_first(cls, data: Any) -> Any:
-        return reject_misshapen_objects(data)
+        return reject_json_vllm_trips_on(data)

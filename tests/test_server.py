@@ -815,6 +815,10 @@ BAD_INPUTS = [
     # JSON of the wrong shape where vLLM's own before-validators dereference it (they raised 500 before)
     *((f"chat: {case}", "POST", "/v1/chat/completions", {}, {"model": MOEMIX, "max_tokens": 2, **fields}, 400,
        "BadRequestError") for case, fields in _MISSHAPEN_CHAT.items()),
+    ("top_k 2**70 (no bound in vLLM's protocol; the engine's msgpack has 64 bits)", "POST", "/v1/completions", {},
+     {"model": MOEMIX, "prompt": "x", "max_tokens": 2, "top_k": 2**70}, 400, "BadRequestError"),
+    ("stream_interval 2**70, chat", "POST", "/v1/chat/completions", {},
+     {"model": MOEMIX, "messages": [_HI], "max_tokens": 2, "stream_interval": 2**70}, 400, "BadRequestError"),
     ("structured_outputs an array", "POST", "/v1/completions", {},
      {"model": MOEMIX, "prompt": "x", "max_tokens": 2, "structured_outputs": [1]}, 400, "BadRequestError"),
 ]

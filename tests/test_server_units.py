@@ -399,7 +399,12 @@ class FakeCompletions:
 
     async def create_completion(self, request, raw_request):
         from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
-        from vllm.v1.engine.exceptions import EngineDeadError
+        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+        if request.prompt == "raise-generate-error":  # what a non-streaming request sees when add_request fails
+            raise EngineGenerateError()
+        if request.prompt == "raise-engine-dead":
+            raise EngineDeadError()
 
         async def chunks():
             yield 'data: {"choices": [{"text": "a"}]}\n\n'
@@ -474,6 +479,33 @@ def test_engine_death_mid_stream_ends_with_an_error_event(fake_app, prompt):
     with client.stream("POST", "/v1/completions", json={"model": "m", "prompt": "ok", "stream": True}) as r:
         assert r.read().decode().endswith("data: [DONE]\n\n")
     assert eng.gate.in_flight == 0 and eng.gate.incomplete == 1  # a normal stream is not
+
+
+@pytest.mark.parametrize("prompt, status, err_type", [("raise-generate-error", 500, "InternalServerError"),
+                                                       ("raise-engine-dead", 503, "ServiceUnavailableError")])
+def test_engine_errors_of_a_non_streaming_request_are_openai_errors(fake_app, prompt, status, err_type):
+    """vLLM's own handler for these reads app.state.server (to stop the whole server) and crashed instead."""
+    client, eng = fake_app
+    r = client.post("/v1/completions", json={"model": "m", "prompt": prompt})
+    assert r.status_code == status and r.json()["error"]["type"] == err_type and "state" not in r.text, r.text
+    assert eng.gate.in_flight == 0
+    assert client.get("/health").status_code == 200  # the server goes on
+
+
+def test_integers_past_64_bits_are_400_before_the_engine():
+    from server.protocol import CheckedChatCompletionRequest, CheckedCompletionRequest
+    from vllm.exceptions import VLLMValidationError
+
+    hi = [{"role": "user", "content": "hi"}]
+    for model, body, param in [(CheckedCompletionRequest, {"prompt": "x", "top_k": 2**70}, "top_k"),
+                               (CheckedChatCompletionRequest, {"messages": hi, "stream_interval": -(2**64)},
+                                "stream_interval"),
+                               (CheckedCompletionRequest, {"prompt": "x", "vllm_xargs": {"a": [1, 2**64]}},
+                                "vllm_xargs.a[1]")]:
+        with pytest.raises(VLLMValidationError) as e:
+            model.model_validate(body)
+        assert e.value.parameter == param
+    assert CheckedCompletionRequest.model_validate({"prompt": "x", "seed": 2**63 - 1}).seed == 2**63 - 1
 
 
 def test_chunked_body_over_the_limit_is_413(fake_app):
