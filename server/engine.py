@@ -25,7 +25,7 @@ from starlette.datastructures import State
 
 from server.admission import AdmissionGate, admission_limit
 from server.facts import WeightFacts, read_weight_facts
-from server.metrics import SharedPrometheusStatLogger, Throughput, throughput_logger_factory
+from server.stats import SharedPrometheusStatLogger, Throughput, throughput_logger_factory
 from server.settings import ModelSettings, ServerSettings, SettingsError, to_vllm_argv
 from vllm_moemix.routing import EXTENSION as ROUTING_EXTENSION
 from vllm_moemix.routing import describe_served, reference_fallback_reason
@@ -199,7 +199,7 @@ async def start_engine(model: ModelSettings, settings: ServerSettings) -> ModelE
     for warning in unapplied_vllm_options(options):
         logger.warning("model %s: %s", model.name, warning)
     facts = read_weight_facts(model.path) if Path(model.path).is_dir() else WeightFacts(path=model.path)
-    if facts.quant_method == "moemix" and not args.worker_extension_cls:
+    if facts.is_moemix and not args.worker_extension_cls:
         args.worker_extension_cls = ROUTING_EXTENSION  # lets /metrics read the experts' routed-token counts
     throughput = Throughput()
     t0 = time.perf_counter()

@@ -433,7 +433,7 @@ def fake_app(tmp_path):
     from server.app import build_app
     from server.engine import EnginePool, ModelEngine
     from server.facts import WeightFacts
-    from server.metrics import Throughput
+    from server.stats import Throughput
     from vllm_moemix.routing import EXTENSION
 
     settings = build_settings([str(tmp_path)], routing_refresh_s=3600, metrics_max_age_s=0)  # fresh each scrape
@@ -598,7 +598,7 @@ def test_metrics_are_served_before_routing_and_auth(tmp_path):
 def test_routing_refresh_respects_the_interval():
     from server.engine import ModelEngine
     from server.facts import WeightFacts
-    from server.metrics import Throughput
+    from server.stats import Throughput
     from vllm_moemix.routing import EXTENSION
 
     eng = ModelEngine(name="m", path="/m", args=argparse.Namespace(worker_extension_cls=EXTENSION),
