@@ -25,8 +25,8 @@ from starlette.datastructures import State
 
 from server.admission import AdmissionGate, admission_limit
 from server.facts import WeightFacts, read_weight_facts
-from server.stats import SharedPrometheusStatLogger, Throughput, throughput_logger_factory
 from server.settings import ModelSettings, ServerSettings, SettingsError, to_vllm_argv
+from server.stats import SharedPrometheusStatLogger, Throughput, throughput_logger_factory
 from vllm_moemix.routing import EXTENSION as ROUTING_EXTENSION
 from vllm_moemix.routing import describe_served, reference_fallback_reason
 from vllm_moemix.routing import merge as merge_routing

@@ -493,8 +493,9 @@ def test_engine_errors_of_a_non_streaming_request_are_openai_errors(fake_app, pr
 
 
 def test_integers_past_64_bits_are_400_before_the_engine():
-    from server.protocol import CheckedChatCompletionRequest, CheckedCompletionRequest
     from vllm.exceptions import VLLMValidationError
+
+    from server.protocol import CheckedChatCompletionRequest, CheckedCompletionRequest
 
     hi = [{"role": "user", "content": "hi"}]
     for model, body, param in [(CheckedCompletionRequest, {"prompt": "x", "top_k": 2**70}, "top_k"),
