@@ -58,20 +58,26 @@ def _expect_object(value: Any, param: str) -> None:
 
 
 INT64 = (-(2**63), 2**63 - 1)  # what the engine's msgpack encoder can carry
+MAX_ECHOED_PATH = 200  # a field path quoted in an error (a nested body may make it as long as the body)
 
 
 def _reject_huge_integers(data: Any) -> None:
     """Integers vLLM's protocol leaves unbounded (top_k, stream_interval, ...) are encoded for the engine process
-    with msgpack, which raises OverflowError past 64 bits: deep in the engine client, a 500."""
-    stack: list[tuple[str, Any]] = [("", data)]
-    while stack:
-        where, value = stack.pop()
-        if isinstance(value, dict):
-            stack += ((f"{where}.{key}" if where else str(key), item) for key, item in value.items())
-        elif isinstance(value, list):
-            stack += ((f"{where}[{i}]", item) for i, item in enumerate(value))
-        elif isinstance(value, int) and not isinstance(value, bool) and not INT64[0] <= value <= INT64[1]:
-            raise VLLMValidationError(f"`{where}` is outside the 64-bit integer range.", parameter=where)
+    with msgpack, which raises OverflowError past 64 bits: deep in the engine client, a 500. Iterative (a deeply
+    nested body must not hit the recursion limit); a field's path is spelled out only for the error."""
+    containers: list[tuple[Any, Any, int]] = [(data, None, -1)]  # (dict or list, its key in the parent, parent)
+    for index, (container, _, _) in enumerate(containers):  # grows while walked: breadth first
+        for key, value in container.items() if isinstance(container, dict) else enumerate(container):
+            if isinstance(value, (dict, list)):
+                containers.append((value, key, index))
+            elif type(value) is int and not INT64[0] <= value <= INT64[1]:  # bool is not int here
+                keys = [key]
+                while index > 0:
+                    _, parent_key, index = containers[index]
+                    keys.append(parent_key)
+                where = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in reversed(keys)).lstrip(".")
+                where = where if len(where) <= MAX_ECHOED_PATH else f"{where[:MAX_ECHOED_PATH]}...[truncated]"
+                raise VLLMValidationError(f"`{where}` is outside the 64-bit integer range.", parameter=where)
 
 
 def reject_json_vllm_trips_on(data: Any) -> Any:
