@@ -507,6 +507,12 @@ def test_integers_past_64_bits_are_400_before_the_engine():
             model.model_validate(body)
         assert e.value.parameter == param
     assert CheckedCompletionRequest.model_validate({"prompt": "x", "seed": 2**63 - 1}).seed == 2**63 - 1
+    deep = 2**70
+    for _ in range(5000):  # nested deeper than the recursion limit: found, and its path quoted short
+        deep = [deep]
+    with pytest.raises(VLLMValidationError) as e:
+        CheckedCompletionRequest.model_validate({"prompt": "x", "vllm_xargs": {"a": deep}})
+    assert e.value.parameter.startswith("vllm_xargs.a[0][0]") and e.value.parameter.endswith("...[truncated]")
 
 
 def test_chunked_body_over_the_limit_is_413(fake_app):
