@@ -71,13 +71,13 @@ def build_app(pool: EnginePool, settings: ServerSettings, shutdown_engines: bool
     import vllm.envs as envs
     from vllm.entrypoints.serve.exception_handling.handlers.validation import validation_exception_handler
     from vllm.entrypoints.serve.exception_handling.register import init_exception_handler
+    from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
     lifespan = _lifespan(pool, settings, envs.VLLM_LOG_STATS_INTERVAL, shutdown_engines)
     app = FastAPI(title="moemix OpenAI-compatible server", version=server.__version__, lifespan=lifespan)
     app.state.pool = pool
     app.state.settings = settings
-    # vLLM's exception handlers and SSE keep-alive read these two from app.state.args.
-    app.state.args = Namespace(log_error_stack=False, sse_keep_alive_interval=0)
+    app.state.args = Namespace(log_error_stack=False)  # read by vLLM's exception handlers
 
     for module in (completions, chat, models, tokenize, health, metrics):
         module.attach_router(app)
@@ -92,6 +92,15 @@ def build_app(pool: EnginePool, settings: ServerSettings, shutdown_engines: bool
         body["error"]["type"] = "BadRequestError"
         return JSONResponse(body, status_code=resp.status_code)
 
+    @app.exception_handler(EngineGenerateError)
+    @app.exception_handler(EngineDeadError)
+    async def engine_error(_: Request, exc: EngineGenerateError | EngineDeadError):
+        # vLLM's handler stops the whole server through app.state.server (absent here: an AttributeError, 500
+        # again); one model's engine failing must not take the other models down.
+        if isinstance(exc, EngineDeadError):
+            return error_response(503, "The model's engine is dead; the server needs a restart.")
+        return error_response(500, "The engine failed to process this request.")
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException):  # unknown route 404, wrong method 405, ...
         return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
@@ -102,6 +111,6 @@ def build_app(pool: EnginePool, settings: ServerSettings, shutdown_engines: bool
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
-    metrics.instrument(app)
+    metrics.instrument(app, settings.metrics_max_age_s, settings.metrics_scrapes_per_s)
     metrics_mod.install(pool)
     return app

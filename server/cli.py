@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -48,8 +49,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="server YAML: models, per-model vLLM options, limits")
     key = p.add_mutually_exclusive_group()
     key.add_argument("--api-key-file", default=None, metavar="PATH",
-                     help="require `Authorization: Bearer KEY` on /v1/* and /tokenize, KEY read from this file "
-                          "(or env MOEMIX_API_KEY). Needed on any host but loopback")
+                     help="require `Authorization: Bearer KEY` on every path but /health, /metrics, /version and "
+                          "the API docs, KEY read from this file (or env MOEMIX_API_KEY). Needed on any host but "
+                          "loopback")
     key.add_argument("--api-key", default=None,
                      help="the key itself (visible to local users in `ps`: prefer --api-key-file)")
     p.add_argument("--insecure-no-auth", action="store_true", default=None,
@@ -62,6 +64,15 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                         f"admission limits + {CONCURRENCY_HEADROOM})")
     p.add_argument("--routing-refresh", dest="routing_refresh_s", type=float, default=None,
                    help="seconds between gatherings of expert-routing counts from the workers (default 5)")
+    p.add_argument("--sse-keep-alive", dest="sse_keep_alive_s", type=float, default=None,
+                   help="seconds a stream may stay silent (queued, long prefill) before an SSE comment "
+                        "`: keep-alive` is sent, so proxies keep the connection; 0 never (default 15)")
+    p.add_argument("--metrics-max-age", dest="metrics_max_age_s", type=float, default=None,
+                   help="seconds a rendered /metrics body is served again before it is rendered anew, so a "
+                        "scrape flood cannot slow generation; 0 renders every scrape (default 1)")
+    p.add_argument("--metrics-scrapes-per-s", dest="metrics_scrapes_per_s", type=float, default=None,
+                   help="/metrics answers at most this many scrapes a second, the others wait their turn (idle), "
+                        "so a flood cannot take CPU from generation; 0 no bound (default 20)")
     p.add_argument("--retry-after", dest="retry_after_s", type=int, default=None,
                    help="Retry-After seconds on 429 (default 1)")
     p.add_argument("--drain-timeout", dest="drain_timeout_s", type=float, default=None,
@@ -86,7 +97,9 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
                           api_key_file=args.api_key_file, insecure_no_auth=args.insecure_no_auth,
                           max_queue=args.max_queue, retry_after_s=args.retry_after_s,
                           drain_timeout_s=args.drain_timeout_s, limit_concurrency=args.limit_concurrency,
-                          routing_refresh_s=args.routing_refresh_s, log_level=args.log_level,
+                          routing_refresh_s=args.routing_refresh_s, sse_keep_alive_s=args.sse_keep_alive_s,
+                          metrics_max_age_s=args.metrics_max_age_s,
+                          metrics_scrapes_per_s=args.metrics_scrapes_per_s, log_level=args.log_level,
                           override_vllm_args=overrides or None)
 
 
@@ -143,8 +156,43 @@ async def serve(settings: ServerSettings, sock: socket.socket | None = None) -> 
         sock.close()
 
 
-def _interrupt(*_):
+ENGINE_EXIT_TIMEOUT_S = 10  # after an interrupted start-up, engine processes still there this long are killed
+
+
+def _engine_processes() -> list:
+    """Our descendants but multiprocessing's resource tracker (it must outlive the engines to clean up after
+    them): the engine-core processes and their workers."""
+    import multiprocessing.resource_tracker
+
+    import psutil
+
+    tracker = getattr(multiprocessing.resource_tracker._resource_tracker, "_pid", None)
+    try:
+        return [p for p in psutil.Process().children(recursive=True) if p.pid != tracker]
+    except psutil.Error:
+        return []
+
+
+def _interrupt_start_up(*_):
+    """SIGTERM/SIGINT before serving: an engine constructor blocks until its engine core is up (tens of seconds)
+    and cannot be cancelled, and an engine core that is still initializing only notes a SIGTERM for later. Nothing
+    is in flight yet, so kill the engine processes (workers included, before they lose their parent): the
+    constructors then fail at once."""
+    for proc in _engine_processes():
+        with contextlib.suppress(Exception):
+            proc.kill()
     raise KeyboardInterrupt("terminated")
+
+
+def _reap_engine_processes() -> None:
+    """No engine process outlives the server, however start-up or shutdown ended."""
+    import psutil
+
+    _, alive = psutil.wait_procs(_engine_processes(), timeout=ENGINE_EXIT_TIMEOUT_S)
+    for proc in alive:
+        logger.warning("killing engine process %d, still running %d s after stop", proc.pid, ENGINE_EXIT_TIMEOUT_S)
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -157,8 +205,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(asctime)s %(name)s: %(message)s")
     for warning in startup_warnings(args, settings):
         logger.warning(warning)
-    # Until uvicorn installs its own handlers, SIGTERM interrupts start-up cleanly (engines are stopped).
-    signal.signal(signal.SIGTERM, _interrupt)
+    # Until uvicorn installs its own handlers (and after it restores these), a signal stops start-up at once.
+    signal.signal(signal.SIGTERM, _interrupt_start_up)
+    signal.signal(signal.SIGINT, _interrupt_start_up)
     try:
         asyncio.run(serve(settings, sock))
     except KeyboardInterrupt:
@@ -166,6 +215,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     except SettingsError as e:
         print(f"moemix serve: error: {e}", file=sys.stderr)
         raise SystemExit(2) from e
+    finally:
+        _reap_engine_processes()
 
 
 def main(argv: list[str] | None = None) -> None:

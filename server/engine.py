@@ -25,8 +25,8 @@ from starlette.datastructures import State
 
 from server.admission import AdmissionGate, admission_limit
 from server.facts import WeightFacts, read_weight_facts
-from server.metrics import SharedPrometheusStatLogger, Throughput, throughput_logger_factory
 from server.settings import ModelSettings, ServerSettings, SettingsError, to_vllm_argv
+from server.stats import SharedPrometheusStatLogger, Throughput, throughput_logger_factory
 from vllm_moemix.layers.introspect import EXTENSION as ROUTING_EXTENSION
 from vllm_moemix.layers.introspect import describe_served, reference_fallback_reason
 from vllm_moemix.config.routing_profile import merge as merge_routing
@@ -58,7 +58,8 @@ def vllm_serve_args(model: ModelSettings, options: dict[str, Any]) -> argparse.N
 # objects this server builds: every FrontendArgs-only field but the pooling one, plus these.
 _HTTP_ONLY_OPTIONS = {"sse_keep_alive_interval", "tool_parser_plugin", "enable_tokenizer_info_endpoint",
                       "tokens_only", "enable_scale_out", "headless", "api_server_count", "grpc"}
-_OUR_FLAG = {"api_key": "--api-key-file", "host": "--host", "port": "--port", "uvicorn_log_level": "--log-level"}
+_OUR_FLAG = {"api_key": "--api-key-file", "host": "--host", "port": "--port", "uvicorn_log_level": "--log-level",
+             "sse_keep_alive_interval": "--sse-keep-alive"}
 
 
 def unapplied_vllm_options(options: dict[str, Any]) -> list[str]:
@@ -91,7 +92,7 @@ class ModelEngine:
     start_seconds: float = 0.0
     stopped: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
-    routing: dict | None = None  # last expert-routing profile (vllm_moemix.config.routing_profile.merge), moemix models only
+    routing: dict | None = None  # last expert-routing profile (vllm_moemix.layers.introspect.merge), moemix models only
     routing_refresh_s: float = 5.0  # gather it from the workers at most this often
     routing_at: float = float("-inf")  # time.monotonic() of the last gathering
     _routing_lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False, repr=False)
@@ -198,7 +199,7 @@ async def start_engine(model: ModelSettings, settings: ServerSettings) -> ModelE
     for warning in unapplied_vllm_options(options):
         logger.warning("model %s: %s", model.name, warning)
     facts = read_weight_facts(model.path) if Path(model.path).is_dir() else WeightFacts(path=model.path)
-    if facts.quant_method == "moemix" and not args.worker_extension_cls:
+    if facts.is_moemix and not args.worker_extension_cls:
         args.worker_extension_cls = ROUTING_EXTENSION  # lets /metrics read the experts' routed-token counts
     throughput = Throughput()
     t0 = time.perf_counter()

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vllm_moemix.checkpoint.format import QUANT_METHOD
+
 COMPONENTS = ("experts", "attention", "shared", "other")
 
 _DTYPE_BITS = {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "F64": "fp64", "F8_E4M3": "fp8", "F8_E5M2": "fp8",
@@ -70,7 +72,7 @@ class WeightFacts:
 
     @property
     def is_moemix(self) -> bool:
-        return self.quant_method == "moemix"
+        return self.quant_method == QUANT_METHOD
 
     @property
     def total_bytes(self) -> int:

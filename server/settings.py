@@ -12,6 +12,9 @@ YAML (every key optional except `models` when no MODEL is given on the command l
     max_body_bytes: 8388608
     limit_concurrency: 512          # uvicorn's connection bound (default: the admission limits + 256)
     routing_refresh_s: 5            # gather expert-routing counts from the workers at most this often
+    sse_keep_alive_s: 15            # a stream idle this long (queued, long prefill) gets an SSE comment; 0: never
+    metrics_max_age_s: 1            # /metrics is rendered at most this often; scrapes in between get that body
+    metrics_scrapes_per_s: 20       # /metrics answers at most this many scrapes a second; more wait (0: no bound)
     vllm_args:                      # applied to every model; any `vllm serve` engine/frontend option
       max_model_len: 2048
     models:
@@ -60,6 +63,9 @@ class ServerSettings:
     max_body_bytes: int = 8 * 2**20
     limit_concurrency: int | None = None  # None: the sum of the models' admission limits + 256 (cli.py)
     routing_refresh_s: float = 5.0
+    sse_keep_alive_s: float = 15.0  # proxies close streams silent for longer than their read timeout (often 60 s)
+    metrics_max_age_s: float = 1.0  # a /metrics flood renders once per interval, not once per scrape
+    metrics_scrapes_per_s: float = 20.0  # and is answered at this rate: even cached answers cost the event loop
     vllm_args: dict[str, Any] = field(default_factory=dict)  # defaults for every model (YAML top level)
     override_vllm_args: dict[str, Any] = field(default_factory=dict)  # command-line flags: win over YAML
     log_level: str = "info"
@@ -181,7 +187,8 @@ def build_settings(models: list[str], config: str | None = None, api_key_file: s
         raise SettingsError("vllm_args must be a mapping")
     settings = ServerSettings(models=specs, vllm_args=dict(vllm_args), api_key=api_key)
     for key in ("host", "port", "max_queue", "retry_after_s", "drain_timeout_s", "max_body_bytes",
-                "limit_concurrency", "routing_refresh_s", "log_level"):
+                "limit_concurrency", "routing_refresh_s", "sse_keep_alive_s", "metrics_max_age_s",
+                "metrics_scrapes_per_s", "log_level"):
         if key in data:
             setattr(settings, key, data[key])
     for key, value in flags.items():
@@ -201,8 +208,10 @@ def build_settings(models: list[str], config: str | None = None, api_key_file: s
         raise SettingsError("limit_concurrency must be positive (leave it out for the default)")
     if not isinstance(settings.routing_refresh_s, (int, float)) or settings.routing_refresh_s <= 0:
         raise SettingsError(f"routing_refresh_s must be a positive number, got {settings.routing_refresh_s!r}")
-    if not isinstance(settings.drain_timeout_s, (int, float)) or settings.drain_timeout_s < 0:
-        raise SettingsError(f"drain_timeout_s must be a non-negative number, got {settings.drain_timeout_s!r}")
+    for key in ("drain_timeout_s", "sse_keep_alive_s", "metrics_max_age_s", "metrics_scrapes_per_s"):
+        value = getattr(settings, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+            raise SettingsError(f"{key} must be a non-negative number, got {value!r}")
     return settings
 
 

@@ -1,4 +1,5 @@
-"""POST /v1/chat/completions (vLLM's ChatCompletionRequest; the model's chat template; SSE streaming)."""
+"""POST /v1/chat/completions (vLLM's ChatCompletionRequest, shape-checked first:
+server.protocol.CheckedChatCompletionRequest; the model's chat template; SSE streaming)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ from http import HTTPStatus
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from server.protocol import CheckedChatCompletionRequest
 from server.routes.common import admit, render, resolve
 from server.routes.completions import _ERRORS
-from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.serve.utils.api_utils import validate_json_request, with_cancellation
 
 router = APIRouter()
@@ -18,7 +19,7 @@ router = APIRouter()
 @router.post("/v1/chat/completions", dependencies=[Depends(validate_json_request)],
              responses={HTTPStatus.OK.value: {"content": {"text/event-stream": {}}}, **_ERRORS})
 @with_cancellation
-async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request):
+async def create_chat_completion(request: CheckedChatCompletionRequest, raw_request: Request):
     eng = resolve(raw_request, request.model)
     if isinstance(eng, JSONResponse):
         return eng

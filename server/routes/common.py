@@ -81,11 +81,12 @@ async def _stream(chunks: AsyncIterator[str], raw_request: Request) -> AsyncIter
 
 
 def render(result, raw_request: Request):
-    """vLLM serving result -> response: ErrorResponse, a pydantic response, or an SSE string generator."""
+    """vLLM serving result -> response: ErrorResponse, a pydantic response, or an SSE string generator (with a
+    `: keep-alive` comment whenever it is silent for sse_keep_alive_s: queued, or a long prefill)."""
     if isinstance(result, ErrorResponse):
         return JSONResponse(result.model_dump(), status_code=result.error.code)
     if isinstance(result, BaseModel):
         return JSONResponse(result.model_dump())
-    interval = float(getattr(raw_request.app.state.args, "sse_keep_alive_interval", 0) or 0)
-    return StreamingResponse(_stream(with_sse_keep_alive(result, interval), raw_request),
+    keep_alive_s = raw_request.app.state.settings.sse_keep_alive_s
+    return StreamingResponse(_stream(with_sse_keep_alive(result, keep_alive_s), raw_request),
                              media_type="text/event-stream")

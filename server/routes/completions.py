@@ -1,4 +1,5 @@
-"""POST /v1/completions (vLLM's CompletionRequest; streaming as SSE)."""
+"""POST /v1/completions (vLLM's CompletionRequest, shape-checked first: server.protocol.CheckedCompletionRequest;
+streaming as SSE)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from http import HTTPStatus
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from server.protocol import CheckedCompletionRequest
 from server.routes.common import admit, render, resolve
-from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.entrypoints.serve.utils.api_utils import validate_json_request, with_cancellation
 
@@ -21,7 +22,7 @@ _ERRORS = {s.value: {"model": ErrorResponse} for s in (HTTPStatus.BAD_REQUEST, H
 @router.post("/v1/completions", dependencies=[Depends(validate_json_request)],
              responses={HTTPStatus.OK.value: {"content": {"text/event-stream": {}}}, **_ERRORS})
 @with_cancellation
-async def create_completion(request: CompletionRequest, raw_request: Request):
+async def create_completion(request: CheckedCompletionRequest, raw_request: Request):
     eng = resolve(raw_request, request.model)
     if isinstance(eng, JSONResponse):
         return eng

@@ -508,6 +508,24 @@ def test_network_policies_keep_ray_inside_the_group():
     assert prometheus["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}
 
 
+def test_ray_runs_with_token_authentication():
+    """Every pod that runs `ray start` has RAY_AUTH_MODE=token and its token from a mount of the required Secret
+    moemix-ray-token, and first refuses a Ray too old for token authentication (< 2.52 ignores the variable)."""
+    tmpl = find("LeaderWorkerSet")["spec"]["leaderWorkerTemplate"]
+    for role in ("leaderTemplate", "workerTemplate"):
+        spec = tmpl[role]["spec"]
+        (c,) = [c for c in spec["containers"] if "ray start" in " ".join(c["args"])]
+        script = " ".join(c["args"])
+        assert script.index('Version("2.52")') < script.index("ray start"), role
+        env = {e["name"]: e["value"] for e in c["env"]}
+        assert env["RAY_AUTH_MODE"] == "token" and "RAY_AUTH_TOKEN" not in env, role  # never the token itself
+        token = Path(env["RAY_AUTH_TOKEN_PATH"])
+        (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == str(token.parent)]
+        secret = {v["name"]: v for v in spec["volumes"]}[mount["name"]]["secret"]
+        assert secret["secretName"] == "moemix-ray-token" and not secret.get("optional", False), role
+        assert [item["path"] for item in secret["items"]] == [token.name] and mount["readOnly"], role
+
+
 def test_vllm_args_of_the_manifests_are_real_vllm_options(tmp_path):
     """`--vllm-args` goes through vLLM's own `vllm serve` parser (a misspelt option fails here, not in a pod)."""
     from server.engine import vllm_serve_args

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -46,6 +47,9 @@ def test_yaml_and_flags(tmp_path, monkeypatch):
     ("models: [a/b]\nmax_queue: -1", "non-negative"),
     ("models: [{path: a/b, vllm_args: [1]}]", "mapping"),
     ("[1, 2]", "mapping"),
+    ("models: [a/b]\nsse_keep_alive_s: -1", "sse_keep_alive_s must be a non-negative number"),
+    ("models: [a/b]\nsse_keep_alive_s: .inf", "sse_keep_alive_s must be a non-negative number"),
+    ("models: [a/b]\nsse_keep_alive_s: yes", "sse_keep_alive_s must be a non-negative number"),
 ])
 def test_yaml_mistakes_are_named(tmp_path, text, message):
     cfg = tmp_path / "bad.yaml"
@@ -199,6 +203,21 @@ def test_api_key_middleware():
     assert _call(app, "/v1/completions", [(b"authorization", b"Bearer x")])[0] == 401
     assert _call(app, "/v1/completions", [(b"authorization", b"Bearer k")])[0] == 200
     assert _call(app, "/health")[0] == 200 and _call(app, "/metrics")[0] == 200
+
+
+def test_api_key_scheme_is_case_insensitive_and_paths_cannot_bypass_it():
+    from server.middleware.auth import APIKeyMiddleware
+
+    app = APIKeyMiddleware(_ok_app, "k")
+    for header in (b"bearer k", b"BEARER k", b"Bearer  k", b" Bearer k "):  # RFC 7235: the scheme has no case
+        assert _call(app, "/v1/models", [(b"authorization", header)])[0] == 200, header
+    for header in (b"Basic k", b"Bearerk", b"k", b"bearer", b"bearer K"):
+        assert _call(app, "/v1/models", [(b"authorization", header)])[0] == 401, header
+    for path in ("//v1/models", "/v1/../v1/models", "/health/../v1/models", "/./v1/models", "///tokenize",
+                 "/v1/models/", "/unknown", "/healthz"):  # every path not exactly open needs the key
+        assert _call(app, path)[0] == 401, path
+    for path in ("/health", "/metrics", "/version", "/openapi.json", "//health", "/v1/../health"):
+        assert _call(app, path)[0] == 200, path
 
 
 def test_body_limit_middleware():
@@ -380,7 +399,12 @@ class FakeCompletions:
 
     async def create_completion(self, request, raw_request):
         from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
-        from vllm.v1.engine.exceptions import EngineDeadError
+        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+        if request.prompt == "raise-generate-error":  # what a non-streaming request sees when add_request fails
+            raise EngineGenerateError()
+        if request.prompt == "raise-engine-dead":
+            raise EngineDeadError()
 
         async def chunks():
             yield 'data: {"choices": [{"text": "a"}]}\n\n'
@@ -409,10 +433,10 @@ def fake_app(tmp_path):
     from server.app import build_app
     from server.engine import EnginePool, ModelEngine
     from server.facts import WeightFacts
-    from server.metrics import Throughput
+    from server.stats import Throughput
     from vllm_moemix.layers.introspect import EXTENSION
 
-    settings = build_settings([str(tmp_path)], routing_refresh_s=3600)
+    settings = build_settings([str(tmp_path)], routing_refresh_s=3600, metrics_max_age_s=0)  # fresh each scrape
     state = State()
     state.openai_serving_completion, state.serving_tokenization = FakeCompletions(), FakeTokenization()
     eng = ModelEngine(name="m", path=str(tmp_path), args=argparse.Namespace(worker_extension_cls=EXTENSION),
@@ -457,6 +481,40 @@ def test_engine_death_mid_stream_ends_with_an_error_event(fake_app, prompt):
     assert eng.gate.in_flight == 0 and eng.gate.incomplete == 1  # a normal stream is not
 
 
+@pytest.mark.parametrize("prompt, status, err_type", [("raise-generate-error", 500, "InternalServerError"),
+                                                       ("raise-engine-dead", 503, "ServiceUnavailableError")])
+def test_engine_errors_of_a_non_streaming_request_are_openai_errors(fake_app, prompt, status, err_type):
+    """vLLM's own handler for these reads app.state.server (to stop the whole server) and crashed instead."""
+    client, eng = fake_app
+    r = client.post("/v1/completions", json={"model": "m", "prompt": prompt})
+    assert r.status_code == status and r.json()["error"]["type"] == err_type and "state" not in r.text, r.text
+    assert eng.gate.in_flight == 0
+    assert client.get("/health").status_code == 200  # the server goes on
+
+
+def test_integers_past_64_bits_are_400_before_the_engine():
+    from vllm.exceptions import VLLMValidationError
+
+    from server.protocol import CheckedChatCompletionRequest, CheckedCompletionRequest
+
+    hi = [{"role": "user", "content": "hi"}]
+    for model, body, param in [(CheckedCompletionRequest, {"prompt": "x", "top_k": 2**70}, "top_k"),
+                               (CheckedChatCompletionRequest, {"messages": hi, "stream_interval": -(2**64)},
+                                "stream_interval"),
+                               (CheckedCompletionRequest, {"prompt": "x", "vllm_xargs": {"a": [1, 2**64]}},
+                                "vllm_xargs.a[1]")]:
+        with pytest.raises(VLLMValidationError) as e:
+            model.model_validate(body)
+        assert e.value.parameter == param
+    assert CheckedCompletionRequest.model_validate({"prompt": "x", "seed": 2**63 - 1}).seed == 2**63 - 1
+    deep = 2**70
+    for _ in range(5000):  # nested deeper than the recursion limit: found, and its path quoted short
+        deep = [deep]
+    with pytest.raises(VLLMValidationError) as e:
+        CheckedCompletionRequest.model_validate({"prompt": "x", "vllm_xargs": {"a": deep}})
+    assert e.value.parameter.startswith("vllm_xargs.a[0][0]") and e.value.parameter.endswith("...[truncated]")
+
+
 def test_chunked_body_over_the_limit_is_413(fake_app):
     client, _ = fake_app
     limit = client.app.state.settings.max_body_bytes
@@ -482,10 +540,72 @@ def test_metrics_scrapes_never_reach_the_workers(fake_app):
     assert 'moemix_expert_routed_tokens_total{bits="2",layer="0",model="m"} 1.0' in client.get("/metrics").text
 
 
+def test_metrics_flood_renders_once_per_interval():
+    """Scrapes within metrics_max_age_s share one rendering (concurrent ones too) and get the same body; the next
+    scrape after the interval renders anew."""
+    import prometheus_client
+
+    from server.routes.metrics import CachedExposition
+
+    registry = prometheus_client.CollectorRegistry()
+    counter = prometheus_client.Counter("flood_probe", "a value that changes", registry=registry)
+    exposition = CachedExposition(registry, max_age_s=0.3)
+
+    async def scenario():
+        bodies = await asyncio.gather(*(exposition.body() for _ in range(50)))
+        assert exposition.renders == 1 and len(set(bodies)) == 1
+        counter.inc()
+        assert await exposition.body() == bodies[0] and exposition.renders == 1  # still within the interval
+        await asyncio.sleep(0.35)
+        assert b"flood_probe_total 1.0" in await exposition.body() and exposition.renders == 2
+
+    asyncio.run(scenario())
+
+
+def test_metrics_scrapes_are_paced():
+    """At most per_s callers a second get through; the others wait, in arrival order."""
+    from server.routes.metrics import Pacer
+
+    pacer = Pacer(per_s=50)
+
+    async def scenario():
+        t0 = time.monotonic()
+        done = []
+
+        async def scrape(i):
+            await pacer.turn()
+            done.append(i)
+
+        await asyncio.gather(*(scrape(i) for i in range(11)))
+        return time.monotonic() - t0, done
+
+    took, order = asyncio.run(scenario())
+    assert order == list(range(11)) and 0.19 <= took < 0.5, took  # 10 intervals of 20 ms after the first
+    assert Pacer(per_s=0).interval == 0  # no bound
+
+
+def test_metrics_are_served_before_routing_and_auth(tmp_path):
+    """GET /metrics is answered by the outermost ASGI layer: no key needed even with one set, the Prometheus
+    content type, HEAD without a body; other methods go on to the app."""
+    from starlette.testclient import TestClient
+
+    from server.app import build_app
+    from server.engine import EnginePool
+
+    settings = build_settings([str(tmp_path)], api_key="k")
+    with TestClient(build_app(EnginePool({}), settings, shutdown_engines=False)) as client:
+        r = client.get("/metrics")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=")
+        assert b"# TYPE" in r.content
+        head = client.head("/metrics")
+        assert head.status_code == 200 and head.content == b"" and int(head.headers["content-length"]) > 0
+        assert client.post("/metrics").status_code == 404  # not the metrics endpoint: on to the app
+
+
 def test_routing_refresh_respects_the_interval():
     from server.engine import ModelEngine
     from server.facts import WeightFacts
-    from server.metrics import Throughput
+    from server.stats import Throughput
     from vllm_moemix.layers.introspect import EXTENSION
 
     eng = ModelEngine(name="m", path="/m", args=argparse.Namespace(worker_extension_cls=EXTENSION),
