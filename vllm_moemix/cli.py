@@ -90,6 +90,7 @@ def _quantizer(args: argparse.Namespace) -> str:
 
 def _plan_from_strategy(args: argparse.Namespace):
     from vllm_moemix.planning.pipeline import plan_model
+    from vllm_moemix.planning.strategies import GROUP_CHOICES
 
     usage = None
     if args.usage:
@@ -97,7 +98,8 @@ def _plan_from_strategy(args: argparse.Namespace):
 
         usage = load_profile(args.usage)
     result = plan_model(args.model, args.strategy, _budget(args), _calibration(args), group_size=args.group_size or DEFAULT_GROUP_SIZE,
-                        sym=args.sym, pins=_pins(args), progress=not args.quiet, usage=usage)
+                        sym=args.sym, pins=_pins(args), progress=not args.quiet, usage=usage,
+                        group_choices=() if args.group_size else GROUP_CHOICES)
     print(f"{args.strategy} under {result.budget.describe()}: {result.footprint.avg_payload_bits:.3f} bits "
           f"({result.footprint.avg_bits:.3f} with scales/zeros), {result.footprint.nbytes / 2**20:.2f} MiB")
     return result.plan
@@ -209,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--calib-samples", type=_positive(int), default=32, help="windows of 256 tokens")
         p.add_argument("--quantizer", choices=["gptq", "rtn"],
                        help="default: gptq when a strategy plans or --calib is given, else rtn")
-        p.add_argument("--group-size", type=_group_size, default=None, help="group size along K (default 128)")
+        p.add_argument("--group-size", type=_group_size, default=None, help="group size along K (default 128; with a --budget-bytes "
+                       "the optimizer then picks 32, 64 or 128 per module)")
         p.add_argument("--sym", action="store_true", help="symmetric (no zero points)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 

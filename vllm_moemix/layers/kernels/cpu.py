@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_moemix.layers.kernels.base import ExpertsConfig, ExpertsKernel, LinearConfig, LinearKernel
+from vllm_moemix.spec import QuantSpec, native_cpu_refusal
 
 ISA_ENV = "MOEMIX_CPU_ISA"
 
@@ -100,9 +101,13 @@ def _native():
     return module
 
 
-def _can_run(device: torch.device, output_dims: list[int]) -> tuple[bool, str | None]:
+def _can_run(device: torch.device, output_dims: list[int], specs: list[QuantSpec]) -> tuple[bool, str | None]:
     if device.type != "cpu":
         return False, f"native kernels run on CPU, not {device.type}"
+    for spec in specs:
+        why = native_cpu_refusal(spec)
+        if why is not None:
+            return False, why
     variant, why = choose_variant()
     if variant is None:
         return False, why
@@ -154,7 +159,7 @@ class _NativeCpuKernel:
 class NativeCpuLinearKernel(_NativeCpuKernel, LinearKernel):
     @classmethod
     def can_implement(cls, config: LinearConfig, device: torch.device) -> tuple[bool, str | None]:
-        return _can_run(device, [config.out_features])
+        return _can_run(device, [config.out_features], [config.spec])
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         zeros = getattr(layer, "qzeros", None)
@@ -179,7 +184,8 @@ class NativeCpuLinearKernel(_NativeCpuKernel, LinearKernel):
 class NativeCpuExpertsKernel(_NativeCpuKernel, ExpertsKernel):
     @classmethod
     def can_implement(cls, config: ExpertsConfig, device: torch.device) -> tuple[bool, str | None]:
-        return _can_run(device, [2 * config.intermediate_size, config.hidden_size])
+        return _can_run(device, [2 * config.intermediate_size, config.hidden_size],
+                        list(config.w13_specs + config.w2_specs))
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         for grp in layer.moemix_groups.values():
