@@ -124,7 +124,11 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     else:
         plan = _plan_from_strategy(args)
     quantizer = None
-    if _quantizer(args) == "gptq":
+    if args.validate:
+        if args.plan or args.bits is not None:
+            raise PlanError("--validate checks a planned (--strategy/--budget) plan against uniform; not --plan/--bits")
+        plan, quantizer = _validated(args, plan)
+    elif _quantizer(args) == "gptq":
         from vllm_moemix.quant.calibrated import CalibratedGPTQ
 
         calib = _calibration(args)
@@ -135,6 +139,30 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         f"wrote {args.output}: quantizable linears {fp.nbytes / 2**20:.2f} MiB (bf16 {fp.bf16_bytes / 2**20:.2f} MiB), "
         f"average {fp.avg_payload_bits:.3f} bits ({fp.avg_bits:.3f} with scales/zeros)"
     )
+
+
+def _validated(args: argparse.Namespace, plan):
+    """(plan or the uniform plan at the same budget, whichever scores better on held-out calibration text;
+    the quantizer both were made with, reused for the checkpoint)."""
+    from transformers import AutoTokenizer
+
+    from vllm_moemix.checkpoint.writer import RTNQuantizer
+    from vllm_moemix.planning.pipeline import plan_model
+    from vllm_moemix.planning.validate import holdout_windows, validate_against_uniform
+    from vllm_moemix.quant.calibrated import HessianGPTQ
+
+    calib = _calibration(args)
+    if _quantizer(args) == "gptq":
+        quantizer = HessianGPTQ.collect(args.model, calib.texts, calib.num_samples, act_order=args.act_order,
+                                        progress=not args.quiet)
+    else:
+        quantizer = RTNQuantizer()
+    uniform = plan_model(args.model, "uniform", _budget(args), group_size=args.group_size or DEFAULT_GROUP_SIZE,
+                         sym=args.sym, pins=_pins(args), progress=False).plan
+    windows = holdout_windows(AutoTokenizer.from_pretrained(args.model), calib.texts, calib.num_samples)
+    check = validate_against_uniform(args.model, plan, uniform, windows, quantizer)
+    print(check.describe())
+    return (check.uniform if check.uniform_wins else plan), quantizer
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
@@ -221,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--plan", help="plan JSON (module -> bits); see docs/checkpoint-format.md")
     q.add_argument("--bits", type=_bits, help="uniform shortcut: 2, 3, 4, 8 or bf16 for every quantizable linear")
     q.add_argument("--act-order", action="store_true", help="GPTQ: visit columns by decreasing Hessian diagonal")
+    q.add_argument("--validate", action="store_true",
+                   help="quantize the planned mix and uniform at the same budget, score both on calibration text "
+                        "the planner did not see, keep the better (says so when uniform wins)")
     q.add_argument("-o", "--output", required=True, help="output directory (must not hold a checkpoint)")
     planning_args(q, "optimizer")
     q.set_defaults(func=cmd_quantize)

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from vllm_moemix.calibration import DEFAULT_CALIB, LayerStats, LayerwiseModel, calibration_samples, iterate_layers
+from vllm_moemix.calibration import (DEFAULT_CALIB, USAGE_FLOOR, LayerStats, LayerwiseModel, calibration_samples,
+                                     iterate_layers)
 from vllm_moemix.footprint import Footprint, footprint
 from vllm_moemix.plan import Plan
 from vllm_moemix.planning import scores
@@ -33,17 +34,20 @@ class CalibrationConfig:
     num_samples: int = 32
     seq_len: int = 256
     quantizer: str = "gptq"  # used for the optimizer's error table and for quantizing
+    clip_search: bool = True  # GPTQ searches each group's clipping range (quant/rtn.py)
+    usage_floor: float = USAGE_FLOOR  # experts' error weight floor, a share of the layer's mean usage
 
     @classmethod
     def default(cls) -> CalibrationConfig:
         return cls(texts=[DEFAULT_CALIB])
 
 
-def quantize_weight(quantizer: str, weight: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | None):
+def quantize_weight(quantizer: str, weight: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | None,
+                    clip_search: bool = True):
     if quantizer == "rtn":
         return quantize_rtn(weight, spec)
     if quantizer == "gptq":
-        return gptq_quantize(weight, hessian, spec, clip_search=True)
+        return gptq_quantize(weight, hessian, spec, clip_search=clip_search)
     raise PlanError(f"unknown quantizer {quantizer!r}; choose rtn or gptq")
 
 
@@ -66,10 +70,12 @@ def pins_from_modules(modules: dict[str, QuantSpec | None], units: list[Unit]) -
 def build_context(model_dir: str | Path, strategy: str, calib: CalibrationConfig | None, group_size: int, sym: bool,
                   pins: dict[str, QuantSpec | None], progress: bool = True,
                   usage: dict[int, dict[int, int]] | None = None,
-                  group_choices: tuple[int, ...] = GROUP_CHOICES) -> PlanningContext:
+                  group_choices: tuple[int, ...] = GROUP_CHOICES, quantizer=None) -> PlanningContext:
     """`usage` (layer -> expert -> routed tokens, e.g. a profile saved while serving) replaces
     calibration as the source of expert frequencies for `frequent-experts`. `group_choices`: group
-    sizes besides `group_size` the optimizer may pick under a byte budget (() to keep one)."""
+    sizes besides `group_size` the optimizer may pick under a byte budget (() to keep one). `quantizer`
+    ((name, weight, spec) -> QuantizedWeight, e.g. a memoizing HessianGPTQ also used to write checkpoints)
+    replaces `calib.quantizer` for the error table, so each (linear, spec) is quantized once."""
     if strategy not in STRATEGIES:
         raise PlanError(f"unknown strategy {strategy!r}; choose one of {sorted(STRATEGIES)}")
     model = LayerwiseModel(model_dir)
@@ -103,14 +109,16 @@ def build_context(model_dir: str | Path, strategy: str, calib: CalibrationConfig
     by_layer: dict[int, list[Unit]] = {}
     for unit in units:
         by_layer.setdefault(unit.layer, []).append(unit)
-    for index, _layer, stats in iterate_layers(model, samples, progress=progress):
+    for index, _layer, stats in iterate_layers(model, samples, progress=progress, usage_floor=calib.usage_floor):
         if strategy == "optimizer":
             for unit in tqdm(by_layer.get(index, []), desc=f"errors layer {index}", leave=False, disable=not progress):
                 ctx.errors[unit] = {
                     spec: sum(
                         scores.hessian_error(
                             weight(n),
-                            quantize_weight(calib.quantizer, weight(n), spec, stats.gptq_hessians[n]).dequantize(),
+                            (quantizer(n, weight(n), spec) if quantizer is not None else
+                             quantize_weight(calib.quantizer, weight(n), spec, stats.gptq_hessians[n],
+                                             calib.clip_search)).dequantize(),
                             stats.loss_hessians[n],
                         )
                         for n in unit.names
