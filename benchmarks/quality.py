@@ -53,6 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 THIRD_MODEL = REPO / "models" / "pysrc" / "tiny-mixtral-pysrc"
 BUDGETS = (2.7, 3.05, 3.19, 3.58, 3.91)
 LLAMACPP = REPO / "benchmarks" / "results" / "llamacpp.json"
+LLAMACPP_THIRD = REPO / "docs" / "quality" / "llamacpp" / "llamacpp.json"  # benchmarks/llamacpp.py --llamacpp-only
 TARGET_RATIO = 0.75  # issue 13: optimizer KL <= 0.75 x uniform GPTQ's at uniform's bytes
 
 
@@ -178,10 +179,14 @@ class Memoized:
 
 
 def llamacpp_rows(model_name: str) -> list[dict]:
-    if not LLAMACPP.exists():
-        return []
-    return [r for r in json.loads(LLAMACPP.read_text())["quality"]
-            if r["model"] == model_name and r["engine"] == "llama.cpp"]
+    """llama.cpp's k-quant rows for a model: benchmarks/llamacpp.py's results, and for the third model its
+    `--llamacpp-only` run (LLAMACPP_THIRD, same protocol)."""
+    rows = []
+    for path in (LLAMACPP, LLAMACPP_THIRD):
+        if path.exists():
+            rows += [r for r in json.loads(path.read_text())["quality"]
+                     if r["model"] == model_name and r["engine"] == "llama.cpp"]
+    return rows
 
 
 def main() -> None:
@@ -197,11 +202,15 @@ def main() -> None:
                         help="also time `moemix quantize` (planning + GPTQ from scratch, peak RSS) per model")
     parser.add_argument("--strategy-groups", type=int, nargs="+", default=[128],
                         help="group sizes at which every strategy runs (others: the optimizer only)")
-    parser.add_argument("--strategy-budgets", type=float, nargs="+", default=[3.05, 3.58],
+    parser.add_argument("--strategy-budgets", type=float, nargs="+", default=[3.05],
                         help="b/w budgets at which every strategy runs (others: the optimizer only)")
     parser.add_argument("--windows", type=int, default=16, help="held-out windows of 256 tokens (llama.cpp's too)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (this runs on shared 2-core machines)")
     parser.add_argument("--out", default=str(REPO / "docs" / "quality"))
     args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -209,8 +218,8 @@ def main() -> None:
     results = {}
     for model in map(Path, args.models):
         if not model.exists():
-            console.print(f"[yellow]{model} missing[/]: the third model is built by "
-                          "`scripts/train_tiny_moe.py --corpus python-src` (see docs/quality/README)")
+            console.print(f"[yellow]{model} missing[/]: the third model is built by `scripts/train_tiny_moe.py "
+                          "--corpus python-src --only tiny-mixtral --out models/pysrc` (then renamed, TRAINING.md)")
             continue
         result = run_model(model.resolve(), args)
         results[model.name] = result
