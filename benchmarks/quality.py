@@ -1,157 +1,317 @@
-"""Quality of every bit-allocation strategy at several budgets, side by side, on a trained MoE.
+"""Quality of every bit-allocation strategy at equal bytes, side by side, on trained MoEs.
 
-For each budget and strategy: plan -> GPTQ checkpoint -> held-out perplexity through vLLM
-(moemix method) and, against the bf16 model, mean KL divergence of next-token distributions
-and top-1 agreement (transformers on the dequantized weights; identical math, see
-tests/test_vllm_e2e.py). Baselines: bf16, uniform GPTQ and RTN at 2/3/4 bits.
+For each model and group size: uniform RTN / GPTQ at 2/3/4 bits (at their real bytes), then the
+optimizer at the bytes of each uniform GPTQ width and at fixed byte budgets (bits per weight over the
+quantizable linears *including* scales and zeros), and every other strategy at those budgets. Each
+plan -> GPTQ checkpoint -> mean KL(bf16 || quantized) of next-token distributions, top-1 agreement
+and perplexity on held-out text (transformers on the dequantized weights, equal to vLLM's moemix
+output within 1e-3, tests/test_vllm_e2e.py).
 
-    .venv/bin/python benchmarks/quality.py --model models/tiny-mixtral --out docs/quality
+Levers are measured by switching them off at the uniform budgets:
+  uniform-gptq-minmax   GPTQ with plain min/max group ranges (before issue 13); uniform-gptq searches the
+                        clipping range per group (the default now)
+  optimizer-v0          the optimizer before issue 13: min/max GPTQ, one group size, no usage floor
+  optimizer-one-group   today's optimizer (clip search, usage floor) with the group size fixed
+  optimizer             + (bits, group) knapsack over {32,64,128} under byte budgets (the default)
+  optimizer+check       + held-out calibration check at uniform-3 bytes: falls back to uniform when it wins
+Planning + quantization time and peak memory come from `moemix quantize` in a subprocess.
 
-Writes <out>/<model>.json, <model>.md (table) and <model>.png (KL and perplexity vs bits).
-Budgets are average integer bits per weight over attention + expert (+ shared/dense) linears;
-every strategy sees the same budget and must stay within it.
+    .venv/bin/python benchmarks/quality.py --out docs/quality          # all models, group 64 and 128
+
+Writes <out>/<model>.json, <model>.md and <model>.png (KL vs bits per weight, llama.cpp's points from
+benchmarks/results/llamacpp.json where that model was measured), and <out>/summary.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
+from tqdm import tqdm
 
+from vllm_moemix.config.arch import quantizable_linears
 from vllm_moemix.checkpoint.writer import RTNQuantizer, quantize_checkpoint
-from vllm_moemix.report.evaluate import Windows, compare_to_reference, perplexity_vllm, reference_logprobs
+from vllm_moemix.report.evaluate import Windows, compare_to_reference, reference_logprobs
+from vllm_moemix.config.footprint import footprint
 from vllm_moemix.config.plan import Plan
 from vllm_moemix.planning.pipeline import CalibrationConfig, build_context, plan_model
-from vllm_moemix.planning.strategies import STRATEGIES
+from vllm_moemix.planning.strategies import GROUP_CHOICES, STRATEGIES
 from vllm_moemix.planning.units import Budget
+from vllm_moemix.report.validate import holdout_windows, validate_against_uniform
 from vllm_moemix.calibration.gptq import HessianGPTQ
 
 REPO = Path(__file__).resolve().parents[1]
+THIRD_MODEL = REPO / "models" / "pysrc" / "tiny-mixtral-pysrc"
+BUDGETS = (2.7, 3.05, 3.19, 3.58, 3.91)
+LLAMACPP = REPO / "benchmarks" / "results" / "llamacpp.json"
+LLAMACPP_THIRD = REPO / "docs" / "quality" / "llamacpp" / "llamacpp.json"  # benchmarks/llamacpp.py --llamacpp-only
+TARGET_RATIO = 0.75  # issue 13: optimizer KL <= 0.75 x uniform GPTQ's at uniform's bytes
 
 
-def evaluate(ckpt: Path, windows: Windows, ref, use_vllm: bool) -> dict:
-    cmp = compare_to_reference(ckpt, windows, ref)
-    row = {"kl": cmp.kl, "top1": cmp.top1, "ppl_hf": cmp.perplexity, "ppl_vllm": None}
-    if use_vllm:
-        row["ppl_vllm"] = perplexity_vllm(ckpt, windows)
-    return row
+def texts_for(model: Path) -> tuple[Path, Path]:
+    """(calibration, held-out) text of a model: the files next to its directory (models/*.txt)."""
+    return model.parent / "calib.txt", model.parent / "heldout.txt"
+
+
+def measure_cli(model: Path, calib: Path, nbytes: int) -> dict:
+    """Wall time and peak RSS of `moemix quantize --budget-bytes` (planning + GPTQ) in a fresh process."""
+    out = Path(tempfile.mkdtemp(prefix="moemix-cli-")) / "ckpt"
+    cmd = [sys.executable, "-c", "import sys; from vllm_moemix.cli import main; sys.exit(main())", "quantize",
+           str(model), "--budget-bytes", str(nbytes), "--calib", str(calib), "-o", str(out), "--quiet"]
+    started = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    shutil.rmtree(out.parent, ignore_errors=True)
+    return {"wall_s": round(time.perf_counter() - started, 1),
+            "peak_rss_mib": round(max(peak, before) / 1024, 1)}  # ru_maxrss is KiB on Linux
+
+
+def run_model(model: Path, args) -> dict:
+    from transformers import AutoConfig, AutoTokenizer
+
+    calib_path, heldout_path = texts_for(model)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    windows = Windows.from_text(tokenizer, heldout_path, max_windows=args.windows)
+    ref = reference_logprobs(model, windows)
+    linears = quantizable_linears(AutoConfig.from_pretrained(model))
+    calib = CalibrationConfig(texts=[calib_path], quantizer="gptq")
+    check_windows = holdout_windows(tokenizer, calib.texts, calib.num_samples)
+    hessians = HessianGPTQ.collect(model, calib.texts, calib.num_samples, calib.seq_len, progress=False).hessians
+    gptq, gptq_minmax = Memoized(HessianGPTQ(hessians)), Memoized(HessianGPTQ(hessians, clip_search=False))
+    rows: list[dict] = []
+    work = Path(tempfile.mkdtemp(prefix="moemix-quality-"))
+
+    def measure(strategy: str, budget: str, group: int, plan: Plan, quantizer, note: str = "") -> dict:
+        fp = footprint(plan.resolve(linears), linears)
+        ckpt = work / "ckpt"
+        quantize_checkpoint(model, plan, ckpt, quantizer=quantizer, progress=False)
+        cmp = compare_to_reference(ckpt, windows, ref)
+        shutil.rmtree(ckpt)
+        row = {"model": model.name, "group": group, "strategy": strategy, "budget": budget, "bytes": fp.nbytes,
+               "bpw": 8 * fp.nbytes / fp.weights, "kl": cmp.kl, "top1": cmp.top1, "ppl": cmp.perplexity,
+               "note": note}
+        rows.append(row)
+        bar.write(f"{model.name} g{group} {strategy:>18} @ {budget:<12} b/w={row['bpw']:.3f} KL={row['kl']:.5f} "
+                  f"top1={row['top1']:.3f} ppl={row['ppl']:.2f} {note}")
+        return row
+
+    total_weights = sum(info.out_features * info.in_features for info in linears.values())
+    started = time.perf_counter()
+    timings = {}
+    bar = tqdm(total=len(args.group_sizes), desc=model.name, unit="group")
+    try:
+        for group in args.group_sizes:
+            t0 = time.perf_counter()
+            contexts = {
+                "optimizer-v0": build_context(model, "optimizer", replace(calib, clip_search=False, usage_floor=0.0),
+                                              group, False, {}, progress=False, group_choices=(),
+                                              quantizer=gptq_minmax),
+                "optimizer": build_context(model, "optimizer", calib, group, False, {}, progress=False,
+                                           quantizer=gptq),
+            }
+            timings[f"g{group}_contexts_s"] = round(time.perf_counter() - t0, 1)
+            uniform_bytes = {}
+            for bits in (2, 3, 4):
+                plan = Plan.uniform(bits, group)
+                if group in args.full_groups:
+                    measure("uniform-rtn", f"{bits}-bit", group, plan, RTNQuantizer())
+                measure("uniform-gptq-minmax", f"{bits}-bit", group, plan, gptq_minmax)
+                uniform_bytes[bits] = measure("uniform-gptq", f"{bits}-bit", group, plan, gptq)["bytes"]
+            full = contexts["optimizer"]
+            for bits, nbytes in uniform_bytes.items():
+                budget, label = Budget(nbytes=nbytes), f"uniform-{bits} bytes"
+                v0 = plan_model(model, "optimizer", budget, context=contexts["optimizer-v0"]).plan
+                measure("optimizer-v0", label, group, v0, gptq_minmax)
+                full.group_choices = ()
+                measure("optimizer-one-group", label, group, plan_model(model, "optimizer", budget, context=full).plan,
+                        gptq)
+                full.group_choices = GROUP_CHOICES
+                best = plan_model(model, "optimizer", budget, context=full).plan
+                measure("optimizer", label, group, best, gptq)
+                if bits == 3:
+                    check = validate_against_uniform(model, best, Plan.uniform(bits, group), check_windows, gptq)
+                    measure("optimizer+check", label, group, check.uniform if check.uniform_wins else best, gptq,
+                            note=check.describe())
+            for bpw in BUDGETS if group in args.full_groups else ():
+                budget = Budget(nbytes=int(bpw * total_weights / 8))
+                every = group in args.strategy_groups and bpw in args.strategy_budgets
+                for strategy in args.strategies if every else ["optimizer"]:
+                    result = plan_model(model, strategy, budget, context=contexts["optimizer"])
+                    measure(strategy, f"{bpw} b/w", group, result.plan, gptq)
+            for row in llamacpp_rows(model.name) if group == 128 and group in args.full_groups else []:
+                if not row["config"].startswith(("Q2_K", "Q3_K_S")):
+                    continue
+                budget = Budget(nbytes=row["bytes"])
+                plan = plan_model(model, "optimizer", budget, context=contexts["optimizer"]).plan
+                measure("optimizer", f"{row['config'].split()[0]} bytes", group, plan, gptq)
+            bar.update(1)
+    finally:
+        bar.close()
+        shutil.rmtree(work, ignore_errors=True)
+    cli = measure_cli(model, calib_path, next(r["bytes"] for r in rows if r["strategy"] == "uniform-gptq"
+                                              and r["budget"] == "3-bit")) if args.cli_timing else None
+    meta = {"model": str(model.relative_to(REPO)) if model.is_relative_to(REPO) else str(model),
+            "calibration": str(calib_path), "heldout": str(heldout_path), "heldout_tokens": int(windows.ids.numel()),
+            "quantize_cli_at_uniform3_bytes": cli, **timings, "wall_s": round(time.perf_counter() - started, 1)}
+    return {"meta": meta, "rows": rows}
+
+
+class Memoized:
+    """One GPTQ run per (linear, spec) across all plans of a model: plans at different budgets share most."""
+
+    def __init__(self, quantizer):
+        self.quantizer, self.cache = quantizer, {}
+
+    def __call__(self, name, weight, spec):
+        if (name, spec) not in self.cache:
+            self.cache[name, spec] = self.quantizer(name, weight, spec)
+        return self.cache[name, spec]
+
+
+def llamacpp_rows(model_name: str) -> list[dict]:
+    """llama.cpp's k-quant rows for a model: benchmarks/llamacpp.py's results, and for the third model its
+    `--llamacpp-only` run (LLAMACPP_THIRD, same protocol)."""
+    rows = []
+    for path in (LLAMACPP, LLAMACPP_THIRD):
+        if path.exists():
+            rows += [r for r in json.loads(path.read_text())["quality"]
+                     if r["model"] == model_name and r["engine"] == "llama.cpp"]
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(REPO / "models" / "tiny-mixtral"))
-    parser.add_argument("--budgets", type=float, nargs="+", default=[2.25, 2.5, 3.0, 4.0])
+    default_models = [REPO / "models" / "tiny-mixtral", REPO / "models" / "tiny-qwen2moe", THIRD_MODEL]
+    parser.add_argument("--models", nargs="+", default=[str(m) for m in default_models])
+    parser.add_argument("--group-sizes", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--strategies", nargs="+", default=sorted(STRATEGIES))
-    parser.add_argument("--group-size", type=int, default=64)
-    parser.add_argument("--heldout", default=str(REPO / "models" / "heldout.txt"))
-    parser.add_argument("--calib", default=str(REPO / "models" / "calib.txt"))
-    parser.add_argument("--windows", type=int, default=24, help="held-out windows of 256 tokens")
-    parser.add_argument("--vllm-at", type=float, nargs="*", default=[2.5],
-                        help="budgets whose rows (and all baselines) also get perplexity through vLLM (an engine "
-                             "start each); other rows use transformers, equal to vLLM within 1e-3 (tests)")
+    parser.add_argument("--full-groups", type=int, nargs="+", default=[128],
+                        help="group sizes that also get RTN, the b/w budgets and llama.cpp's bytes (others: uniform "
+                             "GPTQ and the optimizer at uniform bytes, issue 13's first target)")
+    parser.add_argument("--cli-timing", action="store_true",
+                        help="also time `moemix quantize` (planning + GPTQ from scratch, peak RSS) per model")
+    parser.add_argument("--strategy-groups", type=int, nargs="+", default=[128],
+                        help="group sizes at which every strategy runs (others: the optimizer only)")
+    parser.add_argument("--strategy-budgets", type=float, nargs="+", default=[3.05],
+                        help="b/w budgets at which every strategy runs (others: the optimizer only)")
+    parser.add_argument("--windows", type=int, default=16, help="held-out windows of 256 tokens (llama.cpp's too)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (this runs on shared 2-core machines)")
     parser.add_argument("--out", default=str(REPO / "docs" / "quality"))
     args = parser.parse_args()
+    import torch
 
-    from transformers import AutoTokenizer
+    torch.set_num_threads(args.threads)
 
-    model, out = Path(args.model), Path(args.out)
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     console = Console()
-    started = time.perf_counter()
-    windows = Windows.from_text(AutoTokenizer.from_pretrained(model), args.heldout, max_windows=args.windows)
-    ref = reference_logprobs(model, windows)
-    calib = CalibrationConfig(texts=[Path(args.calib)], quantizer="gptq")
-    console.print("calibrating (usage, block similarity, per-width GPTQ errors) ...")
-    context = build_context(model, "optimizer", calib, args.group_size, False, {}, progress=True)
-    gptq = HessianGPTQ.collect(model, calib.texts, calib.num_samples, calib.seq_len)
-    rows = [{"strategy": "bf16", "budget": 16.0, "avg_bits": 16.0, **evaluate(model, windows, ref, True)}]
-
-    work = Path(tempfile.mkdtemp(prefix="moemix-quality-"))
-    try:
-        def measure(name: str, budget: float, plan: Plan, quantizer, avg_bits: float) -> None:
-            ckpt = work / f"{name}-{budget}"
-            quantize_checkpoint(model, plan, ckpt, quantizer=quantizer, progress=False)
-            use_vllm = name.startswith("uniform-") or budget in args.vllm_at
-            row = {"strategy": name, "budget": budget, "avg_bits": avg_bits, **evaluate(ckpt, windows, ref, use_vllm)}
-            rows.append(row)
-            shutil.rmtree(ckpt)
-            console.print(f"{name:>18} @ {budget:<5} bits={avg_bits:.3f} KL={row['kl']:.4f} "
-                          f"top1={row['top1']:.3f} ppl={row['ppl_hf']:.2f} ppl_vllm={row['ppl_vllm']}")
-
-        for bits in (2, 3, 4):
-            for quantizer, label in ((RTNQuantizer(), "uniform-rtn"), (gptq, "uniform-gptq")):
-                plan = Plan.uniform(bits, args.group_size)
-                measure(label, float(bits), plan, quantizer, float(bits))
-        for budget in args.budgets:
-            for strategy in args.strategies:
-                result = plan_model(model, strategy, Budget(avg_bits=budget), context=context)
-                measure(strategy, budget, result.plan, gptq, result.footprint.avg_payload_bits)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-    name = model.name
-    meta = {"model": str(model), "group_size": args.group_size, "heldout_tokens": int(windows.ids.numel()),
-            "calibration": args.calib, "quantizer": "gptq (static groups) unless named rtn",
-            "wall_s": round(time.perf_counter() - started, 1)}
-    (out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    write_markdown(out / f"{name}.md", name, meta, rows, args.budgets)
-    plot(out / f"{name}.png", name, rows)
-    console.print(f"wrote {out}/{name}.{{json,md,png}} in {meta['wall_s']} s")
+    results = {}
+    for model in map(Path, args.models):
+        if not model.exists():
+            console.print(f"[yellow]{model} missing[/]: the third model is built by `scripts/train_tiny_moe.py "
+                          "--corpus python-src --only tiny-mixtral --out models/pysrc` (then renamed, TRAINING.md)")
+            continue
+        result = run_model(model.resolve(), args)
+        results[model.name] = result
+        (out / f"{model.name}.json").write_text(json.dumps(result, indent=1) + "\n")
+        (out / f"{model.name}.md").write_text(markdown(model.name, result) + "\n")
+        plot(out / f"{model.name}.png", model.name, result["rows"], args.group_sizes)
+    for path in sorted(out.glob("*.json")):  # models measured by earlier (or parallel) runs too
+        results.setdefault(path.stem, json.loads(path.read_text()))
+    table = summary({name: r for name, r in results.items() if r["rows"] and "group" in r["rows"][0]})
+    (out / "summary.md").write_text(table + "\n")
+    console.print(table)
 
 
-def write_markdown(path: Path, name: str, meta: dict, rows: list[dict], budgets: list[float]) -> None:
-    lines = [f"# Quality of bit-allocation strategies on {name}", "",
-             f"Held-out: {meta['heldout_tokens']:,} tokens of Python docs not seen in training; group size "
-             f"{meta['group_size']}; {meta['quantizer']}. Perplexity from transformers on the dequantized weights; "
-             "`vLLM ppl` is the same text scored by vLLM's moemix method where measured. KL = mean "
-             "KL(bf16 || quantized) of next-token distributions (nats/token), lower is better; top-1 = agreement "
-             "of argmax with bf16. Bits = average integer bits over attention and expert linears.", ""]
-    lines += ["| strategy | budget | bits | KL | top-1 | perplexity | vLLM ppl |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        vllm = "" if r["ppl_vllm"] is None else f"{r['ppl_vllm']:.2f}"
-        lines.append(f"| {r['strategy']} | {r['budget']:g} | {r['avg_bits']:.3f} | {r['kl']:.4f} | "
-                     f"{r['top1']:.3f} | {r['ppl_hf']:.2f} | {vllm} |")
-    lines += ["", "Best strategy per budget (by KL):", ""]
-    for b in budgets:
-        at = [r for r in rows if r["budget"] == b and r["strategy"] not in ("bf16",) and not r["strategy"].startswith("uniform-")]
-        if at:
-            best = min(at, key=lambda r: r["kl"])
-            opt = next((r for r in at if r["strategy"] == "optimizer"), None)
-            note = "" if opt is None else f"; optimizer KL {opt['kl']:.4f} (rank {sorted(r['kl'] for r in at).index(opt['kl']) + 1}/{len(at)})"
-            lines.append(f"- {b:g} bits: {best['strategy']} (KL {best['kl']:.4f}){note}")
-    path.write_text("\n".join(lines) + "\n")
+def markdown(name: str, result: dict) -> str:
+    meta, rows = result["meta"], result["rows"]
+    lines = [f"# {name}: bit allocation at equal bytes", "",
+             f"Held-out: {meta['heldout_tokens']:,} tokens of `{Path(meta['heldout']).name}` next to the model "
+             f"(calibration: `{Path(meta['calibration']).name}`). b/w = bits per weight of the quantizable linears "
+             "including fp16 scales and uint8 zeros. KL = mean KL(bf16 || quantized) per token (nats), top-1 = "
+             "argmax agreement with bf16, ppl from transformers on the dequantized weights.", "",
+             timing_line(meta), ""]
+    for group in sorted({r["group"] for r in rows}):
+        lines += [f"## group {group}", "", "| strategy | budget | b/w | KL | top-1 | ppl | note |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in (r for r in rows if r["group"] == group):
+            lines.append(f"| {r['strategy']} | {r['budget']} | {r['bpw']:.3f} | {r['kl']:.5f} | {r['top1']:.3f} | "
+                         f"{r['ppl']:.2f} | {r['note']} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
-def plot(path: Path, name: str, rows: list[dict]) -> None:
+def timing_line(meta: dict) -> str:
+    cli = meta["quantize_cli_at_uniform3_bytes"]
+    contexts = ", ".join(f"{k.split('_')[0]} {v} s" for k, v in meta.items() if k.endswith("_contexts_s"))
+    line = f"Calibration + error tables of both optimizer contexts per group (this benchmark): {contexts}."
+    if cli:
+        line += (f" `moemix quantize --budget-bytes` at uniform 3-bit bytes (planning + GPTQ from scratch, fresh "
+                 f"process): {cli['wall_s']} s, peak RSS {cli['peak_rss_mib']} MiB.")
+    return line
+
+
+def summary(results: dict) -> str:
+    """Issue 13's targets per model and group."""
+    lines = ["| model | group | uniform | uniform GPTQ KL | optimizer KL | ratio | target 0.75 |",
+             "|---|---|---|---|---|---|---|"]
+    for name, result in results.items():
+        rows = result["rows"]
+        for group in sorted({r["group"] for r in rows}):
+            for bits in (2, 3, 4):
+                base = next(r for r in rows if r["group"] == group and r["strategy"] == "uniform-gptq"
+                            and r["budget"] == f"{bits}-bit")
+                opt = next(r for r in rows if r["group"] == group and r["strategy"] == "optimizer"
+                           and r["budget"] == f"uniform-{bits} bytes")
+                ratio = opt["kl"] / base["kl"]
+                lines.append(f"| {name} | {group} | {bits}-bit | {base['kl']:.5f} | {opt['kl']:.5f} | {ratio:.2f} | "
+                             f"{'holds' if ratio <= TARGET_RATIO else 'misses'} |")
+    lines += ["", "| model | llama.cpp mix | its KL | optimizer at Q2_K / Q3_K_S bytes | KL | target |", "|---|---|---|---|---|---|"]
+    for name, result in results.items():
+        llama = {r["config"].split()[0]: r for r in llamacpp_rows(name)}
+        for at, reach in (("Q2_K", "Q3_K_S"), ("Q3_K_S", "Q4_K_M")):
+            opt = next((r for r in result["rows"] if r["strategy"] == "optimizer" and r["budget"] == f"{at} bytes"),
+                       None)
+            if opt is None or reach not in llama:
+                continue
+            lines.append(f"| {name} | {reach} | {llama[reach]['kl']:.5f} | {at} bytes ({opt['bpw']:.2f} b/w) | "
+                         f"{opt['kl']:.5f} | {'holds' if opt['kl'] <= llama[reach]['kl'] else 'misses'} |")
+    return "\n".join(lines)
+
+
+def plot(path: Path, name: str, rows: list[dict], groups: list[int]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ppl_key = "ppl_hf"
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    strategies = sorted({r["strategy"] for r in rows if r["strategy"] != "bf16"})
-    for strategy in strategies:
-        pts = sorted((r["avg_bits"], r["kl"], r[ppl_key]) for r in rows if r["strategy"] == strategy)
-        style = dict(linewidth=3, color="black") if strategy == "optimizer" else dict(linewidth=1, alpha=0.8)
-        marker = "s--" if strategy.startswith("uniform-") else "o-"
-        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker, label=strategy, **style)
-        axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker, label=strategy, **style)
-    bf16 = next(r for r in rows if r["strategy"] == "bf16")
-    axes[1].axhline(bf16[ppl_key], color="gray", linestyle=":", label="bf16")
-    axes[0].set_yscale("log")
-    axes[0].set_ylabel("KL(bf16 || quantized), nats/token (log)")
-    axes[1].set_ylabel("held-out perplexity")
-    for ax in axes:
-        ax.set_xlabel("average bits per weight (attention + experts)")
+    fig, axes = plt.subplots(1, len(groups), figsize=(7 * len(groups), 5), squeeze=False)
+    for ax, group in zip(axes[0], groups):
+        at = [r for r in rows if r["group"] == group]
+        for strategy in dict.fromkeys(r["strategy"] for r in at):
+            pts = sorted((r["bpw"], r["kl"]) for r in at if r["strategy"] == strategy)
+            style = dict(linewidth=3, color="black") if strategy == "optimizer" else dict(linewidth=1, alpha=0.7)
+            marker = "s--" if strategy.startswith("uniform") else "o-"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker, label=strategy, markersize=4, **style)
+        llama = sorted((r["bits_per_weight"], r["kl"], r["config"].split()[0]) for r in llamacpp_rows(name))
+        if llama:
+            ax.plot([p[0] for p in llama], [p[1] for p in llama], "D:", color="tab:red", label="llama.cpp (imatrix)")
+            for x, y, mix in llama:
+                ax.annotate(mix, (x, y), fontsize=7, color="tab:red")
+        ax.set(title=f"{name}, group {group}", xlabel="bits per weight (linears, incl. scales/zeros)",
+               ylabel="KL(bf16 || quantized), nats/token", yscale="log")
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, ncol=2)
-    fig.suptitle(f"{name}: bit-allocation strategies (GPTQ, group size per table)")
+        ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,12 +1,16 @@
 """Build the project's embedded MoE models: trained on real English text, reproducibly, offline.
 
-Corpus: Python's documentation sources from Debian's `python3.11-doc` package
-(/usr/share/doc/python3.11/html/_sources, ~12 MB of reST). Every 33rd file (sorted
-order) is held out. Outputs under --out:
+Corpora (--corpus):
+  python-doc  Python's documentation sources from Debian's `python3.11-doc` package
+              (/usr/share/doc/python3.11/html/_sources, ~12 MB of reST): the embedded models.
+  python-src  the Python 3.11 standard library's source (/usr/lib/python3.11, ~7 MB of .py):
+              a model on other text that the planner is checked on and never tuned on.
+Every 33rd file (sorted order) is held out. Outputs under --out:
   heldout.txt, calib.txt          held-out and calibration text for quality measurements
   tiny-mixtral/, tiny-qwen2moe/   bf16 safetensors + byte-level BPE tokenizer + TRAINING.md/training.json
 
     python scripts/train_tiny_moe.py --out models --minutes 10 --threads 2
+    python scripts/train_tiny_moe.py --corpus python-src --only tiny-mixtral --out models/pysrc --minutes 12
 """
 
 from __future__ import annotations
@@ -21,7 +25,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-CORPUS = Path("/usr/share/doc/python3.11/html/_sources")
+CORPORA = {  # name -> (root, file pattern, description, Debian package)
+    "python-doc": (Path("/usr/share/doc/python3.11/html/_sources"), "*.rst.txt", "Python's documentation",
+                   "python3.11-doc"),
+    "python-src": (Path("/usr/lib/python3.11"), "*.py", "the Python standard library's source",
+                   "libpython3.11-stdlib"),
+}
 HELDOUT_EVERY = 33
 VOCAB = 4096
 SEQ = 256
@@ -32,10 +41,11 @@ CHAT_TEMPLATE = (
 )
 
 
-def load_corpus() -> tuple[list[str], list[str]]:
-    if not CORPUS.is_dir():
-        sys.exit(f"{CORPUS} not found: apt-get install python3.11-doc")
-    files = sorted(CORPUS.rglob("*.rst.txt"))
+def load_corpus(corpus: str) -> tuple[list[str], list[str]]:
+    root, pattern, _, package = CORPORA[corpus]
+    if not root.is_dir():
+        sys.exit(f"{root} not found: apt-get install {package}")
+    files = sorted(path for path in root.rglob(pattern) if "site-packages" not in path.parts)
     train, held = [], []
     for i, path in enumerate(files):
         (held if i % HELDOUT_EVERY == 0 else train).append(path.read_text(errors="replace"))
@@ -141,13 +151,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--max-steps", type=int, default=100_000)
+    parser.add_argument("--corpus", choices=sorted(CORPORA), default="python-doc")
     parser.add_argument("--only", choices=["tiny-mixtral", "tiny-qwen2moe"], help="build one model")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    train_texts, held_texts = load_corpus()
+    train_texts, held_texts = load_corpus(args.corpus)
+    root, _, description, package = CORPORA[args.corpus]
     (out / "heldout.txt").write_text("\n\n".join(held_texts)[:300_000])
     (out / "calib.txt").write_text("\n\n".join(train_texts[::7])[:100_000])
     tokenizer = train_tokenizer(train_texts)
@@ -164,11 +176,11 @@ def main() -> None:
         model.to(torch.bfloat16).save_pretrained(target, safe_serialization=True)
         tokenizer.save_pretrained(target)
         record = {"command": " ".join(sys.argv), "seed": args.seed, "batch": args.batch, "seq_len": SEQ,
-                  "threads": args.threads, "corpus": f"{CORPUS} (python3.11-doc), 1 file in {HELDOUT_EVERY} held out",
+                  "threads": args.threads, "corpus": f"{root} ({package}), 1 file in {HELDOUT_EVERY} held out",
                   **result}
         (target / "training.json").write_text(json.dumps(record, indent=2) + "\n")
         (target / "TRAINING.md").write_text(
-            f"# {name}\n\nTrained by `scripts/train_tiny_moe.py` on Python's documentation (Debian python3.11-doc), "
+            f"# {name}\n\nTrained by `scripts/train_tiny_moe.py` on {description} (Debian {package}), "
             f"byte-level BPE vocab {VOCAB}, sequence length {SEQ}.\n\n"
             + "\n".join(f"- {k}: {v}" for k, v in record.items()) + "\n")
         print(name, json.dumps(record))

@@ -126,7 +126,7 @@ def test_optimizer_beats_uniform_on_its_own_objective(data_context, random_qwen2
     def total_error(strategy):
         result = plan_model(random_qwen2moe, strategy, Budget(avg_bits=3.0), context=data_context)
         resolved = result.plan.resolve(data_context.linears)
-        return sum(data_context.errors[u][resolved[u.names[0]].bits] for u in data_context.units)
+        return sum(data_context.errors[u][resolved[u.names[0]]] for u in data_context.units)
     assert total_error("optimizer") < total_error("uniform")
 
 

@@ -29,8 +29,9 @@ def _layers(model_dir: str | Path, texts: list[Path], num_samples: int, seq_len:
 class HessianGPTQ:
     name = "gptq"
 
-    def __init__(self, hessians: dict[str, torch.Tensor], damp: float = 0.01, act_order: bool = False):
-        self.hessians, self.damp, self.act_order = hessians, damp, act_order
+    def __init__(self, hessians: dict[str, torch.Tensor], damp: float = 0.01, act_order: bool = False,
+                 clip_search: bool = True):
+        self.hessians, self.damp, self.act_order, self.clip_search = hessians, damp, act_order, clip_search
 
     @classmethod
     def collect(cls, model_dir: str | Path, texts: list[Path], num_samples: int = 32, seq_len: int = 256,
@@ -45,13 +46,14 @@ class HessianGPTQ:
         return self.hessians[name]
 
     def __call__(self, name: str, weight: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
-        return gptq_quantize(weight, self.hessian(name), spec, damp=self.damp, act_order=self.act_order)
+        return gptq_quantize(weight, self.hessian(name), spec, damp=self.damp, act_order=self.act_order,
+                             clip_search=self.clip_search)
 
 
 class CalibratedGPTQ(HessianGPTQ):
     def __init__(self, model_dir: str | Path, texts: list[Path], num_samples: int = 32, seq_len: int = 256,
-                 damp: float = 0.01, act_order: bool = False, progress: bool = True):
-        super().__init__({}, damp, act_order)
+                 damp: float = 0.01, act_order: bool = False, progress: bool = True, clip_search: bool = True):
+        super().__init__({}, damp, act_order, clip_search)
         self.model, self._layers = _layers(model_dir, texts, num_samples, seq_len, progress)
         self._current: LayerStats | None = None
 

@@ -17,6 +17,10 @@ Experts that few calibration tokens reach still get a usable GPTQ Hessian: each
 expert also sees *all* tokens (as llm-compressor's MoE calibration context and
 MoEQuant's balanced sampling do), and its Hessian is the routed one blended with
 the all-token one: (n_e H_routed + a H_all) / (n_e + a), a = ALL_TOKEN_PRIOR.
+Their loss Hessians (what the planner's error estimates weigh) get a usage floor: an expert
+whose routed mass sum w^2 is below USAGE_FLOOR x the layer's average is topped up with the
+all-token statistics, so an expert that calibration rarely reaches but serving may route to
+is not starved to 2 bits for free.
 
 Memory per MoE layer beyond the layer's float32 weights and the activations:
 float32 accumulators of 2 H^2 + 3 I^2 per expert (H hidden, I expert intermediate).
@@ -38,6 +42,7 @@ from vllm_moemix.quant.gptq import HessianAccumulator
 from vllm_moemix.config.spec import PlanError
 
 ALL_TOKEN_PRIOR = 64.0
+USAGE_FLOOR = 0.25
 DEFAULT_CALIB = Path(__file__).resolve().parents[2] / "models" / "calib.txt"
 
 
@@ -130,7 +135,8 @@ def _hook_linears(layer: torch.nn.Module, index: int, model: LayerwiseModel, sta
     return handles, finish
 
 
-def _hook_experts(layer: torch.nn.Module, index: int, model: LayerwiseModel, stats: LayerStats) -> list:
+def _hook_experts(layer: torch.nn.Module, index: int, model: LayerwiseModel, stats: LayerStats,
+                  usage_floor: float) -> list:
     """Per-expert statistics from the experts module's inputs: (hidden, top_k_index, top_k_weights)."""
     arch = model.arch
     experts_module = layer.get_submodule(arch.hf_path(arch.experts.prefix))
@@ -140,7 +146,7 @@ def _hook_experts(layer: torch.nn.Module, index: int, model: LayerwiseModel, sta
     names = {e: [f"model.layers.{index}.{arch.experts.prefix}.{e}.{n}" for n in (arch.experts.gate, arch.experts.up,
                                                                                      arch.experts.down)]
              for e in range(num_experts)}
-    sums = {"tokens": torch.zeros(num_experts), "mass": torch.zeros(num_experts)}
+    sums = {"tokens": torch.zeros(num_experts), "mass": torch.zeros(num_experts), "mass2": torch.zeros(num_experts)}
     acc = {
         e: {"r13": torch.zeros(hidden, hidden, dtype=torch.float32), "r2": torch.zeros(inter, inter, dtype=torch.float32),
             "w13": torch.zeros(hidden, hidden, dtype=torch.float32), "w2": torch.zeros(inter, inter, dtype=torch.float32)}
@@ -165,6 +171,7 @@ def _hook_experts(layer: torch.nn.Module, index: int, model: LayerwiseModel, sta
             xe, ae = x[rows], act[rows]
             sums["tokens"][e] += rows.numel()
             sums["mass"][e] += w.sum().item()
+            sums["mass2"][e] += w.pow(2).sum().item()
             acc[e]["r13"].add_(xe.t() @ xe)
             acc[e]["r2"].add_(ae.t() @ ae)
             acc[e]["w13"].add_((xe * w).t() @ (xe * w))
@@ -173,23 +180,25 @@ def _hook_experts(layer: torch.nn.Module, index: int, model: LayerwiseModel, sta
     def finish() -> None:
         n = max(total["n"], 1)
         stats.expert_tokens, stats.expert_mass = sums["tokens"].clone(), sums["mass"].clone()
+        floor = usage_floor * float(sums["mass2"].mean())
         for e in range(num_experts):
+            top_up = max(0.0, floor - float(sums["mass2"][e])) / n  # per all-token second moment
             n_e = float(sums["tokens"][e])
             blend13 = (acc[e]["r13"] + ALL_TOKEN_PRIOR * all13 / n) / (n_e + ALL_TOKEN_PRIOR)
             blend2 = (acc[e]["r2"] + ALL_TOKEN_PRIOR * all2[e] / n) / (n_e + ALL_TOKEN_PRIOR)
             gate, up, down = names[e]
             for linear in (gate, up):
                 stats.gptq_hessians[linear] = 2 * blend13
-                stats.loss_hessians[linear] = acc[e]["w13"]
+                stats.loss_hessians[linear] = acc[e]["w13"] + top_up * all13
             stats.gptq_hessians[down] = 2 * blend2
-            stats.loss_hessians[down] = acc[e]["w2"]
+            stats.loss_hessians[down] = acc[e]["w2"] + top_up * all2[e]
 
     handle = experts_module.register_forward_pre_hook(hook)
     return [handle], finish
 
 
-def iterate_layers(model: LayerwiseModel, samples: torch.Tensor, batch_size: int = 8,
-                   progress: bool = True) -> Iterator[tuple[int, torch.nn.Module, LayerStats]]:
+def iterate_layers(model: LayerwiseModel, samples: torch.Tensor, batch_size: int = 8, progress: bool = True,
+                   usage_floor: float = USAGE_FLOOR) -> Iterator[tuple[int, torch.nn.Module, LayerStats]]:
     """Yield (index, float layer, stats) in order; the layer is freed when the caller moves on."""
     with torch.no_grad():
         hidden = [model.embed(samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]
@@ -201,7 +210,7 @@ def iterate_layers(model: LayerwiseModel, samples: torch.Tensor, batch_size: int
             handles, finish_linears = _hook_linears(layer, index, model, stats)
             finishers = [finish_linears]
             if model.arch.is_moe_layer(model.config, index):
-                more, finish_experts = _hook_experts(layer, index, model, stats)
+                more, finish_experts = _hook_experts(layer, index, model, stats, usage_floor)
                 handles += more
                 finishers.append(finish_experts)
             outputs, cosines = [], []

@@ -41,8 +41,11 @@ DEFAULT_SHARD_BYTES = 2 * 1024**3
 class RTNQuantizer:
     name = "rtn"
 
+    def __init__(self, clip_search: bool = False):
+        self.clip_search = clip_search
+
     def __call__(self, name: str, weight: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
-        return quantize_rtn(weight, spec)
+        return quantize_rtn(weight, spec, clip_search=self.clip_search)
 
 
 def _layer_order(names: list[str]) -> list[str]:

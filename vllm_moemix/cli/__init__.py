@@ -93,6 +93,7 @@ def _quantizer(args: argparse.Namespace) -> str:
 
 def _plan_from_strategy(args: argparse.Namespace):
     from vllm_moemix.planning.pipeline import plan_model
+    from vllm_moemix.planning.strategies import GROUP_CHOICES
 
     usage = None
     if args.usage:
@@ -100,7 +101,8 @@ def _plan_from_strategy(args: argparse.Namespace):
 
         usage = load_profile(args.usage)
     result = plan_model(args.model, args.strategy, _budget(args), _calibration(args), group_size=args.group_size or DEFAULT_GROUP_SIZE,
-                        sym=args.sym, pins=_pins(args), progress=not args.quiet, usage=usage)
+                        sym=args.sym, pins=_pins(args), progress=not args.quiet, usage=usage,
+                        group_choices=() if args.group_size else GROUP_CHOICES)
     print(f"{args.strategy} under {result.budget.describe()}: {result.footprint.avg_payload_bits:.3f} bits "
           f"({result.footprint.avg_bits:.3f} with scales/zeros), {result.footprint.nbytes / 2**20:.2f} MiB")
     return result.plan
@@ -125,7 +127,11 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     else:
         plan = _plan_from_strategy(args)
     quantizer = None
-    if _quantizer(args) == "gptq":
+    if args.validate:
+        if args.plan or args.bits is not None:
+            raise PlanError("--validate checks a planned (--strategy/--budget) plan against uniform; not --plan/--bits")
+        plan, quantizer = _validated(args, plan)
+    elif _quantizer(args) == "gptq":
         from vllm_moemix.calibration.gptq import CalibratedGPTQ
 
         calib = _calibration(args)
@@ -136,6 +142,30 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         f"wrote {args.output}: quantizable linears {fp.nbytes / 2**20:.2f} MiB (bf16 {fp.bf16_bytes / 2**20:.2f} MiB), "
         f"average {fp.avg_payload_bits:.3f} bits ({fp.avg_bits:.3f} with scales/zeros)"
     )
+
+
+def _validated(args: argparse.Namespace, plan):
+    """(plan or the uniform plan at the same budget, whichever scores better on held-out calibration text;
+    the quantizer both were made with, reused for the checkpoint)."""
+    from transformers import AutoTokenizer
+
+    from vllm_moemix.checkpoint.writer import RTNQuantizer
+    from vllm_moemix.planning.pipeline import plan_model
+    from vllm_moemix.report.validate import holdout_windows, validate_against_uniform
+    from vllm_moemix.calibration.gptq import HessianGPTQ
+
+    calib = _calibration(args)
+    if _quantizer(args) == "gptq":
+        quantizer = HessianGPTQ.collect(args.model, calib.texts, calib.num_samples, act_order=args.act_order,
+                                        progress=not args.quiet)
+    else:
+        quantizer = RTNQuantizer()
+    uniform = plan_model(args.model, "uniform", _budget(args), group_size=args.group_size or DEFAULT_GROUP_SIZE,
+                         sym=args.sym, pins=_pins(args), progress=False).plan
+    windows = holdout_windows(AutoTokenizer.from_pretrained(args.model), calib.texts, calib.num_samples)
+    check = validate_against_uniform(args.model, plan, uniform, windows, quantizer)
+    print(check.describe())
+    return (check.uniform if check.uniform_wins else plan), quantizer
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
@@ -211,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--calib-samples", type=_positive(int), default=32, help="windows of 256 tokens")
         p.add_argument("--quantizer", choices=["gptq", "rtn"],
                        help="default: gptq when a strategy plans or --calib is given, else rtn")
-        p.add_argument("--group-size", type=_group_size, default=None, help="group size along K (default 128)")
+        p.add_argument("--group-size", type=_group_size, default=None, help="group size along K (default 128; with a --budget-bytes "
+                       "the optimizer then picks 32, 64 or 128 per module)")
         p.add_argument("--sym", action="store_true", help="symmetric (no zero points)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -220,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--plan", help="plan JSON (module -> bits); see docs/checkpoint-format.md")
     q.add_argument("--bits", type=_bits, help="uniform shortcut: 2, 3, 4, 8 or bf16 for every quantizable linear")
     q.add_argument("--act-order", action="store_true", help="GPTQ: visit columns by decreasing Hessian diagonal")
+    q.add_argument("--validate", action="store_true",
+                   help="quantize the planned mix and uniform at the same budget, score both on calibration text "
+                        "the planner did not see, keep the better (says so when uniform wins)")
     q.add_argument("-o", "--output", required=True, help="output directory (must not hold a checkpoint)")
     planning_args(q, "optimizer")
     q.set_defaults(func=cmd_quantize)

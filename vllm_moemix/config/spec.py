@@ -22,6 +22,21 @@ int32 words for every width), so K and every group size must be multiples."""
 
 DEFAULT_GROUP_SIZE = 128
 
+NATIVE_CPU_BLOCK = 32
+"""The native CPU kernels (csrc/) quantize activations per 32 values along K, so a group must
+cover whole blocks; they implement every width in SUPPORTED_BITS."""
+
+
+def native_cpu_refusal(spec: QuantSpec) -> str | None:
+    """Why the native CPU kernels cannot run `spec` (None: they can). The planner only picks specs
+    this accepts, and the kernels' `can_implement` asks the same question, so a plan never lands
+    on the reference kernel because of its (bits, group) choice."""
+    if spec.bits not in SUPPORTED_BITS:
+        return f"{spec.bits}-bit weights have no native CPU kernel"
+    if spec.group_size % NATIVE_CPU_BLOCK:
+        return f"group size {spec.group_size} is not a multiple of the {NATIVE_CPU_BLOCK}-value activation block"
+    return None
+
 
 class PlanError(ValueError):
     """A plan, spec or checkpoint that cannot be honoured. Messages name the module."""

@@ -3,7 +3,8 @@
 Data-driven strategies get one calibration pass over the float model, one
 decoder layer at a time; the optimizer additionally quantizes every unit at
 every width with the chosen quantizer and measures tr(dW H dW^T) on the
-layer's loss Hessians before they are dropped.
+layer's loss Hessians before they are dropped (every width, and every group size in
+`group_choices` for byte budgets).
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from vllm_moemix.calibration.layerwise import DEFAULT_CALIB, LayerStats, LayerwiseModel, calibration_samples, iterate_layers
+from vllm_moemix.calibration.layerwise import DEFAULT_CALIB, USAGE_FLOOR, LayerStats, LayerwiseModel, calibration_samples, iterate_layers
 from vllm_moemix.config.footprint import Footprint, footprint
 from vllm_moemix.config.plan import Plan
 from vllm_moemix.planning import scores
-from vllm_moemix.planning.strategies import STRATEGIES, Assignment, PlanningContext
+from vllm_moemix.planning.strategies import GROUP_CHOICES, STRATEGIES, Assignment, PlanningContext
 from vllm_moemix.planning.units import Budget, Unit, assignment_to_plan, planning_units
 from vllm_moemix.quant.gptq import gptq_quantize
 from vllm_moemix.quant.rtn import quantize_rtn
@@ -32,17 +33,20 @@ class CalibrationConfig:
     num_samples: int = 32
     seq_len: int = 256
     quantizer: str = "gptq"  # used for the optimizer's error table and for quantizing
+    clip_search: bool = True  # GPTQ searches each group's clipping range (quant/rtn.py)
+    usage_floor: float = USAGE_FLOOR  # experts' error weight floor, a share of the layer's mean usage
 
     @classmethod
     def default(cls) -> CalibrationConfig:
         return cls(texts=[DEFAULT_CALIB])
 
 
-def quantize_weight(quantizer: str, weight: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | None):
+def quantize_weight(quantizer: str, weight: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | None,
+                    clip_search: bool = True):
     if quantizer == "rtn":
         return quantize_rtn(weight, spec)
     if quantizer == "gptq":
-        return gptq_quantize(weight, hessian, spec)
+        return gptq_quantize(weight, hessian, spec, clip_search=clip_search)
     raise PlanError(f"unknown quantizer {quantizer!r}; choose rtn or gptq")
 
 
@@ -64,9 +68,13 @@ def pins_from_modules(modules: dict[str, QuantSpec | None], units: list[Unit]) -
 
 def build_context(model_dir: str | Path, strategy: str, calib: CalibrationConfig | None, group_size: int, sym: bool,
                   pins: dict[str, QuantSpec | None], progress: bool = True,
-                  usage: dict[int, dict[int, int]] | None = None) -> PlanningContext:
+                  usage: dict[int, dict[int, int]] | None = None,
+                  group_choices: tuple[int, ...] = GROUP_CHOICES, quantizer=None) -> PlanningContext:
     """`usage` (layer -> expert -> routed tokens, e.g. a profile saved while serving) replaces
-    calibration as the source of expert frequencies for `frequent-experts`."""
+    calibration as the source of expert frequencies for `frequent-experts`. `group_choices`: group
+    sizes besides `group_size` the optimizer may pick under a byte budget (() to keep one). `quantizer`
+    ((name, weight, spec) -> QuantizedWeight, e.g. a memoizing HessianGPTQ also used to write checkpoints)
+    replaces `calib.quantizer` for the error table, so each (linear, spec) is quantized once."""
     if strategy not in STRATEGIES:
         raise PlanError(f"unknown strategy {strategy!r}; choose one of {sorted(STRATEGIES)}")
     model = LayerwiseModel(model_dir)
@@ -81,7 +89,7 @@ def build_context(model_dir: str | Path, strategy: str, calib: CalibrationConfig
     ctx = PlanningContext(
         linears=model.linears, units=units, weight=weight, group_size=group_size, sym=sym,
         router_name=lambda layer: f"model.layers.{layer}.{model.arch.router}.weight",
-        pins=pins_from_modules(pins, units),
+        pins=pins_from_modules(pins, units), group_choices=tuple(group_choices),
     )
     if usage is not None and strategy == "frequent-experts":
         num_experts = model.arch.num_experts(model.config)
@@ -100,20 +108,21 @@ def build_context(model_dir: str | Path, strategy: str, calib: CalibrationConfig
     by_layer: dict[int, list[Unit]] = {}
     for unit in units:
         by_layer.setdefault(unit.layer, []).append(unit)
-    for index, _layer, stats in iterate_layers(model, samples, progress=progress):
+    for index, _layer, stats in iterate_layers(model, samples, progress=progress, usage_floor=calib.usage_floor):
         if strategy == "optimizer":
             for unit in tqdm(by_layer.get(index, []), desc=f"errors layer {index}", leave=False, disable=not progress):
                 ctx.errors[unit] = {
-                    bits: sum(
+                    spec: sum(
                         scores.hessian_error(
                             weight(n),
-                            quantize_weight(calib.quantizer, weight(n), QuantSpec(bits, group_size, sym),
-                                            stats.gptq_hessians[n]).dequantize(),
+                            (quantizer(n, weight(n), spec) if quantizer is not None else
+                             quantize_weight(calib.quantizer, weight(n), spec, stats.gptq_hessians[n],
+                                             calib.clip_search)).dequantize(),
                             stats.loss_hessians[n],
                         )
                         for n in unit.names
                     )
-                    for bits in SUPPORTED_BITS
+                    for spec in ctx.candidate_specs(unit)
                 }
         stats.gptq_hessians, stats.loss_hessians = {}, {}  # keep usage and similarity only
         ctx.layer_stats[index] = stats
@@ -131,9 +140,11 @@ class PlanResult:
 def plan_model(model_dir: str | Path, strategy: str, budget: Budget, calib: CalibrationConfig | None = None,
                group_size: int = 128, sym: bool = False, pins: dict[str, QuantSpec | None] | None = None,
                progress: bool = True, context: PlanningContext | None = None,
-               usage: dict[int, dict[int, int]] | None = None) -> PlanResult:
+               usage: dict[int, dict[int, int]] | None = None,
+               group_choices: tuple[int, ...] = GROUP_CHOICES) -> PlanResult:
     """Run `strategy` under `budget`; pass a `context` to reuse one calibration across strategies."""
-    ctx = context or build_context(model_dir, strategy, calib, group_size, sym, pins or {}, progress, usage)
+    ctx = context or build_context(model_dir, strategy, calib, group_size, sym, pins or {}, progress, usage,
+                                   group_choices)
     if STRATEGIES[strategy].needs_data and (ctx.layer_stats is None or (strategy == "optimizer" and ctx.errors is None)):
         raise PlanError(f"strategy {strategy!r} needs calibration data; build the context with it")
     assignment = STRATEGIES[strategy].run(ctx, budget)

@@ -18,9 +18,11 @@ from vllm_moemix.config.arch import ROLE_ATTENTION, ROLE_EXPERT, ROLE_SHARED, Li
 from vllm_moemix.calibration.layerwise import LayerStats
 from vllm_moemix.planning import knapsack, scores
 from vllm_moemix.planning.units import Budget, Unit
-from vllm_moemix.config.spec import SUPPORTED_BITS, PlanError, QuantSpec
+from vllm_moemix.config.spec import SUPPORTED_BITS, PlanError, QuantSpec, native_cpu_refusal
 
 Assignment = dict[Unit, QuantSpec | None]
+GROUP_CHOICES = (32, 64, 128)
+"""Group sizes the optimizer may pick per unit under a byte budget (where a group's scales cost bytes)."""
 
 
 @dataclass
@@ -34,12 +36,21 @@ class PlanningContext:
     group_size: int = 128
     sym: bool = False
     layer_stats: dict[int, LayerStats] | None = None
-    errors: dict[Unit, dict[int, float]] | None = None  # unit -> bits -> summed output error
+    errors: dict[Unit, dict[QuantSpec, float]] | None = None  # unit -> spec -> summed output error
     router_init: Callable[[int], torch.Tensor] | None = None
     pins: Assignment = field(default_factory=dict)
+    group_choices: tuple[int, ...] = ()  # extra group sizes for the optimizer under byte budgets
 
     def spec(self, bits: int) -> QuantSpec:
         return QuantSpec(bits, self.group_size, self.sym)
+
+    def candidate_specs(self, unit: Unit, groups_cost_bytes: bool = True) -> list[QuantSpec]:
+        """Every (bits, group) the optimizer may give `unit`: the group must divide its input dimension
+        and the pair must run on the native CPU kernels. Under an average-bits budget scales are free,
+        so only the context's own group size is offered (smaller groups would always win)."""
+        groups = sorted({self.group_size, *self.group_choices}) if groups_cost_bytes else [self.group_size]
+        specs = [QuantSpec(b, g, self.sym) for g in groups for b in SUPPORTED_BITS if unit.in_features % g == 0]
+        return [s for s in specs if native_cpu_refusal(s) is None]
 
     def free_units(self) -> list[Unit]:
         return [u for u in self.units if u not in self.pins]
@@ -164,7 +175,7 @@ def _block(ctx: PlanningContext, unit: Unit) -> float:
 
 def optimizer(ctx: PlanningContext, budget: Budget) -> Assignment:
     """Ours: minimize the summed Hessian-weighted output error (usage-weighted for experts)
-    over all widths, as a multiple-choice knapsack under the budget."""
+    over all widths (and, under a byte budget, group sizes), as a multiple-choice knapsack."""
     options = {}
     for unit in ctx.units:
         if unit in ctx.pins:
@@ -172,9 +183,8 @@ def optimizer(ctx: PlanningContext, budget: Budget) -> Assignment:
             options[unit] = [knapsack.Option(spec, budget.cost(unit, spec, ctx.linears), 0.0)]
             continue
         options[unit] = [
-            knapsack.Option(ctx.spec(b), budget.cost(unit, ctx.spec(b), ctx.linears), ctx.errors[unit][b])
-            for b in SUPPORTED_BITS
-            if unit.in_features % ctx.group_size == 0
+            knapsack.Option(spec, budget.cost(unit, spec, ctx.linears), ctx.errors[unit][spec])
+            for spec in ctx.candidate_specs(unit, groups_cost_bytes=budget.nbytes is not None)
         ]
     chosen = knapsack.solve(options, budget.limit(ctx.units))
     return {unit: opt.choice for unit, opt in chosen.items()}

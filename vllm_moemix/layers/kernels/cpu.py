@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_moemix.layers.kernels.base import ExpertsConfig, ExpertsKernel, LinearConfig, LinearKernel
+from vllm_moemix.config.spec import QuantSpec, native_cpu_refusal
 
 ISA_ENV = "MOEMIX_CPU_ISA"
 
@@ -107,9 +108,14 @@ def _runs_on(device: torch.device) -> tuple[bool, str | None]:
     return variant is not None, why
 
 
-def _tiles_fit(output_dims: list[int]) -> tuple[bool, str | None]:
-    """Every width and group size runs natively; output dimensions must fill whole column tiles of the variant
-    this CPU runs (elsewhere: of the widest variant built, so the answer holds on every CPU)."""
+def _supports(specs: list[QuantSpec], output_dims: list[int]) -> tuple[bool, str | None]:
+    """The specs must be ones the kernels run (`native_cpu_refusal`, the planner's question too) and output
+    dimensions must fill whole column tiles of the variant this CPU runs (elsewhere: of the widest variant
+    built, so the answer holds on every CPU)."""
+    for spec in specs:
+        why = native_cpu_refusal(spec)
+        if why is not None:
+            return False, why
     variant, _ = choose_variant()
     if variant is None:
         module, why = _native_status()
@@ -166,7 +172,7 @@ class NativeCpuLinearKernel(_NativeCpuKernel, LinearKernel):
 
     @classmethod
     def supports(cls, config: LinearConfig) -> tuple[bool, str | None]:
-        return _tiles_fit([config.out_features])
+        return _supports([config.spec], [config.out_features])
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         zeros = getattr(layer, "qzeros", None)
@@ -195,7 +201,7 @@ class NativeCpuExpertsKernel(_NativeCpuKernel, ExpertsKernel):
 
     @classmethod
     def supports(cls, config: ExpertsConfig) -> tuple[bool, str | None]:
-        return _tiles_fit([2 * config.intermediate_size, config.hidden_size])
+        return _supports(list(config.w13_specs + config.w2_specs), [2 * config.intermediate_size, config.hidden_size])
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         for grp in layer.moemix_layout.groups().values():
