@@ -1,64 +1,51 @@
 """What a checkpoint holds, read from its files only (config.json + safetensors headers; no tensor data).
 
 Used for /v1/models and for the `moemix_weight_*` metrics, for moemix checkpoints and plain float ones alike,
-so a bf16 original and its moemix variant can be compared side by side.
+so a bf16 original and its moemix variant can be compared side by side. Built on the library's own readers:
+`SafetensorsSource` for the headers, the checkpoint format for the per-module specs, the architecture table's
+roles for what each tensor is.
 
-- bytes at rest by component and bit width: every tensor of every shard, classified by name;
-  `component` is one of COMPONENTS, `bits` is the moemix width ("2", "3", "4", "8") of a quantized linear
-  (its qweight, scales and zero points all count there) or the dtype of a float tensor ("bf16", "fp16", "fp32").
+- bytes at rest by component and bit width: every tensor of every shard; `component` is the role of the
+  quantizable linear the tensor belongs to (COMPONENT_OF_ROLE), "other" for everything else (embeddings, LM
+  head, norms, routers, and every tensor of an architecture the table does not know); `bits` is the moemix
+  width ("2", "3", "4", "8") of a quantized linear (its qweight, scales and zero points all count there) or the
+  dtype of a float tensor ("bf16", "fp16", "fp32").
 - average bits: for moemix checkpoints the writer's `quantization_config.summary` (quantizable linears only,
   `avg_bits` with scales/zeros, `avg_payload_bits` the integer width); for float checkpoints the dtype width of
-  the same linears (attention, experts, shared experts).
+  the same quantizable linears.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import struct
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vllm_moemix.checkpoint.format import QUANT_METHOD
+from vllm_moemix.checkpoint.format import QUANT_METHOD, load_config
+from vllm_moemix.checkpoint.source import SafetensorsSource
+from vllm_moemix.config.arch import ROLE_ATTENTION, ROLE_DENSE, ROLE_EXPERT, ROLE_SHARED, quantizable_linears
+from vllm_moemix.config.plan import resolved_from_config
+from vllm_moemix.config.spec import PlanError
 
-COMPONENTS = ("experts", "attention", "shared", "other")
+# Metric label values (dashboards and alerts group by them), one per role of the architecture table.
+COMPONENT_OF_ROLE = {ROLE_EXPERT: "experts", ROLE_ATTENTION: "attention", ROLE_SHARED: "shared", ROLE_DENSE: "dense"}
+COMPONENTS = (*COMPONENT_OF_ROLE.values(), "other")
 
-_DTYPE_BITS = {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "F64": "fp64", "F8_E4M3": "fp8", "F8_E5M2": "fp8",
-               "I8": "int8", "U8": "uint8", "I32": "int32", "I64": "int64", "BOOL": "bool"}
+_DTYPE_NAMES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "F64": "fp64", "F8_E4M3": "fp8", "F8_E5M2": "fp8"}
 _FLOAT_WIDTH = {"bf16": 16, "fp16": 16, "fp32": 32, "fp64": 64, "fp8": 8}
-_QUANT_SUFFIXES = (".qweight", ".scales", ".qzeros", ".weight", ".bias", ".g_idx")
 
 
-def component_of(tensor_name: str) -> str:
-    """experts / attention / shared / other (routers, shared-expert gates, embeddings, norms, LM head)."""
-    if ".shared_expert_gate" in tensor_name or tensor_name.endswith(".gate.weight"):
-        return "other"
-    if ".shared_expert." in tensor_name or ".shared_experts." in tensor_name:
-        return "shared"
-    if ".experts." in tensor_name:
-        return "experts"
-    if ".self_attn." in tensor_name and "norm" not in tensor_name.rsplit(".", 2)[-2]:
-        return "attention"
-    return "other"
+def linear_components(model_dir: Path) -> dict[str, str]:
+    """Quantizable linear -> component, from the architecture table; {} where it does not know the model."""
+    from transformers import AutoConfig
 
-
-def _module_of(tensor_name: str) -> str:
-    for suffix in _QUANT_SUFFIXES:
-        if tensor_name.endswith(suffix):
-            return tensor_name[: -len(suffix)]
-    return tensor_name
-
-
-def read_safetensors_header(path: Path) -> dict[str, Any]:
-    with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        if size > 100 * 2**20:
-            raise ValueError(f"{path}: safetensors header of {size} bytes")
-        header = json.loads(f.read(size))
-    header.pop("__metadata__", None)
-    return header
+    try:
+        linears = quantizable_linears(AutoConfig.from_pretrained(model_dir))
+    except Exception:  # unknown or malformed config: every tensor counts as "other", facts stay readable
+        return {}
+    return {name: COMPONENT_OF_ROLE[info.role] for name, info in linears.items()}
 
 
 @dataclass
@@ -114,48 +101,47 @@ def _number(value: Any) -> float | None:
 
 
 def read_weight_facts(model_dir: str | Path) -> WeightFacts:
-    """Facts of a local Hugging Face directory; missing files give empty facts, never an exception."""
+    """Facts of a local Hugging Face directory; missing or malformed files give partial facts, never an exception
+    (refusing a broken checkpoint is the loader's job, with the module named)."""
     model_dir = Path(model_dir)
     facts = WeightFacts(path=str(model_dir))
     try:
-        config = json.loads((model_dir / "config.json").read_text())
-    except (OSError, ValueError):
+        config = load_config(model_dir)
+    except PlanError:
         return facts
     qcfg = config.get("quantization_config") if isinstance(config, dict) else None
-    qcfg = qcfg if isinstance(qcfg, dict) else {}  # a malformed one is vLLM's loader's to refuse, with its name
+    qcfg = qcfg if isinstance(qcfg, dict) else {}
     method = qcfg.get("quant_method")
     facts.quant_method = method if isinstance(method, str) else None
-    modules = qcfg.get("modules") if facts.is_moemix else None
-    modules = modules if isinstance(modules, dict) else {}
+    specs = {}
     if facts.is_moemix:
+        try:
+            specs = {name: spec for name, spec in resolved_from_config(qcfg.get("modules")).items() if spec}
+        except PlanError:
+            pass  # widths unknown: quantized tensors count under their storage dtype
         summary = qcfg.get("summary")
         facts.summary = summary if isinstance(summary, dict) else {}
         facts.avg_bits = _number(facts.summary.get("avg_bits"))
         facts.avg_payload_bits = _number(facts.summary.get("avg_payload_bits"))
+    try:
+        source = SafetensorsSource(model_dir)
+    except PlanError:
+        return facts
 
+    components = linear_components(model_dir)
     bytes_by: dict[tuple[str, str], int] = defaultdict(int)
     linear_bits = linear_weights = 0
-    for shard in sorted(model_dir.glob("*.safetensors")):
-        try:
-            header = read_safetensors_header(shard)
-        except (OSError, ValueError, struct.error):
-            continue
-        for name, info in header.items():
-            try:
-                start, end = info["data_offsets"]
-                dtype = _DTYPE_BITS.get(info["dtype"], str(info["dtype"]).lower())
-                shape = info["shape"]
-            except (KeyError, TypeError, ValueError):
-                continue  # a broken header entry: facts stay partial, loading will name the shard
-            component = component_of(name)
-            spec = modules.get(_module_of(name))
-            bits = str(spec["bits"]) if isinstance(spec, dict) and "bits" in spec else dtype
-            bytes_by[(component, bits)] += end - start
-            if component != "other" and bits in _FLOAT_WIDTH and name.endswith("weight") and not isinstance(spec, dict):
-                n = math.prod(shape)
-                linear_weights += n
-                linear_bits += n * _FLOAT_WIDTH[bits]
+    for name in source.names():
+        module = name.rpartition(".")[0]
+        component = components.get(module, "other")
+        dtype = _DTYPE_NAMES.get(source.dtype(name), source.dtype(name).lower())
+        spec = specs.get(module)
+        bytes_by[(component, str(spec.bits) if spec else dtype)] += source.nbytes(name)
+        if module in components and spec is None and name.endswith(".weight") and dtype in _FLOAT_WIDTH:
+            n = math.prod(source.shape(name))
+            linear_weights += n
+            linear_bits += n * _FLOAT_WIDTH[dtype]
     facts.bytes_by = dict(bytes_by)
-    if not facts.is_moemix and facts.quant_method is None and linear_weights:
+    if facts.quant_method is None and linear_weights:
         facts.avg_bits = facts.avg_payload_bits = round(linear_bits / linear_weights, 4)
     return facts

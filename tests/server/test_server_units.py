@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from server.admission import AdmissionGate, admission_limit, request_slots
-from server.facts import component_of, read_weight_facts
+from server.facts import read_weight_facts
 from server.settings import SettingsError, build_settings, is_loopback, parse_model_arg, to_vllm_argv
 
 
@@ -83,19 +83,42 @@ def test_vllm_args_go_through_vllms_parser():
         vllm_serve_args(ModelSettings("m", "/m"), {"no_such_option": 1})
 
 
-@pytest.mark.parametrize("name, component", [
-    ("model.layers.0.block_sparse_moe.experts.3.w1.qweight", "experts"),
-    ("model.layers.0.mlp.experts.gate_up_proj", "experts"),
-    ("model.layers.0.block_sparse_moe.gate.weight", "other"),
-    ("model.layers.0.mlp.shared_expert.down_proj.scales", "shared"),
-    ("model.layers.0.mlp.shared_expert_gate.weight", "other"),
-    ("model.layers.0.self_attn.q_proj.qzeros", "attention"),
-    ("model.layers.0.self_attn.q_norm.weight", "other"),
-    ("model.embed_tokens.weight", "other"),
-    ("lm_head.weight", "other"),
-])
-def test_components(name, component):
-    assert component_of(name) == component
+def test_components_follow_the_architecture_roles(random_qwen2moe):
+    """Every tensor counted once, under the role its linear has in the architecture table (biases with their
+    linear; routers, the shared-expert gate, norms, embeddings and the LM head are "other")."""
+    from safetensors import safe_open
+
+    expected: dict[str, int] = {}
+    for shard in random_qwen2moe.glob("*.safetensors"):
+        with safe_open(shard, framework="pt") as f:
+            for name in f.keys():
+                tensor = f.get_tensor(name)
+                if ".shared_expert." in name:
+                    component = "shared"
+                elif ".experts." in name:
+                    component = "experts"
+                elif ".self_attn." in name and "_proj." in name:
+                    component = "attention"
+                elif ".mlp." in name and "_proj." in name:  # a decoder layer with a dense MLP
+                    component = "dense"
+                else:
+                    component = "other"
+                expected[component] = expected.get(component, 0) + tensor.numel() * tensor.element_size()
+    by = read_weight_facts(random_qwen2moe).by_component()
+    assert {c: sum(widths.values()) for c, widths in by.items()} == expected
+    assert set(expected) == {"experts", "shared", "attention", "dense", "other"}
+
+
+def test_an_architecture_the_table_does_not_know_counts_as_other(random_mixtral, tmp_path):
+    import shutil
+
+    model = tmp_path / "unknown"
+    shutil.copytree(random_mixtral, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "model_type": "llama", "architectures": ["X"]}))
+    facts = read_weight_facts(model)
+    assert set(facts.by_component()) == {"other"} and facts.total_bytes == read_weight_facts(random_mixtral).total_bytes
+    assert facts.avg_bits is None
 
 
 def test_facts_of_a_moemix_checkpoint(random_mixtral, tmp_path):

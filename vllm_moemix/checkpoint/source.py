@@ -7,6 +7,7 @@ near one tensor, so models larger than RAM can be quantized.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -16,6 +17,8 @@ from vllm_moemix.config.spec import PlanError
 
 
 INDEX = "model.safetensors.index.json"
+_ITEM_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+               "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
 
 def shard_files(model_dir: Path) -> list[str]:
@@ -53,6 +56,7 @@ class SafetensorsSource:
         self.files = files
         self._where: dict[str, str] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
+        self._dtypes: dict[str, str] = {}  # safetensors' names: "BF16", "I32", "U8", ...
         for fname in files:
             path = self.dir / fname
             if not path.exists():
@@ -60,8 +64,10 @@ class SafetensorsSource:
             try:
                 with safe_open(path, framework="pt") as f:
                     for name in f.keys():
+                        tensor = f.get_slice(name)
                         self._where[name] = fname
-                        self._shapes[name] = tuple(f.get_slice(name).get_shape())
+                        self._shapes[name] = tuple(tensor.get_shape())
+                        self._dtypes[name] = tensor.get_dtype()
             except PlanError:
                 raise
             except Exception as err:  # safetensors raises its own error types for corrupt headers
@@ -76,6 +82,14 @@ class SafetensorsSource:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[name]
+
+    def dtype(self, name: str) -> str:
+        """The stored dtype as safetensors names it ("BF16", "I32", ...), from the header only."""
+        return self._dtypes[name]
+
+    def nbytes(self, name: str) -> int:
+        """Bytes the tensor occupies at rest, from the header only."""
+        return math.prod(self._shapes[name]) * _ITEM_BYTES[self._dtypes[name]]
 
     def get(self, name: str) -> torch.Tensor:
         with safe_open(self.dir / self._where[name], framework="pt") as f:
