@@ -42,18 +42,25 @@ class MixedExperts(torch.nn.Module):
         return self.layout.kernel_config(act_dtype)
 
     def naive(self, x, topk_weights, topk_ids, act_quant=lambda v: v):
-        """Token by token, expert by expert, in float32; `act_quant` models a kernel's activation quantization."""
-        out = torch.zeros(x.shape[0], self.hidden)
-        for t in range(x.shape[0]):
-            for w, e in zip(topk_weights[t].tolist(), topk_ids[t].tolist()):
-                if self.expert_map is not None:
-                    e = int(self.expert_map[e])
-                    if e < 0:
-                        continue
-                gate_up = act_quant(x[t].float()) @ self.dequantized["w13"][e].t()
-                h = F.silu(gate_up[: self.inter]) * gate_up[self.inter :]
-                out[t] += w * (act_quant(h) @ self.dequantized["w2"][e].t())
-        return out
+        """The naive MoE over this layer's dequantized experts, honouring its expert-parallel map."""
+        ids = topk_ids if self.expert_map is None else self.expert_map[topk_ids.long()]
+        return naive_moe(x, topk_weights, ids, self.dequantized["w13"], self.dequantized["w2"], act_quant)
+
+
+def naive_moe(x, topk_weights, ids, w13s, w2s, act_quant=lambda v: v):
+    """The one naive MoE reference: token by token, expert by expert, in float32. `ids` [T, k] index `w13s` /
+    `w2s` (nn.Linear layout [N, K]); -1 contributes nothing. `act_quant` models a kernel's activation
+    quantization (applied to x and to the SwiGLU output)."""
+    out = torch.zeros(x.shape[0], x.shape[1])
+    for t in range(x.shape[0]):
+        for w, e in zip(topk_weights[t].tolist(), ids[t].tolist()):
+            if e < 0:
+                continue
+            gate_up = act_quant(x[t].float()) @ w13s[e].float().t()
+            inter = gate_up.shape[0] // 2
+            h = F.silu(gate_up[:inter]) * gate_up[inter:]
+            out[t] += w * (act_quant(h) @ w2s[e].float().t())
+    return out
 
 
 def run_experts(kernel, layer: torch.nn.Module, x, topk_weights, topk_ids):

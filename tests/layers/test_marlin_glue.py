@@ -7,9 +7,8 @@ end against MixedExperts's naive math; the CUDA kernels themselves run only on a
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from tests.support import MixedExperts, routing, run_experts
+from tests.support import MixedExperts, naive_moe, routing, run_experts
 from vllm_moemix.layers.layout import routed_tokens
 from vllm_moemix.quant import packing
 from vllm_moemix.layers.kernels import marlin
@@ -94,16 +93,11 @@ class FakeVllm:
 
 
 def reference_partition(x, topk_weights, slots, w13, w2):
-    out = torch.zeros(x.shape[0], x.shape[1])
-    for t in range(x.shape[0]):
-        for k in range(slots.shape[1]):
-            e = int(slots[t, k])
-            if e < 0:
-                continue
-            gate_up = x[t].float() @ dequantize_kn(w13[0][e], w13[1][e], w13[2][e] if w13[2] is not None else None, w13[3])
-            h = F.silu(gate_up[:I]) * gate_up[I:]
-            out[t] += topk_weights[t, k] * (h @ dequantize_kn(w2[0][e], w2[1][e], w2[2][e] if w2[2] is not None else None, w2[3]))
-    return out
+    """What vLLM's fused_marlin_moe computes for one partition: the naive MoE over its dequantized experts."""
+    def experts(q, s, z, bits):
+        return [dequantize_kn(q[e], s[e], z[e] if z is not None else None, bits).t() for e in range(q.shape[0])]
+
+    return naive_moe(x, topk_weights, slots, experts(*w13), experts(*w2))
 
 
 def test_glue_matches_naive_with_fake_vllm_ops(monkeypatch):
