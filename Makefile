@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast bench bench-llamacpp models lock clean
+.PHONY: venv demo test test-fast lint bench bench-llamacpp models lock clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,11 @@ test: venv
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not vllm"
+
+# Style is checked, not debated: ruff's linter (rules in pyproject.toml) and its formatter (`ruff format` fixes).
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # Kernel speed, side by side with vLLM's own CPU paths (about 15 minutes on 2 cores; tables and plots into
 # benchmarks/results/): one MoE layer at Mixtral/Qwen3/DeepSeek-V2-Lite shapes, then decode through vLLM.

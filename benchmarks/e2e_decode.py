@@ -56,10 +56,18 @@ def build_bf16(out: Path, layers: int, hidden: int, inter: int, experts: int) ->
         return out
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
     torch.manual_seed(0)
-    config = MixtralConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                           num_attention_heads=hidden // 128, num_key_value_heads=max(hidden // 512, 1),
-                           num_local_experts=experts, num_experts_per_tok=2, max_position_embeddings=1024,
-                           tie_word_embeddings=False)
+    config = MixtralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 128,
+        num_key_value_heads=max(hidden // 512, 1),
+        num_local_experts=experts,
+        num_experts_per_tok=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+    )
     with torch.device("cpu"):
         model = MixtralForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(out, safe_serialization=True)
@@ -82,8 +90,8 @@ def build_gptq(src: Path, out: Path) -> Path:
     from transformers import AutoConfig
 
     from vllm_moemix.config.arch import quantizable_linears
-    from vllm_moemix.quant.rtn import quantize_rtn
     from vllm_moemix.config.spec import QuantSpec
+    from vllm_moemix.quant.rtn import quantize_rtn
 
     if (out / "config.json").exists():
         return out
@@ -119,8 +127,14 @@ def build_gptq(src: Path, out: Path) -> Path:
                 data["weight_map"].update({key: shard.name for key in f.keys()})
         (out / index.name).write_text(json.dumps(data))
     cfg = json.loads((src / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": GROUP, "desc_act": False,
-                                  "sym": True, "checkpoint_format": "gptq"}
+    cfg["quantization_config"] = {
+        "quant_method": "gptq",
+        "bits": 4,
+        "group_size": GROUP,
+        "desc_act": False,
+        "sym": True,
+        "checkpoint_format": "gptq",
+    }
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
     return out
 
@@ -141,16 +155,22 @@ def load(model: Path, isa: str | None = None):
     """An engine for `model`; `isa` forces the native variant in its engine process (MOEMIX_CPU_ISA)."""
     from vllm import LLM
 
-    from vllm_moemix.layers.kernels.cpu import ISA_ENV
     from vllm_moemix.layers.introspect import EXTENSION
+    from vllm_moemix.layers.kernels.cpu import ISA_ENV
 
     saved = os.environ.get(ISA_ENV)
     if isa:
         os.environ[ISA_ENV] = isa  # read in the engine process, which inherits this environment at start
     start = time.perf_counter()
     try:
-        llm = LLM(model=str(model), dtype="bfloat16", max_model_len=512, max_num_seqs=8, seed=0,
-                  worker_extension_cls=EXTENSION)
+        llm = LLM(
+            model=str(model),
+            dtype="bfloat16",
+            max_model_len=512,
+            max_num_seqs=8,
+            seed=0,
+            worker_extension_cls=EXTENSION,
+        )
     finally:
         os.environ.pop(ISA_ENV, None) if saved is None else os.environ.__setitem__(ISA_ENV, saved)
     return llm, time.perf_counter() - start
@@ -176,8 +196,9 @@ def measure(checkpoints: list[tuple[str, Path, str | None]], reps: int) -> tuple
     engines, rows, unavailable = [], [], []
     for name, path, isa in tqdm(checkpoints, desc="load engines"):
         if name == GPTQ_ROW and not torch.cpu._is_amx_tile_supported():  # vLLM's own device check for it
-            unavailable.append({"name": name, "unavailable": "vLLM's GPTQ MoE on CPU (CPUExpertsInt4) needs AMX, "
-                                                              "which this CPU lacks"})
+            unavailable.append(
+                {"name": name, "unavailable": "vLLM's GPTQ MoE on CPU (CPUExpertsInt4) needs AMX, which this CPU lacks"}
+            )
             continue
         try:
             llm, load_s = load(path, isa)
@@ -188,9 +209,16 @@ def measure(checkpoints: list[tuple[str, Path, str | None]], reps: int) -> tuple
         kernels = llm.collective_rpc("moemix_kernels")[0]
         generate_seconds(llm, 1, 8)  # warm-up outside the timings
         engines.append(llm)
-        rows.append({"name": name, "load_s": load_s, "resident_bytes": sum(resident.values()),
-                     "resident_by_dtype": resident, "kernels": kernels,
-                     "served_by": describe_served(kernels) if any(kernels.values()) else "vLLM's own kernels"})
+        rows.append(
+            {
+                "name": name,
+                "load_s": load_s,
+                "resident_bytes": sum(resident.values()),
+                "resident_by_dtype": resident,
+                "kernels": kernels,
+                "served_by": describe_served(kernels) if any(kernels.values()) else "vLLM's own kernels",
+            }
+        )
     for batch in (1, 8):
         best = {(i, n): float("inf") for i in range(len(engines)) for n in (1, NEW_TOKENS + 1)}
         for _ in tqdm(range(reps), desc=f"batch {batch}"):
@@ -206,26 +234,36 @@ def measure(checkpoints: list[tuple[str, Path, str | None]], reps: int) -> tuple
 
 def markdown(rows: list[dict], unavailable: list[dict], meta: dict) -> str:
     bf16 = rows[0]
-    lines = [f"CPU: {meta['cpu']}.", "", f"{meta['params'] / 1e9:.2f}B-parameter random Mixtral-style MoE ({meta['layers']} layers, "
-             f"E{meta['experts']} top-2, H{meta['hidden']}, I{meta['inter']}), vLLM CPU, bf16 activations, default "
-             f"compile mode, {meta['threads']} cores, {NEW_TOKENS} new tokens. moemix plan: "
-             f"{meta['moemix_avg_payload_bits']:.2f} payload bits ({meta['moemix_avg_bits']:.2f} with scales/zeros) "
-             f"over attention + experts; plan predicts {meta['moemix_predicted_bytes'] / 2**20:.0f} MiB resident.", "",
-             "| checkpoint | decode tok/s, batch 1 | ×bf16 | decode tok/s, batch 8 | ×bf16 | resident weights | ×bf16 |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"CPU: {meta['cpu']}.",
+        "",
+        f"{meta['params'] / 1e9:.2f}B-parameter random Mixtral-style MoE ({meta['layers']} layers, "
+        f"E{meta['experts']} top-2, H{meta['hidden']}, I{meta['inter']}), vLLM CPU, bf16 activations, default "
+        f"compile mode, {meta['threads']} cores, {NEW_TOKENS} new tokens. moemix plan: "
+        f"{meta['moemix_avg_payload_bits']:.2f} payload bits ({meta['moemix_avg_bits']:.2f} with scales/zeros) "
+        f"over attention + experts; plan predicts {meta['moemix_predicted_bytes'] / 2**20:.0f} MiB resident.",
+        "",
+        "| checkpoint | decode tok/s, batch 1 | ×bf16 | decode tok/s, batch 8 | ×bf16 | resident weights | ×bf16 |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['tok_s_batch1']:.1f} | {r['tok_s_batch1'] / bf16['tok_s_batch1']:.2f} "
-                     f"| {r['tok_s_batch8']:.1f} | {r['tok_s_batch8'] / bf16['tok_s_batch8']:.2f} "
-                     f"| {r['resident_bytes'] / 2**20:.0f} MiB | {r['resident_bytes'] / bf16['resident_bytes']:.2f} |")
+        lines.append(
+            f"| {r['name']} | {r['tok_s_batch1']:.1f} | {r['tok_s_batch1'] / bf16['tok_s_batch1']:.2f} "
+            f"| {r['tok_s_batch8']:.1f} | {r['tok_s_batch8'] / bf16['tok_s_batch8']:.2f} "
+            f"| {r['resident_bytes'] / 2**20:.0f} MiB | {r['resident_bytes'] / bf16['resident_bytes']:.2f} |"
+        )
     for r in unavailable:
         lines.append(f"| {r['name']} | not available on this CPU: {r['unavailable']} | | | | | |")
     lines += ["", "Served by: " + "; ".join(f"{r['name']}: {r['served_by']}" for r in rows)]
     moemix = next(r for r in rows if r["name"] == MOEMIX_ROW)
-    lines += ["", f"moemix quantized tensors resident in the worker: {meta['moemix_measured_linear_bytes']:,} bytes; "
-                  f"the plan's footprint: {meta['moemix_plan_linear_bytes']:,} bytes "
-                  f"({meta['moemix_measured_linear_bytes'] / meta['moemix_plan_linear_bytes']:.3f}). Whole model "
-                  f"measured / predicted (plan + bf16 rest of the checkpoint): "
-                  f"{moemix['resident_bytes'] / meta['moemix_predicted_bytes']:.3f}."]
+    lines += [
+        "",
+        f"moemix quantized tensors resident in the worker: {meta['moemix_measured_linear_bytes']:,} bytes; "
+        f"the plan's footprint: {meta['moemix_plan_linear_bytes']:,} bytes "
+        f"({meta['moemix_measured_linear_bytes'] / meta['moemix_plan_linear_bytes']:.3f}). Whole model "
+        f"measured / predicted (plan + bf16 rest of the checkpoint): "
+        f"{moemix['resident_bytes'] / meta['moemix_predicted_bytes']:.3f}.",
+    ]
     return "\n".join(lines)
 
 
@@ -237,8 +275,11 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     names = [r["name"] for r in rows]
-    for ax, key, title in zip(axes, ("tok_s_batch1", "tok_s_batch8", "resident_bytes"),
-                              ("decode tok/s, batch 1", "decode tok/s, batch 8", "resident weights (MiB)")):
+    for ax, key, title in zip(
+        axes,
+        ("tok_s_batch1", "tok_s_batch8", "resident_bytes"),
+        ("decode tok/s, batch 1", "decode tok/s, batch 8", "resident weights (MiB)"),
+    ):
         values = [r[key] / (2**20 if key == "resident_bytes" else 1) for r in rows]
         ax.bar(names, values, color=["#999999", "#6a9fd8", "#d8783a", "#e8b04a"][: len(rows)])
         ax.set_title(title)
@@ -268,8 +309,8 @@ def main() -> None:
 
     from vllm_moemix.config.arch import quantizable_linears
     from vllm_moemix.config.footprint import footprint
-    from vllm_moemix.layers.kernels.cpu import cpu_summary, variants
     from vllm_moemix.config.plan import Plan
+    from vllm_moemix.layers.kernels.cpu import cpu_summary, variants
 
     work = Path(args.work) / f"mixtral-l{args.layers}-h{args.hidden}-i{args.inter}-e{args.experts}"
     src = build_bf16(work / "bf16", args.layers, args.hidden, args.inter, args.experts)
@@ -288,18 +329,25 @@ def main() -> None:
     rows, unavailable = measure(checkpoints, args.reps)
     ckpt_bytes = checkpoint_tensor_bytes(src)
     moemix = next(r for r in rows if r["name"] == MOEMIX_ROW)["resident_by_dtype"]
-    meta = {"cpu": cpu_summary(), "layers": args.layers, "hidden": args.hidden, "inter": args.inter, "experts": args.experts,
-            "threads": os.cpu_count(), "params": ckpt_bytes // 2, "moemix_avg_bits": fp.avg_bits,
-            "moemix_avg_payload_bits": fp.avg_payload_bits,
-            "moemix_plan_linear_bytes": fp.nbytes,
-            "moemix_measured_linear_bytes": sum(moemix.get(d, 0) for d in ("int32", "float16", "uint8")),
-            "moemix_predicted_bytes": ckpt_bytes - fp.bf16_bytes + fp.nbytes}
+    meta = {
+        "cpu": cpu_summary(),
+        "layers": args.layers,
+        "hidden": args.hidden,
+        "inter": args.inter,
+        "experts": args.experts,
+        "threads": os.cpu_count(),
+        "params": ckpt_bytes // 2,
+        "moemix_avg_bits": fp.avg_bits,
+        "moemix_avg_payload_bits": fp.avg_payload_bits,
+        "moemix_plan_linear_bytes": fp.nbytes,
+        "moemix_measured_linear_bytes": sum(moemix.get(d, 0) for d in ("int32", "float16", "uint8")),
+        "moemix_predicted_bytes": ckpt_bytes - fp.bf16_bytes + fp.nbytes,
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table = markdown(rows, unavailable, meta)
     (out / "e2e_decode.md").write_text(table + "\n")
-    (out / "e2e_decode.json").write_text(json.dumps({"meta": meta, "rows": rows, "unavailable": unavailable},
-                                                    indent=1))
+    (out / "e2e_decode.json").write_text(json.dumps({"meta": meta, "rows": rows, "unavailable": unavailable}, indent=1))
     plot(rows, out / "e2e_decode.png")
     print(table)
 

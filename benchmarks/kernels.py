@@ -83,7 +83,7 @@ def interleaved_median_ms(fns, reps: int, warmup: int = 2) -> list[float]:
 def read_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
     """Sustained read bandwidth of this machine with all torch threads (a reduction over 2 GiB)."""
     data = torch.ones(nbytes // 4, dtype=torch.float32)
-    ms = median_ms(lambda: data.sum(), reps=5)
+    ms = median_ms(data.sum, reps=5)
     del data
     return nbytes / ms / 1e6
 
@@ -116,7 +116,7 @@ def moemix_layer(shape: LayerShape, widths: tuple[int, ...], isa: str | None = N
     layer.expert_map = None
     layout = ExpertsLayout.build(specs, specs, shape.hidden, shape.inter)
     layout.register(layer)
-    for proj, grp in layout.groups().items():
+    for grp in layout.groups().values():
         for g, spec in enumerate(grp.specs):
             qweight = getattr(layer, grp.param_name(g, "qweight"))
             qweight.data = random_codes(*qweight.shape)
@@ -132,7 +132,7 @@ def moemix_layer(shape: LayerShape, widths: tuple[int, ...], isa: str | None = N
         os.environ.pop(cpu.ISA_ENV, None) if saved is None else os.environ.__setitem__(cpu.ISA_ENV, saved)
     kernel.process_weights_after_loading(layer)
     per_expert = [0] * shape.experts
-    for proj, grp in layout.groups().items():
+    for grp in layout.groups().values():
         for g, members in enumerate(grp.members):
             group_bytes = sum(getattr(layer, grp.param_name(g, s)).nbytes for s in ("qweight", "scales", "qzeros"))
             for e in members:
@@ -152,10 +152,12 @@ def vllm_bf16_layer(shape: LayerShape):
     from vllm import _custom_ops as ops
 
     isa = "amx" if has_amx() else "vec"  # as vLLM's unquantized CPU MoE chooses
-    w13 = ops.cpu_prepack_moe_weight(torch.randn(shape.experts, 2 * shape.inter, shape.hidden,
-                                                 dtype=torch.bfloat16) * 0.02, isa)
-    w2 = ops.cpu_prepack_moe_weight(torch.randn(shape.experts, shape.hidden, shape.inter,
-                                                dtype=torch.bfloat16) * 0.02, isa)
+    w13 = ops.cpu_prepack_moe_weight(
+        torch.randn(shape.experts, 2 * shape.inter, shape.hidden, dtype=torch.bfloat16) * 0.02, isa
+    )
+    w2 = ops.cpu_prepack_moe_weight(
+        torch.randn(shape.experts, shape.hidden, shape.inter, dtype=torch.bfloat16) * 0.02, isa
+    )
 
     def run(x, w, i):
         out = torch.empty_like(x)
@@ -183,14 +185,17 @@ def vllm_int4_layer(shape: LayerShape):
         raise Unavailable(why)
     e, h, i = shape.experts, shape.hidden, shape.inter
     w13, w2, s13, s2, z13, z2 = prepare_int4_moe_layer_for_cpu(
-        random_codes(e, h // 8, 2 * i), random_codes(e, i // 8, h),
+        random_codes(e, h // 8, 2 * i),
+        random_codes(e, i // 8, h),
         (torch.rand(e, h // GROUP, 2 * i) * 1e-3).to(torch.bfloat16),
-        (torch.rand(e, i // GROUP, h) * 1e-3).to(torch.bfloat16))
+        (torch.rand(e, i // GROUP, h) * 1e-3).to(torch.bfloat16),
+    )
 
     def run(x, w, ids):
         out = torch.empty_like(x)
-        fused_experts_cpu(out, x, w13, w2, w, ids, CPUQuantMethod.INT4_W4A8, s13, s2, z13, z2, None,
-                          None, None, None, None, True)
+        fused_experts_cpu(
+            out, x, w13, w2, w, ids, CPUQuantMethod.INT4_W4A8, s13, s2, z13, z2, None, None, None, None, None, True
+        )
         return out
 
     per_expert = sum(t[0].nbytes for t in (w13, w2, s13, s2, z13, z2))
@@ -221,16 +226,28 @@ def bench_shape(shape: LayerShape, tokens: list[int], reps: int, bandwidth: floa
         try:
             built[row] = build(shape)
         except Unavailable as why:
-            results += [{"shape": shape.name, "row": row, "kernel": None, "tokens": m, "ms": None,
-                         "unavailable": str(why)} for m in tokens]
+            results += [
+                {"shape": shape.name, "row": row, "kernel": None, "tokens": m, "ms": None, "unavailable": str(why)}
+                for m in tokens
+            ]
     for m in tqdm(tokens, desc=f"{shape.name}: time", leave=False):
         w, ids = routing(m, shape, seed=m)
         x = torch.randn(m, shape.hidden, dtype=torch.bfloat16)
-        fns = [lambda run=run: run(x, w, ids) for run, _, _ in built.values()]
+        fns = [lambda run=run, x=x, w=w, ids=ids: run(x, w, ids) for run, _, _ in built.values()]
         for (row, (_, kernel, per_expert)), ms in zip(built.items(), interleaved_median_ms(fns, reps)):
             read = sum(per_expert[e] for e in ids.unique().tolist())
-            results.append({"shape": shape.name, "row": row, "kernel": kernel, "tokens": m, "ms": ms,
-                            "bytes_read": read, "gbs": read / ms / 1e6, "of_bandwidth": read / ms / 1e6 / bandwidth})
+            results.append(
+                {
+                    "shape": shape.name,
+                    "row": row,
+                    "kernel": kernel,
+                    "tokens": m,
+                    "ms": ms,
+                    "bytes_read": read,
+                    "gbs": read / ms / 1e6,
+                    "of_bandwidth": read / ms / 1e6 / bandwidth,
+                }
+            )
     del built
     gc.collect()
     order = list(rows)
@@ -242,24 +259,35 @@ def _ratio(r: dict, anchor: dict | None) -> str:
 
 
 def markdown(results: list[dict], bandwidth: float, threads: int, cpu_name: str) -> str:
-    lines = [f"CPU: {cpu_name}. Median ms per layer call, {threads} threads; memory read bandwidth measured in the "
-             f"same run: {bandwidth:.1f} GB/s. `of bw` = routed experts' bytes / time / bandwidth.", ""]
+    lines = [
+        f"CPU: {cpu_name}. Median ms per layer call, {threads} threads; memory read bandwidth measured in the "
+        f"same run: {bandwidth:.1f} GB/s. `of bw` = routed experts' bytes / time / bandwidth.",
+        "",
+    ]
     for shape in dict.fromkeys(r["shape"] for r in results):
         rows = [r for r in results if r["shape"] == shape]
         tokens = sorted({r["tokens"] for r in rows})
-        lines += [f"### {shape}", "", "| row | kernel | " + " | ".join(f"M={m}" for m in tokens)
-                  + " | ×bf16 (M=1) | ×vLLM-4bit (M=1) | of bw (M=1) |",
-                  "|---|---|" + "---|" * len(tokens) + "---|---|---|"]
+        lines += [
+            f"### {shape}",
+            "",
+            "| row | kernel | "
+            + " | ".join(f"M={m}" for m in tokens)
+            + " | ×bf16 (M=1) | ×vLLM-4bit (M=1) | of bw (M=1) |",
+            "|---|---|" + "---|" * len(tokens) + "---|---|---|",
+        ]
         by = {(r["row"], r["tokens"]): r for r in rows}
         for row in dict.fromkeys(r["row"] for r in rows):
             first = by[(row, tokens[0])]
             if first["ms"] is None:
-                lines.append(f"| {row} | not available on this CPU: {first['unavailable']} |"
-                             + " |" * (len(tokens) + 3))
+                lines.append(
+                    f"| {row} | not available on this CPU: {first['unavailable']} |" + " |" * (len(tokens) + 3)
+                )
                 continue
             cells = " | ".join(f"{by[(row, m)]['ms']:.2f}" for m in tokens)
-            lines.append(f"| {row} | {first['kernel']} | {cells} | {_ratio(first, by.get((BF16_ROW, tokens[0])))} "
-                         f"| {_ratio(first, by.get((INT4_ROW, tokens[0])))} | {first['of_bandwidth']:.0%} |")
+            lines.append(
+                f"| {row} | {first['kernel']} | {cells} | {_ratio(first, by.get((BF16_ROW, tokens[0])))} "
+                f"| {_ratio(first, by.get((INT4_ROW, tokens[0])))} | {first['of_bandwidth']:.0%} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -278,8 +306,13 @@ def plot(results: list[dict], path: Path) -> None:
             pts = sorted((r["tokens"], r["ms"]) for r in rows if r["row"] == row and r["ms"] is not None)
             if not pts:
                 continue
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=row,
-                    linestyle="--" if row.startswith("vLLM") else "-")
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                marker="o",
+                label=row,
+                linestyle="--" if row.startswith("vLLM") else "-",
+            )
         ax.set(title=shape, xlabel="tokens (M)", ylabel="ms per layer", xscale="log", yscale="log")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
@@ -295,8 +328,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--quick", action="store_true", help="the small shape, M=1,4, 3 reps")
     parser.add_argument("--disable", default="", help="MOEMIX_DISABLED_KERNELS for the moemix rows")
-    parser.add_argument("--isas", default=",".join(default_isas()),
-                        help="native variants to time, comma list (default: fastest here, and avx2)")
+    parser.add_argument(
+        "--isas",
+        default=",".join(default_isas()),
+        help="native variants to time, comma list (default: fastest here, and avx2)",
+    )
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args()
     if args.quick:
@@ -320,8 +356,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     table = markdown(results, bandwidth, args.threads, cpu_name)
     (out / "kernels.md").write_text(table + "\n")
-    (out / "kernels.json").write_text(json.dumps({"cpu": cpu_name, "bandwidth_gbs": bandwidth, "threads": args.threads,
-                                                  "results": results}, indent=1))
+    (out / "kernels.json").write_text(
+        json.dumps({"cpu": cpu_name, "bandwidth_gbs": bandwidth, "threads": args.threads, "results": results}, indent=1)
+    )
     plot(results, out / "kernels.png")
     print(table)
 

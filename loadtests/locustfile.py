@@ -40,7 +40,13 @@ from locust import HttpUser, constant, events, task  # noqa: E402
 from locust.exception import StopUser  # noqa: E402
 
 from loadtests.metrics import (  # noqa: E402
-    DONE, Distribution, RequestRecord, StreamTimer, chunk_text, iter_sse_data, parse_mix,
+    DONE,
+    Distribution,
+    RequestRecord,
+    StreamTimer,
+    chunk_text,
+    iter_sse_data,
+    parse_mix,
 )
 
 DEFAULT_PROMPT_FILE = REPO / "models" / "heldout.txt"
@@ -55,31 +61,78 @@ PATHS = {"completion": "/v1/completions", "chat": "/v1/chat/completions"}
 @events.init_command_line_parser.add_listener
 def _add_arguments(parser):
     g = parser  # (Locust's own add_argument: env_var, is_secret; argument groups lack them)
-    g.add_argument("--moemix-models", env_var="MOEMIX_LT_MODELS", default="",
-                   help="comma-separated model names to send requests to (round robin); default: the first of "
-                        "/v1/models")
-    g.add_argument("--moemix-mix", env_var="MOEMIX_LT_MIX", default="completion_stream=1,chat_stream=1",
-                   help="request kinds and weights: completion, completion_stream, chat, chat_stream")
-    g.add_argument("--moemix-prompt-len", env_var="MOEMIX_LT_PROMPT_LEN", default="uniform:8:32",
-                   help="prompt length in words: N, uniform:LO:HI, normal:MEAN:STD, choice:A,B")
-    g.add_argument("--moemix-output-len", env_var="MOEMIX_LT_OUTPUT_LEN", default="uniform:16:48",
-                   help="max_tokens per request, same syntax")
-    g.add_argument("--moemix-prompt-file", env_var="MOEMIX_LT_PROMPT_FILE", default=str(DEFAULT_PROMPT_FILE),
-                   help="text the prompts are cut from")
-    g.add_argument("--moemix-ignore-eos", env_var="MOEMIX_LT_IGNORE_EOS", default="true",
-                   help="send vLLM's ignore_eos (true/false) so outputs have exactly max_tokens tokens")
+    g.add_argument(
+        "--moemix-models",
+        env_var="MOEMIX_LT_MODELS",
+        default="",
+        help="comma-separated model names to send requests to (round robin); default: the first of /v1/models",
+    )
+    g.add_argument(
+        "--moemix-mix",
+        env_var="MOEMIX_LT_MIX",
+        default="completion_stream=1,chat_stream=1",
+        help="request kinds and weights: completion, completion_stream, chat, chat_stream",
+    )
+    g.add_argument(
+        "--moemix-prompt-len",
+        env_var="MOEMIX_LT_PROMPT_LEN",
+        default="uniform:8:32",
+        help="prompt length in words: N, uniform:LO:HI, normal:MEAN:STD, choice:A,B",
+    )
+    g.add_argument(
+        "--moemix-output-len",
+        env_var="MOEMIX_LT_OUTPUT_LEN",
+        default="uniform:16:48",
+        help="max_tokens per request, same syntax",
+    )
+    g.add_argument(
+        "--moemix-prompt-file",
+        env_var="MOEMIX_LT_PROMPT_FILE",
+        default=str(DEFAULT_PROMPT_FILE),
+        help="text the prompts are cut from",
+    )
+    g.add_argument(
+        "--moemix-ignore-eos",
+        env_var="MOEMIX_LT_IGNORE_EOS",
+        default="true",
+        help="send vLLM's ignore_eos (true/false) so outputs have exactly max_tokens tokens",
+    )
     g.add_argument("--moemix-temperature", env_var="MOEMIX_LT_TEMPERATURE", type=float, default=0.0)
-    g.add_argument("--moemix-api-key", env_var="MOEMIX_LT_API_KEY", default="", is_secret=True,
-                   help="Bearer token (the server's --api-key)")
-    g.add_argument("--moemix-max-requests", env_var="MOEMIX_LT_MAX_REQUESTS", type=int, default=0,
-                   help="stop the run after this many requests have finished (0: no bound besides --run-time)")
-    g.add_argument("--moemix-records", env_var="MOEMIX_LT_RECORDS", default="",
-                   help="append one JSON line per request to this file")
+    g.add_argument(
+        "--moemix-api-key",
+        env_var="MOEMIX_LT_API_KEY",
+        default="",
+        is_secret=True,
+        help="Bearer token (the server's --api-key)",
+    )
+    g.add_argument(
+        "--moemix-max-requests",
+        env_var="MOEMIX_LT_MAX_REQUESTS",
+        type=int,
+        default=0,
+        help="stop the run after this many requests have finished (0: no bound besides --run-time)",
+    )
+    g.add_argument(
+        "--moemix-records",
+        env_var="MOEMIX_LT_RECORDS",
+        default="",
+        help="append one JSON line per request to this file",
+    )
     g.add_argument("--moemix-seed", env_var="MOEMIX_LT_SEED", type=int, default=0)
-    g.add_argument("--moemix-think-time", env_var="MOEMIX_LT_THINK_TIME", type=float, default=0.0,
-                   help="seconds a user waits between its requests (0: closed loop, concurrency = users)")
-    g.add_argument("--moemix-timeout", env_var="MOEMIX_LT_TIMEOUT", type=float, default=300.0,
-                   help="per-request timeout in seconds")
+    g.add_argument(
+        "--moemix-think-time",
+        env_var="MOEMIX_LT_THINK_TIME",
+        type=float,
+        default=0.0,
+        help="seconds a user waits between its requests (0: closed loop, concurrency = users)",
+    )
+    g.add_argument(
+        "--moemix-timeout",
+        env_var="MOEMIX_LT_TIMEOUT",
+        type=float,
+        default=300.0,
+        help="per-request timeout in seconds",
+    )
 
 
 class _RunState:
@@ -175,7 +228,7 @@ class OpenAIUser(HttpUser):
         n = self.prompt_len.sample(self.rng)
         words = STATE.words
         start = self.rng.randrange(max(1, len(words) - n))
-        out = words[start:start + n]
+        out = words[start : start + n]
         while len(out) < n:  # short corpus: wrap around
             out += words[: n - len(out)]
         return " ".join(out)
@@ -206,8 +259,14 @@ class OpenAIUser(HttpUser):
             gevent.spawn_later(stats.CSV_STATS_INTERVAL_SEC + 0.5, self.environment.runner.quit)
 
     def _fire(self, name: str, value: float, length: int = 0, exception=None) -> None:
-        self.environment.events.request.fire(request_type="METRIC", name=name, response_time=value,
-                                             response_length=length, exception=exception, context={})
+        self.environment.events.request.fire(
+            request_type="METRIC",
+            name=name,
+            response_time=value,
+            response_length=length,
+            exception=exception,
+            context={},
+        )
 
     # ------------------------------------------------------------------ the task
 
@@ -221,8 +280,12 @@ class OpenAIUser(HttpUser):
         model = self._model()
         max_tokens = self.output_len.sample(self.rng)
         prompt = self._prompt()
-        body: dict = {"model": model, "max_tokens": max_tokens, "temperature": self.opts.moemix_temperature
-                      if self.opts else 0.0, "stream": stream}
+        body: dict = {
+            "model": model,
+            "max_tokens": max_tokens,
+            "temperature": self.opts.moemix_temperature if self.opts else 0.0,
+            "stream": stream,
+        }
         if api == "chat":
             body["messages"] = [{"role": "user", "content": prompt}]
         else:
@@ -236,8 +299,15 @@ class OpenAIUser(HttpUser):
         name = PATHS[api] + (" [stream]" if stream else "")
         t0 = time.perf_counter()
         try:
-            with self.client.post(PATHS[api], data=json.dumps(body), headers=self.headers, name=name,
-                                  stream=stream, timeout=self.timeout, catch_response=True) as resp:
+            with self.client.post(
+                PATHS[api],
+                data=json.dumps(body),
+                headers=self.headers,
+                name=name,
+                stream=stream,
+                timeout=self.timeout,
+                catch_response=True,
+            ) as resp:
                 rec.status = resp.status_code
                 try:
                     if resp.status_code != 200:

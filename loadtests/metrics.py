@@ -24,8 +24,9 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 SLO_KEYS = {"ttft": "ttft", "tpot": "tpot", "e2el": "e2el", "e2e": "e2el"}
 DEFAULT_PERCENTILES = (50, 90, 99)
@@ -64,7 +65,7 @@ class RequestRecord:
         return json.dumps(asdict(self), separators=(",", ":"))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RequestRecord":
+    def from_dict(cls, data: dict[str, Any]) -> RequestRecord:
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -163,8 +164,7 @@ def describe(values: list[float], percentiles: Iterable[float] = DEFAULT_PERCENT
     n = len(values)
     mean = sum(values) / n
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / n)
-    out = {"count": n, "mean": mean * scale, "std": std * scale, "min": min(values) * scale,
-           "max": max(values) * scale}
+    out = {"count": n, "mean": mean * scale, "std": std * scale, "min": min(values) * scale, "max": max(values) * scale}
     for p in percentiles:
         out[f"p{_pname(p)}"] = percentile(values, p) * scale
     return out
@@ -206,8 +206,12 @@ def meets_slos(rec: RequestRecord, slos: dict[str, float]) -> bool:
     return True
 
 
-def summarize(records: list[RequestRecord], slos: dict[str, float] | None = None,
-              percentiles: Iterable[float] = DEFAULT_PERCENTILES, duration: float | None = None) -> dict[str, Any]:
+def summarize(
+    records: list[RequestRecord],
+    slos: dict[str, float] | None = None,
+    percentiles: Iterable[float] = DEFAULT_PERCENTILES,
+    duration: float | None = None,
+) -> dict[str, Any]:
     """The run summary: counts, throughputs, latency distributions (ms), goodput under `slos` (seconds)."""
     slos = dict(slos or {})
     percentiles = tuple(percentiles)
@@ -242,8 +246,9 @@ def summarize(records: list[RequestRecord], slos: dict[str, float] | None = None
         "tpot_ms": describe([r.tpot for r in streamed if r.tpot is not None], percentiles),
         "itl_ms": describe([g for r in streamed for g in r.itl], percentiles),
         "e2el_ms": describe([r.e2e for r in ok if r.e2e is not None], percentiles),
-        "output_tokens_per_request": describe([float(r.output_tokens) for r in ok if r.output_tokens is not None],
-                                              percentiles, scale=1.0),
+        "output_tokens_per_request": describe(
+            [float(r.output_tokens) for r in ok if r.output_tokens is not None], percentiles, scale=1.0
+        ),
         "slos_s": slos,
         "good_requests": len(good),
         "goodput": per_s(len(good)),
@@ -274,7 +279,7 @@ class Distribution:
     params: tuple[float, ...]
 
     @classmethod
-    def parse(cls, text: str) -> "Distribution":
+    def parse(cls, text: str) -> Distribution:
         text = str(text).strip()
         kind, _, rest = text.partition(":")
         try:
@@ -292,10 +297,11 @@ class Distribution:
                 return cls("choice", tuple(int(x) for x in rest.split(",")))._checked(text)
         except ValueError as e:
             raise ValueError(f"length distribution {text!r}: {e}") from e
-        raise ValueError(f"length distribution {text!r}: expected N, fixed:N, uniform:LO:HI, normal:MEAN:STD or "
-                         "choice:A,B,...")
+        raise ValueError(
+            f"length distribution {text!r}: expected N, fixed:N, uniform:LO:HI, normal:MEAN:STD or choice:A,B,..."
+        )
 
-    def _checked(self, text: str) -> "Distribution":
+    def _checked(self, text: str) -> Distribution:
         if self.kind == "uniform" and not 1 <= self.params[0] <= self.params[1]:
             raise ValueError(f"length distribution {text!r}: need 1 <= LO <= HI")
         if self.kind == "normal" and (self.params[0] < 1 or self.params[1] < 0):

@@ -95,38 +95,61 @@ def check_host(url: str, allow_remote: bool) -> str:
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise UsageError(f"--host {url!r}: expected http(s)://HOST:PORT")
     if not allow_remote and not is_loopback_url(url):
-        raise UsageError(f"--host {url!r} is not a loopback address; load tests only target this machine "
-                         "unless --allow-remote is given (and you own that server)")
+        raise UsageError(
+            f"--host {url!r} is not a loopback address; load tests only target this machine "
+            "unless --allow-remote is given (and you own that server)"
+        )
     return url.rstrip("/")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m loadtests.run", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m loadtests.run",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--host", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
     p.add_argument("--users", default="4", help="concurrent users; a comma list sweeps concurrency (default 4)")
     p.add_argument("--spawn-rate", type=float, default=None, help="users started per second (default: all at once)")
     p.add_argument("--run-time", default="30s", help="per run, e.g. 30s, 2m (default 30s)")
     p.add_argument("--max-requests", type=int, default=500, help="per run, stop after this many requests (default 500)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--slo", action="append", default=[], metavar="KEY=SECONDS",
-                   help="goodput SLO: ttft=0.5, tpot=0.05, e2el=10 (repeatable)")
+    p.add_argument(
+        "--slo",
+        action="append",
+        default=[],
+        metavar="KEY=SECONDS",
+        help="goodput SLO: ttft=0.5, tpot=0.05, e2el=10 (repeatable)",
+    )
     g = p.add_mutually_exclusive_group()
     g.add_argument("--model", default="", help="model name(s), comma-separated (default: the server's first)")
-    g.add_argument("--compare", nargs=2, metavar=("MODEL_A", "MODEL_B"),
-                   help="run the same workload against two models of the server, plot them side by side")
-    p.add_argument("--mix", default="completion_stream=1,chat_stream=1",
-                   help="request kinds and weights: completion, completion_stream, chat, chat_stream")
-    p.add_argument("--prompt-len", default="uniform:8:32",
-                   help="prompt length in words: N, uniform:LO:HI, normal:MEAN:STD, choice:A,B (default uniform:8:32)")
+    g.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("MODEL_A", "MODEL_B"),
+        help="run the same workload against two models of the server, plot them side by side",
+    )
+    p.add_argument(
+        "--mix",
+        default="completion_stream=1,chat_stream=1",
+        help="request kinds and weights: completion, completion_stream, chat, chat_stream",
+    )
+    p.add_argument(
+        "--prompt-len",
+        default="uniform:8:32",
+        help="prompt length in words: N, uniform:LO:HI, normal:MEAN:STD, choice:A,B (default uniform:8:32)",
+    )
     p.add_argument("--output-len", default="uniform:16:48", help="max_tokens distribution (default uniform:16:48)")
     p.add_argument("--prompt-file", default="", help="text to cut prompts from (default models/heldout.txt)")
     p.add_argument("--no-ignore-eos", action="store_true", help="let outputs stop at EOS (default: exact lengths)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--api-key", default=os.environ.get("MOEMIX_API_KEY", ""), help="Bearer token (env MOEMIX_API_KEY)")
     p.add_argument("--think-time", type=float, default=0.0, help="seconds between a user's requests (default 0)")
-    p.add_argument("--stop-timeout", default="60s", help="at the end of --run-time, how long in-flight requests "
-                   "may finish (default 60s)")
+    p.add_argument(
+        "--stop-timeout",
+        default="60s",
+        help="at the end of --run-time, how long in-flight requests may finish (default 60s)",
+    )
     p.add_argument("--percentiles", default=",".join(map(str, DEFAULT_PERCENTILES)), help="default 50,90,99")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --host")
@@ -165,8 +188,11 @@ def scrape_counters(host: str, headers: dict[str, str] | None = None) -> dict[st
 def counter_delta(before, after, model: str) -> dict[str, float] | None:
     if not before or not after:
         return None
-    short = {"vllm:request_success_total": "requests_finished", "vllm:generation_tokens_total": "generation_tokens",
-             "vllm:prompt_tokens_total": "prompt_tokens"}
+    short = {
+        "vllm:request_success_total": "requests_finished",
+        "vllm:generation_tokens_total": "generation_tokens",
+        "vllm:prompt_tokens_total": "prompt_tokens",
+    }
     return {short[name]: after[name].get(model, 0.0) - before[name].get(model, 0.0) for name in SERVER_COUNTERS}
 
 
@@ -175,16 +201,52 @@ def counter_delta(before, after, model: str) -> dict[str, float] | None:
 
 def locust_command(args, host: str, users: int, models: list[str], tag: str, out: Path) -> list[str]:
     spawn = args.spawn_rate if args.spawn_rate else users
-    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", host,
-           "-u", str(users), "-r", str(spawn), "-t", f"{int(parse_timespan(args.run_time))}s",
-           "--stop-timeout", f"{int(parse_timespan(args.stop_timeout))}s",
-           "--csv", str(out / tag), "--csv-full-history", "--html", str(out / f"{tag}.html"), "--only-summary",
-           "--exit-code-on-error", "0", "--loglevel", "WARNING",
-           "--moemix-mix", args.mix, "--moemix-prompt-len", args.prompt_len, "--moemix-output-len", args.output_len,
-           "--moemix-ignore-eos", "false" if args.no_ignore_eos else "true",
-           "--moemix-temperature", str(args.temperature), "--moemix-max-requests", str(args.max_requests),
-           "--moemix-records", str(out / f"{tag}.records.jsonl"), "--moemix-seed", str(args.seed),
-           "--moemix-think-time", str(args.think_time)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(LOCUSTFILE),
+        "--headless",
+        "--host",
+        host,
+        "-u",
+        str(users),
+        "-r",
+        str(spawn),
+        "-t",
+        f"{int(parse_timespan(args.run_time))}s",
+        "--stop-timeout",
+        f"{int(parse_timespan(args.stop_timeout))}s",
+        "--csv",
+        str(out / tag),
+        "--csv-full-history",
+        "--html",
+        str(out / f"{tag}.html"),
+        "--only-summary",
+        "--exit-code-on-error",
+        "0",
+        "--loglevel",
+        "WARNING",
+        "--moemix-mix",
+        args.mix,
+        "--moemix-prompt-len",
+        args.prompt_len,
+        "--moemix-output-len",
+        args.output_len,
+        "--moemix-ignore-eos",
+        "false" if args.no_ignore_eos else "true",
+        "--moemix-temperature",
+        str(args.temperature),
+        "--moemix-max-requests",
+        str(args.max_requests),
+        "--moemix-records",
+        str(out / f"{tag}.records.jsonl"),
+        "--moemix-seed",
+        str(args.seed),
+        "--moemix-think-time",
+        str(args.think_time),
+    ]
     if models:
         cmd += ["--moemix-models", ",".join(models)]
     if args.prompt_file:
@@ -268,25 +330,42 @@ def run(args) -> dict[str, Any]:
             summary = summarize(records, slos, percentiles)
             if rc != 0 or not records:
                 broken.append(f"{tag}: locust exit {rc}, {len(records)} records (see {tag}.locust.log)")
-            entry = {"tag": tag, "models": models, "users": users, "locust_exit": rc, "wall_s": wall,
-                     "summary": summary,
-                     "server": {m: counter_delta(before, after, m) for m in models}}
+            entry = {
+                "tag": tag,
+                "models": models,
+                "users": users,
+                "locust_exit": rc,
+                "wall_s": wall,
+                "summary": summary,
+                "server": {m: counter_delta(before, after, m) for m in models},
+            }
             runs.append(entry)
             print(_one_line(entry), flush=True)
 
     result: dict[str, Any] = {
         "host": host,
-        "config": {"users": levels, "spawn_rate": args.spawn_rate, "run_time_s": run_time,
-                   "max_requests": args.max_requests, "mix": parse_mix(args.mix), "prompt_len": args.prompt_len,
-                   "output_len": args.output_len, "ignore_eos": not args.no_ignore_eos,
-                   "temperature": args.temperature, "think_time_s": args.think_time, "seed": args.seed,
-                   "percentiles": list(percentiles)},
+        "config": {
+            "users": levels,
+            "spawn_rate": args.spawn_rate,
+            "run_time_s": run_time,
+            "max_requests": args.max_requests,
+            "mix": parse_mix(args.mix),
+            "prompt_len": args.prompt_len,
+            "output_len": args.output_len,
+            "ignore_eos": not args.no_ignore_eos,
+            "temperature": args.temperature,
+            "think_time_s": args.think_time,
+            "seed": args.seed,
+            "percentiles": list(percentiles),
+        },
         "slos_s": slos,
         "compare": list(args.compare) if args.compare else None,
         "runs": runs,
         "broken_runs": broken,
-        "totals": {"requests": sum(r["summary"]["requests"] for r in runs),
-                   "failed": sum(r["summary"]["failed"] for r in runs)},
+        "totals": {
+            "requests": sum(r["summary"]["requests"] for r in runs),
+            "failed": sum(r["summary"]["failed"] for r in runs),
+        },
     }
     if args.compare:
         result["comparison"] = comparison(runs, args.compare)
@@ -305,10 +384,13 @@ def comparison(runs: list[dict], models: list[str]) -> list[dict]:
         if not a or not b:
             continue
         row = {"users": users}
-        for key, path in (("output_throughput", ("output_throughput",)),
-                          ("request_throughput", ("request_throughput",)),
-                          ("ttft_p50", ("ttft_ms", "p50")), ("tpot_p50", ("tpot_ms", "p50")),
-                          ("e2el_p50", ("e2el_ms", "p50"))):
+        for key, path in (
+            ("output_throughput", ("output_throughput",)),
+            ("request_throughput", ("request_throughput",)),
+            ("ttft_p50", ("ttft_ms", "p50")),
+            ("tpot_p50", ("tpot_ms", "p50")),
+            ("e2el_p50", ("e2el_ms", "p50")),
+        ):
             va, vb = _get(a, path), _get(b, path)
             row[f"{key}_ratio_b_over_a"] = (vb / va) if va and vb is not None else None
         out.append(row)
@@ -331,10 +413,12 @@ def _one_line(entry: dict) -> str:
         return "-" if v is None else f"{v:.1f}"
 
     good = f", goodput {s['goodput']:.2f} req/s ({s['goodput_fraction']:.0%})" if s["slos_s"] else ""
-    return (f"[{entry['tag']}] {s['completed']} ok / {s['failed']} failed in {s['duration_s']:.1f} s: "
-            f"{s['request_throughput']:.2f} req/s, {s['output_throughput']:.1f} output tok/s; "
-            f"p50 TTFT {ms('ttft_ms')} ms, "
-            f"TPOT {ms('tpot_ms')} ms, ITL {ms('itl_ms')} ms, E2E {ms('e2el_ms')} ms{good}")
+    return (
+        f"[{entry['tag']}] {s['completed']} ok / {s['failed']} failed in {s['duration_s']:.1f} s: "
+        f"{s['request_throughput']:.2f} req/s, {s['output_throughput']:.1f} output tok/s; "
+        f"p50 TTFT {ms('ttft_ms')} ms, "
+        f"TPOT {ms('tpot_ms')} ms, ITL {ms('itl_ms')} ms, E2E {ms('e2el_ms')} ms{good}"
+    )
 
 
 # ------------------------------------------------------------------------------------------- plots
@@ -375,8 +459,14 @@ def plot(result: dict, out: Path) -> list[Path]:
             for pi, p in enumerate(pcts):
                 ys = [r["summary"][key].get(p) for r in rs]
                 if any(y is not None for y in ys):
-                    ax.plot(xs, [float("nan") if y is None else y for y in ys], marker="o",
-                            color=colors[gi % len(colors)], linestyle=styles[pi % len(styles)], label=f"{name} {p}")
+                    ax.plot(
+                        xs,
+                        [float("nan") if y is None else y for y in ys],
+                        marker="o",
+                        color=colors[gi % len(colors)],
+                        linestyle=styles[pi % len(styles)],
+                        label=f"{name} {p}",
+                    )
         ax.set_xticks(sorted({r["users"] for r in runs}))
         ax.set_title(title)
         ax.set_xlabel("concurrent users")
@@ -391,8 +481,13 @@ def plot(result: dict, out: Path) -> list[Path]:
     fig, axes = plt.subplots(1, len(tput), figsize=(4.5 * len(tput), 3.8), squeeze=False)
     for ax, (key, title) in zip(axes[0], tput):
         for gi, (name, rs) in enumerate(groups.items()):
-            ax.plot([r["users"] for r in rs], [r["summary"][key] for r in rs], marker="o",
-                    color=colors[gi % len(colors)], label=name)
+            ax.plot(
+                [r["users"] for r in rs],
+                [r["summary"][key] for r in rs],
+                marker="o",
+                color=colors[gi % len(colors)],
+                label=name,
+            )
         ax.set_xticks(sorted({r["users"] for r in runs}))
         ax.set_title(title)
         ax.set_xlabel("concurrent users")
@@ -405,9 +500,14 @@ def plot(result: dict, out: Path) -> list[Path]:
         a, b = result["compare"]
         levels = sorted({r["users"] for r in runs})
         by = {(r["models"][0], r["users"]): r["summary"] for r in runs}
-        panels = [(("output_throughput",), "output tokens/s"), (("request_throughput",), "requests/s"),
-                  (("ttft_ms", "p50"), "TTFT p50 (ms)"), (("ttft_ms", "p99"), "TTFT p99 (ms)"),
-                  (("tpot_ms", "p50"), "TPOT p50 (ms)"), (("e2el_ms", "p99"), "E2E p99 (ms)")]
+        panels = [
+            (("output_throughput",), "output tokens/s"),
+            (("request_throughput",), "requests/s"),
+            (("ttft_ms", "p50"), "TTFT p50 (ms)"),
+            (("ttft_ms", "p99"), "TTFT p99 (ms)"),
+            (("tpot_ms", "p50"), "TPOT p50 (ms)"),
+            (("e2el_ms", "p99"), "E2E p99 (ms)"),
+        ]
         fig, axes = plt.subplots(2, 3, figsize=(13, 7))
         width = 0.38
         for ax, (path, title) in zip(axes.flat, panels):

@@ -22,7 +22,7 @@ class Slot:
 
     __slots__ = ("_gate", "n")
 
-    def __init__(self, gate: "AdmissionGate", n: int):
+    def __init__(self, gate: AdmissionGate, n: int):
         self._gate: AdmissionGate | None = gate
         self.n = n
 

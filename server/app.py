@@ -52,8 +52,10 @@ def _lifespan(pool: EnginePool, settings: ServerSettings, log_interval_s: float,
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        tasks = [asyncio.create_task(_every(log_interval_s, log_stats)),
-                 asyncio.create_task(_every(settings.routing_refresh_s, refresh_routing))]
+        tasks = [
+            asyncio.create_task(_every(log_interval_s, log_stats)),
+            asyncio.create_task(_every(settings.routing_refresh_s, refresh_routing)),
+        ]
         try:
             yield
         finally:

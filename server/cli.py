@@ -4,8 +4,8 @@
 `python -m server serve ...` runs the same thing standalone.
 
 Start-up: read settings (fail fast on mistakes, and on a non-loopback host without an API key), bind the port
-(fail fast if taken), start every model's engine, then serve. SIGTERM/SIGINT: stop accepting, let in-flight requests finish (up to --drain-timeout),
-then stop the engines.
+(fail fast if taken), start every model's engine, then serve. SIGTERM/SIGINT: stop accepting, let in-flight
+requests finish (up to --drain-timeout), then stop the engines.
 """
 
 from __future__ import annotations
@@ -38,51 +38,104 @@ def _json_dict(value: str) -> dict:
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     """Register `serve` on an argparse subparsers object; sets `func=cmd_serve`."""
     p = subparsers.add_parser(
-        "serve", help="OpenAI-compatible server for one or more models (moemix or plain checkpoints)",
+        "serve",
+        help="OpenAI-compatible server for one or more models (moemix or plain checkpoints)",
         description="Serve models through vLLM with an OpenAI-compatible API: /v1/completions, "
-                    "/v1/chat/completions, /v1/models, /tokenize, /health, /metrics, /version. "
-                    "Requests pick the model by their `model` field.")
-    p.add_argument("models", nargs="*", metavar="MODEL",
-                   help="model directory, served under that path, or NAME=PATH (also: `models:` in --config)")
+        "/v1/chat/completions, /v1/models, /tokenize, /health, /metrics, /version. "
+        "Requests pick the model by their `model` field.",
+    )
+    p.add_argument(
+        "models",
+        nargs="*",
+        metavar="MODEL",
+        help="model directory, served under that path, or NAME=PATH (also: `models:` in --config)",
+    )
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default 8000)")
     p.add_argument("--config", default=None, help="server YAML: models, per-model vLLM options, limits")
     key = p.add_mutually_exclusive_group()
-    key.add_argument("--api-key-file", default=None, metavar="PATH",
-                     help="require `Authorization: Bearer KEY` on every path but /health, /metrics, /version and "
-                          "the API docs, KEY read from this file (or env MOEMIX_API_KEY). Needed on any host but "
-                          "loopback")
-    key.add_argument("--api-key", default=None,
-                     help="the key itself (visible to local users in `ps`: prefer --api-key-file)")
-    p.add_argument("--insecure-no-auth", action="store_true", default=None,
-                   help="serve a non-loopback host without an API key (refused otherwise)")
-    p.add_argument("--max-queue", type=int, default=None,
-                   help="per model, sequences allowed to wait beyond the engine batch (max_num_seqs); past it "
-                        "429 with Retry-After (default: max_num_seqs)")
-    p.add_argument("--limit-concurrency", type=int, default=None,
-                   help="uvicorn's bound on connections and tasks; past it 503 (default: the sum of the models' "
-                        f"admission limits + {CONCURRENCY_HEADROOM})")
-    p.add_argument("--routing-refresh", dest="routing_refresh_s", type=float, default=None,
-                   help="seconds between gatherings of expert-routing counts from the workers (default 5)")
-    p.add_argument("--sse-keep-alive", dest="sse_keep_alive_s", type=float, default=None,
-                   help="seconds a stream may stay silent (queued, long prefill) before an SSE comment "
-                        "`: keep-alive` is sent, so proxies keep the connection; 0 never (default 15)")
-    p.add_argument("--metrics-max-age", dest="metrics_max_age_s", type=float, default=None,
-                   help="seconds a rendered /metrics body is served again before it is rendered anew, so a "
-                        "scrape flood cannot slow generation; 0 renders every scrape (default 1)")
-    p.add_argument("--metrics-scrapes-per-s", dest="metrics_scrapes_per_s", type=float, default=None,
-                   help="/metrics answers at most this many scrapes a second, the others wait their turn (idle), "
-                        "so a flood cannot take CPU from generation; 0 no bound (default 20)")
-    p.add_argument("--retry-after", dest="retry_after_s", type=int, default=None,
-                   help="Retry-After seconds on 429 (default 1)")
-    p.add_argument("--drain-timeout", dest="drain_timeout_s", type=float, default=None,
-                   help="on SIGTERM, seconds in-flight requests may take to finish (default 30)")
+    key.add_argument(
+        "--api-key-file",
+        default=None,
+        metavar="PATH",
+        help="require `Authorization: Bearer KEY` on every path but /health, /metrics, /version and "
+        "the API docs, KEY read from this file (or env MOEMIX_API_KEY). Needed on any host but "
+        "loopback",
+    )
+    key.add_argument(
+        "--api-key", default=None, help="the key itself (visible to local users in `ps`: prefer --api-key-file)"
+    )
+    p.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        default=None,
+        help="serve a non-loopback host without an API key (refused otherwise)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=None,
+        help="per model, sequences allowed to wait beyond the engine batch (max_num_seqs); past it "
+        "429 with Retry-After (default: max_num_seqs)",
+    )
+    p.add_argument(
+        "--limit-concurrency",
+        type=int,
+        default=None,
+        help="uvicorn's bound on connections and tasks; past it 503 (default: the sum of the models' "
+        f"admission limits + {CONCURRENCY_HEADROOM})",
+    )
+    p.add_argument(
+        "--routing-refresh",
+        dest="routing_refresh_s",
+        type=float,
+        default=None,
+        help="seconds between gatherings of expert-routing counts from the workers (default 5)",
+    )
+    p.add_argument(
+        "--sse-keep-alive",
+        dest="sse_keep_alive_s",
+        type=float,
+        default=None,
+        help="seconds a stream may stay silent (queued, long prefill) before an SSE comment "
+        "`: keep-alive` is sent, so proxies keep the connection; 0 never (default 15)",
+    )
+    p.add_argument(
+        "--metrics-max-age",
+        dest="metrics_max_age_s",
+        type=float,
+        default=None,
+        help="seconds a rendered /metrics body is served again before it is rendered anew, so a "
+        "scrape flood cannot slow generation; 0 renders every scrape (default 1)",
+    )
+    p.add_argument(
+        "--metrics-scrapes-per-s",
+        dest="metrics_scrapes_per_s",
+        type=float,
+        default=None,
+        help="/metrics answers at most this many scrapes a second, the others wait their turn (idle), "
+        "so a flood cannot take CPU from generation; 0 no bound (default 20)",
+    )
+    p.add_argument(
+        "--retry-after", dest="retry_after_s", type=int, default=None, help="Retry-After seconds on 429 (default 1)"
+    )
+    p.add_argument(
+        "--drain-timeout",
+        dest="drain_timeout_s",
+        type=float,
+        default=None,
+        help="on SIGTERM, seconds in-flight requests may take to finish (default 30)",
+    )
     p.add_argument("--max-model-len", type=int, default=None, help="vLLM max_model_len for every model")
     p.add_argument("--max-num-seqs", type=int, default=None, help="vLLM max_num_seqs (batch) for every model")
     p.add_argument("--dtype", default=None, help="vLLM dtype for every model (auto, bfloat16, float32, ...)")
     p.add_argument("--enforce-eager", action="store_true", default=None, help="no torch.compile / CUDA graphs")
-    p.add_argument("--vllm-args", type=_json_dict, default=None,
-                   help='any other `vllm serve` options for every model, as JSON: \'{"seed": 0}\'')
+    p.add_argument(
+        "--vllm-args",
+        type=_json_dict,
+        default=None,
+        help="any other `vllm serve` options for every model, as JSON: '{\"seed\": 0}'",
+    )
     p.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
     return p
@@ -93,25 +146,40 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     for key in ("max_model_len", "max_num_seqs", "dtype", "enforce_eager"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
-    return build_settings(args.models, args.config, host=args.host, port=args.port, api_key=args.api_key,
-                          api_key_file=args.api_key_file, insecure_no_auth=args.insecure_no_auth,
-                          max_queue=args.max_queue, retry_after_s=args.retry_after_s,
-                          drain_timeout_s=args.drain_timeout_s, limit_concurrency=args.limit_concurrency,
-                          routing_refresh_s=args.routing_refresh_s, sse_keep_alive_s=args.sse_keep_alive_s,
-                          metrics_max_age_s=args.metrics_max_age_s,
-                          metrics_scrapes_per_s=args.metrics_scrapes_per_s, log_level=args.log_level,
-                          override_vllm_args=overrides or None)
+    return build_settings(
+        args.models,
+        args.config,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        api_key_file=args.api_key_file,
+        insecure_no_auth=args.insecure_no_auth,
+        max_queue=args.max_queue,
+        retry_after_s=args.retry_after_s,
+        drain_timeout_s=args.drain_timeout_s,
+        limit_concurrency=args.limit_concurrency,
+        routing_refresh_s=args.routing_refresh_s,
+        sse_keep_alive_s=args.sse_keep_alive_s,
+        metrics_max_age_s=args.metrics_max_age_s,
+        metrics_scrapes_per_s=args.metrics_scrapes_per_s,
+        log_level=args.log_level,
+        override_vllm_args=overrides or None,
+    )
 
 
 def startup_warnings(args: argparse.Namespace, settings: ServerSettings) -> list[str]:
     """What the operator should know before the first request (logged as warnings)."""
     out = []
     if args.api_key:
-        out.append("--api-key puts the key on the command line, where every local user sees it (`ps`); "
-                   "prefer --api-key-file or env MOEMIX_API_KEY")
+        out.append(
+            "--api-key puts the key on the command line, where every local user sees it (`ps`); "
+            "prefer --api-key-file or env MOEMIX_API_KEY"
+        )
     if settings.api_key is None and not is_loopback(settings.host):
-        out.append(f"NO AUTHENTICATION (--insecure-no-auth): anyone who can reach {settings.host}:{settings.port} "
-                   f"can use every model")
+        out.append(
+            f"NO AUTHENTICATION (--insecure-no-auth): anyone who can reach {settings.host}:{settings.port} "
+            f"can use every model"
+        )
     return out
 
 
@@ -119,8 +187,14 @@ def uvicorn_config(app, settings: ServerSettings, pool):
     import uvicorn
 
     limit = settings.limit_concurrency or sum(e.gate.limit for e in pool.engines.values()) + CONCURRENCY_HEADROOM
-    return uvicorn.Config(app, log_level=settings.log_level, timeout_graceful_shutdown=settings.drain_timeout_s,
-                          timeout_keep_alive=5, limit_concurrency=limit, access_log=settings.log_level == "debug")
+    return uvicorn.Config(
+        app,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=settings.drain_timeout_s,
+        timeout_keep_alive=5,
+        limit_concurrency=limit,
+        access_log=settings.log_level == "debug",
+    )
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -148,8 +222,13 @@ async def serve(settings: ServerSettings, sock: socket.socket | None = None) -> 
         config = uvicorn_config(build_app(pool, settings), settings, pool)
         server = uvicorn.Server(config)
         host, port = sock.getsockname()[:2]
-        logger.info("serving %s on http://%s:%d (at most %d concurrent connections)", ", ".join(pool.engines), host,
-                    port, config.limit_concurrency)
+        logger.info(
+            "serving %s on http://%s:%d (at most %d concurrent connections)",
+            ", ".join(pool.engines),
+            host,
+            port,
+            config.limit_concurrency,
+        )
         await server.serve(sockets=[sock])
     finally:
         pool.shutdown()  # idempotent with the lifespan's; covers a failure before uvicorn started

@@ -27,9 +27,9 @@ from server.admission import AdmissionGate, admission_limit
 from server.facts import WeightFacts, read_weight_facts
 from server.settings import ModelSettings, ServerSettings, SettingsError, to_vllm_argv
 from server.stats import SharedPrometheusStatLogger, Throughput, throughput_logger_factory
+from vllm_moemix.config.routing_profile import merge as merge_routing
 from vllm_moemix.layers.introspect import EXTENSION as ROUTING_EXTENSION
 from vllm_moemix.layers.introspect import describe_served, reference_fallback_reason
-from vllm_moemix.config.routing_profile import merge as merge_routing
 
 logger = logging.getLogger("moemix.server")
 
@@ -56,10 +56,23 @@ def vllm_serve_args(model: ModelSettings, options: dict[str, Any]) -> argparse.N
 
 # Read by vLLM's own HTTP server (FastAPI app, uvicorn, middleware, process launcher), not by the serving
 # objects this server builds: every FrontendArgs-only field but the pooling one, plus these.
-_HTTP_ONLY_OPTIONS = {"sse_keep_alive_interval", "tool_parser_plugin", "enable_tokenizer_info_endpoint",
-                      "tokens_only", "enable_scale_out", "headless", "api_server_count", "grpc"}
-_OUR_FLAG = {"api_key": "--api-key-file", "host": "--host", "port": "--port", "uvicorn_log_level": "--log-level",
-             "sse_keep_alive_interval": "--sse-keep-alive"}
+_HTTP_ONLY_OPTIONS = {
+    "sse_keep_alive_interval",
+    "tool_parser_plugin",
+    "enable_tokenizer_info_endpoint",
+    "tokens_only",
+    "enable_scale_out",
+    "headless",
+    "api_server_count",
+    "grpc",
+}
+_OUR_FLAG = {
+    "api_key": "--api-key-file",
+    "host": "--host",
+    "port": "--port",
+    "uvicorn_log_level": "--log-level",
+    "sse_keep_alive_interval": "--sse-keep-alive",
+}
 
 
 def unapplied_vllm_options(options: dict[str, Any]) -> list[str]:
@@ -96,7 +109,9 @@ class ModelEngine:
     routing_refresh_s: float = 5.0  # gather it from the workers at most this often
     routing_at: float = float("-inf")  # time.monotonic() of the last gathering
     _routing_lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False, repr=False)
-    kernels: dict[str, dict[str, int]] | None = None  # what serves (vllm_moemix.layers.introspect.worker_kernels), moemix only
+    kernels: dict[str, dict[str, int]] | None = (
+        None  # what serves (vllm_moemix.layers.introspect.worker_kernels), moemix only
+    )
 
     @property
     def counts_routing(self) -> bool:
@@ -187,8 +202,11 @@ def _build_client(args: argparse.Namespace, throughput: Throughput):
     from vllm.v1.engine.async_llm import AsyncLLM
 
     engine_args = AsyncEngineArgs.from_cli_args(args)
-    return AsyncLLM.from_engine_args(engine_args, usage_context=UsageContext.OPENAI_API_SERVER,
-                                     stat_loggers=[SharedPrometheusStatLogger, throughput_logger_factory(throughput)])
+    return AsyncLLM.from_engine_args(
+        engine_args,
+        usage_context=UsageContext.OPENAI_API_SERVER,
+        stat_loggers=[SharedPrometheusStatLogger, throughput_logger_factory(throughput)],
+    )
 
 
 async def start_engine(model: ModelSettings, settings: ServerSettings) -> ModelEngine:
@@ -224,11 +242,27 @@ async def start_engine(model: ModelSettings, settings: ServerSettings) -> ModelE
         if slow:
             logger.warning("model %s: the slow reference kernel serves, because %s", model.name, slow)
     limit = admission_limit(client.vllm_config.scheduler_config.max_num_seqs, settings.max_queue_for(model))
-    eng = ModelEngine(name=model.name, path=model.path, args=args, client=client, state=state, facts=facts,
-                      gate=AdmissionGate(limit), throughput=throughput, start_seconds=time.perf_counter() - t0,
-                      kernels=kernels, routing_refresh_s=settings.routing_refresh_s)
-    logger.info("model %s (%s) ready in %.1f s; quant_method=%s; admission limit %s", eng.name, eng.path,
-                eng.start_seconds, facts.quant_method, limit)
+    eng = ModelEngine(
+        name=model.name,
+        path=model.path,
+        args=args,
+        client=client,
+        state=state,
+        facts=facts,
+        gate=AdmissionGate(limit),
+        throughput=throughput,
+        start_seconds=time.perf_counter() - t0,
+        kernels=kernels,
+        routing_refresh_s=settings.routing_refresh_s,
+    )
+    logger.info(
+        "model %s (%s) ready in %.1f s; quant_method=%s; admission limit %s",
+        eng.name,
+        eng.path,
+        eng.start_seconds,
+        facts.quant_method,
+        limit,
+    )
     return eng
 
 
@@ -242,4 +276,3 @@ async def start_pool(settings: ServerSettings) -> EnginePool:
             eng.shutdown()
         raise errors[0]
     return EnginePool({eng.name: eng for eng in started})
-

@@ -23,12 +23,23 @@ _TYPES = {
 
 
 def error_body(status: int, message: str, param: str | None = None, err_type: str | None = None) -> dict:
-    return {"error": {"message": message, "type": err_type or _TYPES.get(status, HTTPStatus(status).phrase),
-                      "param": param, "code": status}}
+    return {
+        "error": {
+            "message": message,
+            "type": err_type or _TYPES.get(status, HTTPStatus(status).phrase),
+            "param": param,
+            "code": status,
+        }
+    }
 
 
-def error_response(status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None,
-                   err_type: str | None = None) -> JSONResponse:
+def error_response(
+    status: int,
+    message: str,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+    err_type: str | None = None,
+) -> JSONResponse:
     return JSONResponse(error_body(status, message, param, err_type), status_code=status, headers=headers)
 
 

@@ -48,37 +48,72 @@ class MoemixCollector(Collector):
 
     def collect(self):
         engines = list(self.pool.engines.values())
-        weight = GaugeMetricFamily("moemix_weight_bytes", "Checkpoint weight bytes at rest, by component "
-                                   "(experts, attention, shared, other) and bit width (2/3/4/8 or the float dtype).",
-                                   labels=["model", "component", "bits"])
-        avg = GaugeMetricFamily("moemix_weight_average_bits", "Average bits per weight of the quantizable linears "
-                                "(attention, experts, shared experts), including scales and zero points.",
-                                labels=["model"])
-        avg_payload = GaugeMetricFamily("moemix_weight_average_payload_bits", "Average integer width of the "
-                                        "quantizable linears (scales and zero points excluded).", labels=["model"])
-        by_width = GaugeMetricFamily("moemix_quantized_linear_bytes", "Bytes of the quantizable linears by bit "
-                                     "width, from the moemix checkpoint summary.", labels=["model", "bits"])
-        engine_rss = GaugeMetricFamily("moemix_engine_resident_memory_bytes", "Resident memory of the model's "
-                                       "engine-core process and its workers.", labels=["model"])
+        weight = GaugeMetricFamily(
+            "moemix_weight_bytes",
+            "Checkpoint weight bytes at rest, by component "
+            "(experts, attention, shared, other) and bit width (2/3/4/8 or the float dtype).",
+            labels=["model", "component", "bits"],
+        )
+        avg = GaugeMetricFamily(
+            "moemix_weight_average_bits",
+            "Average bits per weight of the quantizable linears "
+            "(attention, experts, shared experts), including scales and zero points.",
+            labels=["model"],
+        )
+        avg_payload = GaugeMetricFamily(
+            "moemix_weight_average_payload_bits",
+            "Average integer width of the quantizable linears (scales and zero points excluded).",
+            labels=["model"],
+        )
+        by_width = GaugeMetricFamily(
+            "moemix_quantized_linear_bytes",
+            "Bytes of the quantizable linears by bit width, from the moemix checkpoint summary.",
+            labels=["model", "bits"],
+        )
+        engine_rss = GaugeMetricFamily(
+            "moemix_engine_resident_memory_bytes",
+            "Resident memory of the model's engine-core process and its workers.",
+            labels=["model"],
+        )
         healthy = GaugeMetricFamily("moemix_engine_healthy", "1 if the model's engine is alive.", labels=["model"])
-        tps = GaugeMetricFamily("moemix_generation_tokens_per_second", "Generated tokens per second over the "
-                                "last 10 seconds.", labels=["model"])
-        in_flight = GaugeMetricFamily("moemix_requests_in_flight", "Requests admitted and not finished "
-                                      "(sequences; a /tokenize request counts one).", labels=["model"])
-        limit = GaugeMetricFamily("moemix_requests_in_flight_limit", "Admission bound (max_num_seqs + max_queue).",
-                                  labels=["model"])
-        rejected = CounterMetricFamily("moemix_requests_rejected", "Requests answered 429 because the model's "
-                                       "admission bound was reached.", labels=["model"])
-        incomplete = CounterMetricFamily("moemix_requests_incomplete", "Admitted requests that did not finish: "
-                                         "the response was not sent to its end (client disconnected: the engine "
-                                         "aborted them) or a stream ended in an engine error.", labels=["model"])
-        routed = CounterMetricFamily("moemix_expert_routed_tokens", "Tokens routed to experts since start, summed "
-                                     "by MoE layer and the experts' bit width, as last gathered from the workers "
-                                     "(every routing_refresh_s; per expert: GET /v1/moemix/routing).",
-                                     labels=["model", "layer", "bits"])
-        kernel = InfoMetricFamily("moemix_kernel", "The kernel serving a model's MoE layers or quantized linears "
-                                  "(native CPU kernels name their ISA variant); `layers` is how many.",
-                                  labels=["model", "role", "kernel", "layers"])
+        tps = GaugeMetricFamily(
+            "moemix_generation_tokens_per_second",
+            "Generated tokens per second over the last 10 seconds.",
+            labels=["model"],
+        )
+        in_flight = GaugeMetricFamily(
+            "moemix_requests_in_flight",
+            "Requests admitted and not finished (sequences; a /tokenize request counts one).",
+            labels=["model"],
+        )
+        limit = GaugeMetricFamily(
+            "moemix_requests_in_flight_limit", "Admission bound (max_num_seqs + max_queue).", labels=["model"]
+        )
+        rejected = CounterMetricFamily(
+            "moemix_requests_rejected",
+            "Requests answered 429 because the model's admission bound was reached.",
+            labels=["model"],
+        )
+        incomplete = CounterMetricFamily(
+            "moemix_requests_incomplete",
+            "Admitted requests that did not finish: "
+            "the response was not sent to its end (client disconnected: the engine "
+            "aborted them) or a stream ended in an engine error.",
+            labels=["model"],
+        )
+        routed = CounterMetricFamily(
+            "moemix_expert_routed_tokens",
+            "Tokens routed to experts since start, summed "
+            "by MoE layer and the experts' bit width, as last gathered from the workers "
+            "(every routing_refresh_s; per expert: GET /v1/moemix/routing).",
+            labels=["model", "layer", "bits"],
+        )
+        kernel = InfoMetricFamily(
+            "moemix_kernel",
+            "The kernel serving a model's MoE layers or quantized linears "
+            "(native CPU kernels name their ISA variant); `layers` is how many.",
+            labels=["model", "role", "kernel", "layers"],
+        )
         for eng in engines:
             name = eng.name
             for role, counts in (eng.kernels or {}).items():
@@ -104,11 +139,26 @@ class MoemixCollector(Collector):
             limit.add_metric([name], eng.gate.limit)
             rejected.add_metric([name], eng.gate.rejected)
             incomplete.add_metric([name], eng.gate.incomplete)
-        yield from (weight, avg, avg_payload, by_width, engine_rss, healthy, tps, in_flight, limit, rejected,
-                    incomplete, routed, kernel)
+        yield from (
+            weight,
+            avg,
+            avg_payload,
+            by_width,
+            engine_rss,
+            healthy,
+            tps,
+            in_flight,
+            limit,
+            rejected,
+            incomplete,
+            routed,
+            kernel,
+        )
 
-        server_rss = GaugeMetricFamily("moemix_server_resident_memory_bytes", "Resident memory of the API server "
-                                       "process alone (engines are separate processes).")
+        server_rss = GaugeMetricFamily(
+            "moemix_server_resident_memory_bytes",
+            "Resident memory of the API server process alone (engines are separate processes).",
+        )
         server_rss.add_metric([], _rss_tree_self())
         yield server_rss
         yield from _cuda_memory()
@@ -126,8 +176,11 @@ def _cuda_memory():
 
         if not torch.cuda.is_available():
             return
-        used = GaugeMetricFamily("moemix_gpu_memory_used_bytes", "Device memory in use (all processes), "
-                                 "from cudaMemGetInfo.", labels=["device"])
+        used = GaugeMetricFamily(
+            "moemix_gpu_memory_used_bytes",
+            "Device memory in use (all processes), from cudaMemGetInfo.",
+            labels=["device"],
+        )
         total = GaugeMetricFamily("moemix_gpu_memory_total_bytes", "Device memory capacity.", labels=["device"])
         for i in range(torch.cuda.device_count()):
             free, cap = torch.cuda.mem_get_info(i)

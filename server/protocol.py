@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import Field, model_validator
-
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.serve.engine.protocol import ModelCard, ModelList, OpenAIBaseModel
@@ -47,8 +46,15 @@ class MoemixModelList(ModelList):
     data: list[MoemixModelCard] = Field(default_factory=list)
 
 
-_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
-               float: "a number", type(None): "null"}
+_JSON_TYPES = {
+    dict: "an object",
+    list: "an array",
+    str: "a string",
+    bool: "a boolean",
+    int: "a number",
+    float: "a number",
+    type(None): "null",
+}
 
 
 def _expect_object(value: Any, param: str) -> None:
@@ -97,15 +103,20 @@ def reject_json_vllm_trips_on(data: Any) -> Any:
             _expect_object(tool, f"tools[{i}]")
             _expect_object(tool.get("function"), f"tools[{i}].function")
             if not isinstance(tool["function"].get("name"), str):
-                raise VLLMValidationError(f"`tools[{i}].function.name` must be a string.",
-                                          parameter=f"tools[{i}].function.name")
+                raise VLLMValidationError(
+                    f"`tools[{i}].function.name` must be a string.", parameter=f"tools[{i}].function.name"
+                )
     messages = data.get("messages")
     if isinstance(messages, list):  # read as list(tool_calls)
         for i, message in enumerate(messages):
-            if isinstance(message, dict) and message.get("tool_calls") is not None \
-                    and not isinstance(message["tool_calls"], list):
-                raise VLLMValidationError(f"`messages[{i}].tool_calls` must be an array.",
-                                          parameter=f"messages[{i}].tool_calls")
+            if (
+                isinstance(message, dict)
+                and message.get("tool_calls") is not None
+                and not isinstance(message["tool_calls"], list)
+            ):
+                raise VLLMValidationError(
+                    f"`messages[{i}].tool_calls` must be an array.", parameter=f"messages[{i}].tool_calls"
+                )
     return data
 
 

@@ -78,7 +78,9 @@ class ServerSettings:
 
 
 _SERVER_KEYS = {f.name for f in fields(ServerSettings)} - {"override_vllm_args", "insecure_no_auth"} | {
-    "api_key_env", "api_key_file"}
+    "api_key_env",
+    "api_key_file",
+}
 _MODEL_KEYS = {f.name for f in fields(ModelSettings)}
 
 
@@ -136,8 +138,12 @@ def _model_from_yaml(entry: Any, index: int, base_dir: Path) -> ModelSettings:
     vllm_args = entry.get("vllm_args") or {}
     if not isinstance(vllm_args, dict):
         raise SettingsError(f"models[{index}].vllm_args must be a mapping")
-    return ModelSettings(name=str(entry.get("name") or entry["path"]), path=path, vllm_args=dict(vllm_args),
-                         max_queue=_non_negative_int(entry.get("max_queue"), f"models[{index}].max_queue"))
+    return ModelSettings(
+        name=str(entry.get("name") or entry["path"]),
+        path=path,
+        vllm_args=dict(vllm_args),
+        max_queue=_non_negative_int(entry.get("max_queue"), f"models[{index}].max_queue"),
+    )
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -155,8 +161,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def build_settings(models: list[str], config: str | None = None, api_key_file: str | None = None,
-                   **flags: Any) -> ServerSettings:
+def build_settings(
+    models: list[str], config: str | None = None, api_key_file: str | None = None, **flags: Any
+) -> ServerSettings:
     """Merge YAML (if any) and flags (None means 'not given'); validate.
 
     The API key, first found: --api-key, --api-key-file, YAML api_key_file / api_key_env / api_key, env
@@ -186,9 +193,20 @@ def build_settings(models: list[str], config: str | None = None, api_key_file: s
     if not isinstance(vllm_args, dict):
         raise SettingsError("vllm_args must be a mapping")
     settings = ServerSettings(models=specs, vllm_args=dict(vllm_args), api_key=api_key)
-    for key in ("host", "port", "max_queue", "retry_after_s", "drain_timeout_s", "max_body_bytes",
-                "limit_concurrency", "routing_refresh_s", "sse_keep_alive_s", "metrics_max_age_s",
-                "metrics_scrapes_per_s", "log_level"):
+    for key in (
+        "host",
+        "port",
+        "max_queue",
+        "retry_after_s",
+        "drain_timeout_s",
+        "max_body_bytes",
+        "limit_concurrency",
+        "routing_refresh_s",
+        "sse_keep_alive_s",
+        "metrics_max_age_s",
+        "metrics_scrapes_per_s",
+        "log_level",
+    ):
         if key in data:
             setattr(settings, key, data[key])
     for key, value in flags.items():
@@ -196,9 +214,11 @@ def build_settings(models: list[str], config: str | None = None, api_key_file: s
             setattr(settings, key, value)
     settings.api_key = settings.api_key or os.environ.get("MOEMIX_API_KEY") or None
     if settings.api_key is None and not settings.insecure_no_auth and not is_loopback(settings.host):
-        raise SettingsError(f"refusing to serve {settings.host} without an API key (anyone who can reach the port "
-                            f"could use the models): give --api-key-file PATH or env MOEMIX_API_KEY, or "
-                            f"--insecure-no-auth to serve it unauthenticated on purpose")
+        raise SettingsError(
+            f"refusing to serve {settings.host} without an API key (anyone who can reach the port "
+            f"could use the models): give --api-key-file PATH or env MOEMIX_API_KEY, or "
+            f"--insecure-no-auth to serve it unauthenticated on purpose"
+        )
 
     settings.max_queue = _non_negative_int(settings.max_queue, "max_queue")
     settings.port = _non_negative_int(settings.port, "port")

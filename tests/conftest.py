@@ -20,21 +20,45 @@ TRAINED_MIXTRAL = REPO / "models" / "tiny-mixtral"
 TRAINED_QWEN2MOE = REPO / "models" / "tiny-qwen2moe"
 
 
-def build_random_model(out: Path, arch: str = "mixtral", layers: int = 2, hidden: int = 128, inter: int = 128,
-                       experts: int = 4, seed: int = 0) -> Path:
+def build_random_model(
+    out: Path,
+    arch: str = "mixtral",
+    layers: int = 2,
+    hidden: int = 128,
+    inter: int = 128,
+    experts: int = 4,
+    seed: int = 0,
+) -> Path:
     """A small random-weight HF checkpoint in bf16 safetensors (fast to quantize and to mutate)."""
     from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
     if arch == "mixtral":
-        model = MixtralForCausalLM(MixtralConfig(intermediate_size=inter, num_local_experts=experts,
-                                                 num_experts_per_tok=2, **common))
+        model = MixtralForCausalLM(
+            MixtralConfig(intermediate_size=inter, num_local_experts=experts, num_experts_per_tok=2, **common)
+        )
     elif arch == "qwen2_moe":
-        model = Qwen2MoeForCausalLM(Qwen2MoeConfig(moe_intermediate_size=inter, shared_expert_intermediate_size=inter,
-                                                   intermediate_size=inter, num_experts=experts, num_experts_per_tok=2,
-                                                   decoder_sparse_step=1, mlp_only_layers=[layers - 1], **common))
+        model = Qwen2MoeForCausalLM(
+            Qwen2MoeConfig(
+                moe_intermediate_size=inter,
+                shared_expert_intermediate_size=inter,
+                intermediate_size=inter,
+                num_experts=experts,
+                num_experts_per_tok=2,
+                decoder_sparse_step=1,
+                mlp_only_layers=[layers - 1],
+                **common,
+            )
+        )
     else:
         raise ValueError(arch)
     model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
@@ -53,8 +77,9 @@ def byte_tokenizer():
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<s>", "</s>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<s>", "</s>", "<unk>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(["the quick brown fox jumps over the lazy dog " * 20], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
@@ -90,10 +115,30 @@ def demo_server(tmp_path_factory):
     log = tmp / "server.log"
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", PYTHONUNBUFFERED="1")
     with open(log, "wb") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "server", "serve", f"tiny-moemix={ckpt}", "--host",
-                                 "127.0.0.1", "--port", str(port), "--max-model-len", "256", "--max-num-seqs", "4",
-                                 "--max-queue", "8", "--enforce-eager"],
-                                cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "server",
+                "serve",
+                f"tiny-moemix={ckpt}",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--max-model-len",
+                "256",
+                "--max-num-seqs",
+                "4",
+                "--max-queue",
+                "8",
+                "--enforce-eager",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}"
     wait_healthy(proc, url, log, timeout=240)
     yield url, port

@@ -29,8 +29,10 @@ class MixedExperts(torch.nn.Module):
         self.layout = ExpertsLayout.build(list(w13_specs), list(w2_specs), hidden, inter)
         self.layout.register(self)
         self.expert_map = None
-        floats = {"w13": torch.randn(e, 2 * inter, hidden, generator=gen) * 0.2,
-                  "w2": torch.randn(e, hidden, inter, generator=gen) * 0.2}
+        floats = {
+            "w13": torch.randn(e, 2 * inter, hidden, generator=gen) * 0.2,
+            "w2": torch.randn(e, hidden, inter, generator=gen) * 0.2,
+        }
         self.dequantized = {"w13": [], "w2": []}
         for proj, specs in (("w13", w13_specs), ("w2", w2_specs)):
             for expert, spec in enumerate(specs):

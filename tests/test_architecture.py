@@ -86,7 +86,7 @@ def test_no_import_cycles():
         state[module] = 1
         for dep in sorted(graph.get(module, ())):
             if state.get(dep) == 1:
-                cycles.append(" -> ".join(path[path.index(dep):] + [dep]) if dep in path else f"{module} -> {dep}")
+                cycles.append(" -> ".join(path[path.index(dep) :] + [dep]) if dep in path else f"{module} -> {dep}")
             elif dep not in state:
                 visit(dep, path + [dep])
         state[module] = 2

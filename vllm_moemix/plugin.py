@@ -15,8 +15,10 @@ SUPPORTED_VLLM = (Version("0.32"), Version("0.33"))  # [min, max): keep in step 
 def check_vllm_version(installed: str) -> None:
     low, high = SUPPORTED_VLLM
     if not low <= Version(Version(installed).base_version) < high:  # base_version: 0.32.1.dev3+cpu -> 0.32.1
-        raise RuntimeError(f"vllm_moemix supports vLLM >={low},<{high}; this environment has vLLM {installed}. "
-                           f"Install a matching vLLM (pip install 'vllm>={low},<{high}') or a moemix built for yours.")
+        raise RuntimeError(
+            f"vllm_moemix supports vLLM >={low},<{high}; this environment has vLLM {installed}. "
+            f"Install a matching vLLM (pip install 'vllm>={low},<{high}') or a moemix built for yours."
+        )
 
 
 def register() -> None:

@@ -13,8 +13,7 @@ import posixpath
 
 from server.errors import send_error
 
-OPEN_PATHS = frozenset({"/health", "/metrics", "/version", "/openapi.json", "/docs", "/docs/oauth2-redirect",
-                        "/redoc"})
+OPEN_PATHS = frozenset({"/health", "/metrics", "/version", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 
 
 def normalized_path(path: str) -> str:
@@ -37,6 +36,10 @@ class APIKeyMiddleware:
             return await self.app(scope, receive, send)
         token = bearer_token(dict(scope["headers"]).get(b"authorization", b""))
         if token is None or not hmac.compare_digest(token, self.expected):
-            return await send_error(send, 401, "Invalid or missing API key (expected `Authorization: Bearer <key>`).",
-                                    headers={"WWW-Authenticate": "Bearer"})
+            return await send_error(
+                send,
+                401,
+                "Invalid or missing API key (expected `Authorization: Bearer <key>`).",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         return await self.app(scope, receive, send)

@@ -7,17 +7,20 @@ from http import HTTPStatus
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
+from vllm.entrypoints.serve.utils.api_utils import validate_json_request, with_cancellation
 
 from server.protocol import CheckedChatCompletionRequest
 from server.routes.common import admit, render, resolve
 from server.routes.completions import _ERRORS
-from vllm.entrypoints.serve.utils.api_utils import validate_json_request, with_cancellation
 
 router = APIRouter()
 
 
-@router.post("/v1/chat/completions", dependencies=[Depends(validate_json_request)],
-             responses={HTTPStatus.OK.value: {"content": {"text/event-stream": {}}}, **_ERRORS})
+@router.post(
+    "/v1/chat/completions",
+    dependencies=[Depends(validate_json_request)],
+    responses={HTTPStatus.OK.value: {"content": {"text/event-stream": {}}}, **_ERRORS},
+)
 @with_cancellation
 async def create_chat_completion(request: CheckedChatCompletionRequest, raw_request: Request):
     eng = resolve(raw_request, request.model)

@@ -9,13 +9,13 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
+from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+from vllm.entrypoints.serve.utils.sse_keep_alive import with_sse_keep_alive
 
 from server.admission import request_slots
 from server.engine import EnginePool, ModelEngine
 from server.errors import error_body, error_response
 from server.middleware.admission import SLOTS_SCOPE_KEY
-from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-from vllm.entrypoints.serve.utils.sse_keep_alive import with_sse_keep_alive
 
 logger = logging.getLogger("moemix.server")
 SSE_ERROR_PREFIX = 'data: {"error"'  # how vLLM's stream generators report a failure (then `data: [DONE]`)
@@ -43,13 +43,19 @@ def admit(raw_request: Request, eng: ModelEngine, request) -> JSONResponse | Non
     """Take admission slots for this request (released by AdmissionReleaseMiddleware), or the 400/429."""
     n = request_slots(request)
     if n > eng.gate.limit:  # would wait forever: say so instead of 429 (retrying cannot help)
-        return error_response(400, f"This request needs {n} slots (n × prompts); model `{eng.name}` admits at most "
-                              f"{eng.gate.limit}. Send fewer prompts or a smaller n per request.")
+        return error_response(
+            400,
+            f"This request needs {n} slots (n × prompts); model `{eng.name}` admits at most "
+            f"{eng.gate.limit}. Send fewer prompts or a smaller n per request.",
+        )
     slot = eng.gate.try_acquire(n)
     if slot is None:
         retry = str(raw_request.app.state.settings.retry_after_s)
-        return error_response(429, f"Model `{eng.name}` is at its limit of {eng.gate.limit} requests in flight; "
-                              f"retry after {retry} s.", headers={"Retry-After": retry})
+        return error_response(
+            429,
+            f"Model `{eng.name}` is at its limit of {eng.gate.limit} requests in flight; retry after {retry} s.",
+            headers={"Retry-After": retry},
+        )
     holder = raw_request.scope.get(SLOTS_SCOPE_KEY)
     if holder is None:  # not under the middleware (should not happen): release when the response is built
         slot.release()
@@ -88,5 +94,6 @@ def render(result, raw_request: Request):
     if isinstance(result, BaseModel):
         return JSONResponse(result.model_dump())
     keep_alive_s = raw_request.app.state.settings.sse_keep_alive_s
-    return StreamingResponse(_stream(with_sse_keep_alive(result, keep_alive_s), raw_request),
-                             media_type="text/event-stream")
+    return StreamingResponse(
+        _stream(with_sse_keep_alive(result, keep_alive_s), raw_request), media_type="text/event-stream"
+    )

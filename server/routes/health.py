@@ -29,11 +29,18 @@ async def health(raw_request: Request):
 
 @router.get("/version")
 async def version():
-    import vllm_moemix
     from vllm import __version__ as vllm_version
 
-    return JSONResponse({"version": server.__version__, "vllm_moemix": vllm_moemix.__version__,
-                         "vllm": vllm_version, "python": platform.python_version()})
+    import vllm_moemix
+
+    return JSONResponse(
+        {
+            "version": server.__version__,
+            "vllm_moemix": vllm_moemix.__version__,
+            "vllm": vllm_version,
+            "python": platform.python_version(),
+        }
+    )
 
 
 def attach_router(app: FastAPI) -> None:

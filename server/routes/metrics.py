@@ -17,7 +17,6 @@ import time
 
 import prometheus_client
 from fastapi import APIRouter, FastAPI, Request
-
 from vllm.v1.metrics.prometheus import get_prometheus_registry
 
 router = APIRouter()
@@ -79,9 +78,16 @@ class MetricsEndpoint:
             return await self.app(scope, receive, send)
         await self.pacer.turn()
         body = await self.exposition.body()
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", prometheus_client.CONTENT_TYPE_LATEST.encode()),
-                                (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", prometheus_client.CONTENT_TYPE_LATEST.encode()),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body if scope["method"] == "GET" else b""})
 
 
@@ -103,8 +109,9 @@ def instrument(app: FastAPI, max_age_s: float, scrapes_per_s: float) -> None:
     from prometheus_fastapi_instrumentator import Instrumentator
 
     try:
-        Instrumentator(excluded_handlers=[METRICS_PATH, "/health", "/version"],
-                       registry=get_prometheus_registry()).add().instrument(app)
+        Instrumentator(
+            excluded_handlers=[METRICS_PATH, "/health", "/version"], registry=get_prometheus_registry()
+        ).add().instrument(app)
     except ValueError:  # a second app in the same process: the http_* metrics already exist
         pass
     app.add_middleware(MetricsEndpoint, max_age_s=max_age_s, scrapes_per_s=scrapes_per_s)

@@ -15,9 +15,15 @@ router = APIRouter()
 
 def model_card(eng: ModelEngine) -> MoemixModelCard:
     moemix = eng.facts.moemix_json()
-    return MoemixModelCard(id=eng.name, created=eng.created, root=eng.path, max_model_len=eng.max_model_len,
-                           weights=WeightFactsCard(**eng.facts.to_json()), kernels=eng.kernels,
-                           moemix=MoemixFacts(**moemix) if moemix is not None else None)
+    return MoemixModelCard(
+        id=eng.name,
+        created=eng.created,
+        root=eng.path,
+        max_model_len=eng.max_model_len,
+        weights=WeightFactsCard(**eng.facts.to_json()),
+        kernels=eng.kernels,
+        moemix=MoemixFacts(**moemix) if moemix is not None else None,
+    )
 
 
 @router.get("/v1/models", response_model=MoemixModelList)

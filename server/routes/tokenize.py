@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
+from vllm.entrypoints.serve.tokenize.protocol import TokenizeRequest
+from vllm.entrypoints.serve.utils.api_utils import validate_json_request
 
 from server.routes.common import admit, render, resolve
 from server.routes.completions import _ERRORS
-from vllm.entrypoints.serve.tokenize.protocol import TokenizeRequest
-from vllm.entrypoints.serve.utils.api_utils import validate_json_request
 
 router = APIRouter()
 

@@ -12,21 +12,31 @@ def test_kernel_benchmark_quick(tmp_path):
     """Every row is reported: measured, or (vLLM's AMX-only int4 MoE on other CPUs) marked unavailable with why."""
     from benchmarks.kernels import default_isas, vllm_int4_unavailable
 
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "kernels.py"), "--quick", "--out", str(tmp_path)],
-                            capture_output=True, text=True, timeout=300, cwd=REPO)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "kernels.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((tmp_path / "kernels.json").read_text())
     isas = default_isas()
-    moemix_rows = [f"{name}{f' [{isa}]' if i else ''}" for i, isa in enumerate(isas)
-                   for name in ("moemix 2.5-bit mixed", "moemix 4-bit", "moemix 2-bit")]
+    moemix_rows = [
+        f"{name}{f' [{isa}]' if i else ''}"
+        for i, isa in enumerate(isas)
+        for name in ("moemix 2.5-bit mixed", "moemix 4-bit", "moemix 2-bit")
+    ]
     by = {(r["row"], r["tokens"]): r for r in data["results"]}
     assert set(by) == {(row, m) for row in ("vLLM bf16", "vLLM GPTQ-4bit", *moemix_rows) for m in (1, 4)}
     int4_why = vllm_int4_unavailable()
-    assert by[("vLLM GPTQ-4bit", 1)].get("unavailable") == int4_why and (by[("vLLM GPTQ-4bit", 1)]["ms"] is None) == bool(int4_why)
+    assert by[("vLLM GPTQ-4bit", 1)].get("unavailable") == int4_why and (
+        by[("vLLM GPTQ-4bit", 1)]["ms"] is None
+    ) == bool(int4_why)
     md = (tmp_path / "kernels.md").read_text()
     if int4_why:
         assert f"| vLLM GPTQ-4bit | not available on this CPU: {int4_why} |" in md
     for i, isa in enumerate(isas):
-        for row in moemix_rows[3 * i: 3 * i + 3]:
+        for row in moemix_rows[3 * i : 3 * i + 3]:
             assert by[(row, 1)]["kernel"] == f"NativeCpuExpertsKernel ({isa})" and by[(row, 1)]["ms"] > 0
     assert data["cpu"] in md and (tmp_path / "kernels.png").stat().st_size > 0 and "| moemix 2-bit |" in md

@@ -26,20 +26,58 @@ def test_scores_same_ids_the_same_way():
 
 
 def test_linear_tensors_are_attention_and_experts_only():
-    counted = ["blk.0.attn_q.weight", "blk.3.attn_output.weight", "blk.1.ffn_gate_exps.weight",
-               "blk.1.ffn_down_exps.weight", "blk.2.ffn_up_shexp.weight"]
-    skipped = ["token_embd.weight", "output.weight", "blk.0.attn_norm.weight", "blk.1.ffn_gate_inp.weight",
-               "blk.1.ffn_gate_inp_shexp.weight", "output_norm.weight"]
+    counted = [
+        "blk.0.attn_q.weight",
+        "blk.3.attn_output.weight",
+        "blk.1.ffn_gate_exps.weight",
+        "blk.1.ffn_down_exps.weight",
+        "blk.2.ffn_up_shexp.weight",
+    ]
+    skipped = [
+        "token_embd.weight",
+        "output.weight",
+        "blk.0.attn_norm.weight",
+        "blk.1.ffn_gate_inp.weight",
+        "blk.1.ffn_gate_inp_shexp.weight",
+        "output_norm.weight",
+    ]
     assert all(LINEAR_TENSOR.search(n) for n in counted) and not any(LINEAR_TENSOR.search(n) for n in skipped)
 
 
 def test_report_and_plot(tmp_path):
-    rows = [{"model": "m", "engine": "llama.cpp", "config": "Q2_K (imatrix)", "bytes": 100, "bits_per_weight": 3.05,
-             "kl": 0.02, "top1": 0.9, "ppl": 50.0},
-            {"model": "m", "engine": "moemix", "config": "optimizer @ Q2_K bytes", "bytes": 99, "bits_per_weight": 3.0,
-             "kl": 0.01, "top1": 0.93, "ppl": 49.5}]
-    speed = [{"engine": "llama.cpp", "config": "Q2_K", "bytes": 2**20, "decode_tok_s_batch1": 50.0,
-              "decode_tok_s_batch8": None, "prefill_tok_s": 300.0, "resident_bytes": 2**21}]
+    rows = [
+        {
+            "model": "m",
+            "engine": "llama.cpp",
+            "config": "Q2_K (imatrix)",
+            "bytes": 100,
+            "bits_per_weight": 3.05,
+            "kl": 0.02,
+            "top1": 0.9,
+            "ppl": 50.0,
+        },
+        {
+            "model": "m",
+            "engine": "moemix",
+            "config": "optimizer @ Q2_K bytes",
+            "bytes": 99,
+            "bits_per_weight": 3.0,
+            "kl": 0.01,
+            "top1": 0.93,
+            "ppl": 49.5,
+        },
+    ]
+    speed = [
+        {
+            "engine": "llama.cpp",
+            "config": "Q2_K",
+            "bytes": 2**20,
+            "decode_tok_s_batch1": 50.0,
+            "decode_tok_s_batch8": None,
+            "prefill_tok_s": 300.0,
+            "resident_bytes": 2**21,
+        }
+    ]
     md = markdown(rows, speed, {"cpu": "test CPU", "threads": 2, "heldout_tokens": 256})
     assert "| moemix | optimizer @ Q2_K bytes | 3.00 | 0.0100 | 93.0% | 49.50 |" in md and "| n/a |" in md
     plot(rows, tmp_path / "p.png")
@@ -49,7 +87,8 @@ def test_report_and_plot(tmp_path):
 LLAMA = LlamaCpp.find()
 needs_llama = pytest.mark.skipif(
     LLAMA is None or importlib.util.find_spec("llama_cpp") is None,
-    reason="llama.cpp not built here (optional: `.venv/bin/python benchmarks/llamacpp.py setup`)")
+    reason="llama.cpp not built here (optional: `.venv/bin/python benchmarks/llamacpp.py setup`)",
+)
 
 
 @needs_llama
@@ -63,8 +102,9 @@ def test_tiny_llamacpp_round_trip(tmp_path):
     q4 = LLAMA.quantize(bf16, "Q4_K_M", tmp_path / "q4.gguf", threads=2)
     (bf16_bytes, weights), (q4_bytes, q4_weights) = LLAMA.linear_bytes(bf16), LLAMA.linear_bytes(q4)
     assert weights == q4_weights and bf16_bytes == 2 * weights and 4 < 8 * q4_bytes / weights < 6
-    windows = Windows.from_text(AutoTokenizer.from_pretrained(TRAINED_MIXTRAL), TRAINED_MIXTRAL.parent / "heldout.txt",
-                                max_windows=1)
+    windows = Windows.from_text(
+        AutoTokenizer.from_pretrained(TRAINED_MIXTRAL), TRAINED_MIXTRAL.parent / "heldout.txt", max_windows=1
+    )
     ref, logp = LLAMA.logprobs(bf16, windows, 2), LLAMA.logprobs(q4, windows, 2)
     cmp = compare_logprobs(logp, ref, windows.ids)
     assert 0 < cmp.kl < 0.1 and cmp.top1 > 0.8 and cmp.perplexity < 200

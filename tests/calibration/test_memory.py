@@ -33,8 +33,10 @@ def test_layerwise_gptq_peak_memory(tmp_path):
     layer_f32_mib = params_per_layer * 4 / 2**20  # ~50 MiB
     model_f32_mib = 8 * layer_f32_mib  # ~400 MiB: what loading the whole model in float32 would cost
     hessians_mib = 8 * (2 * 512**2 + 3 * 1024**2) * 4 / 2**20  # ~104 MiB, documented in calibration.py
-    print(f"peak RSS growth {delta_mib:.0f} MiB; one float32 layer {layer_f32_mib:.0f} MiB, "
-          f"its Hessians {hessians_mib:.0f} MiB, whole model float32 {model_f32_mib:.0f} MiB")
+    print(
+        f"peak RSS growth {delta_mib:.0f} MiB; one float32 layer {layer_f32_mib:.0f} MiB, "
+        f"its Hessians {hessians_mib:.0f} MiB, whole model float32 {model_f32_mib:.0f} MiB"
+    )
     # Peak growth: one float32 layer + its Hessians + output shard buffer (~40 MiB at 3 bits), with slack.
     assert delta_mib < layer_f32_mib + hessians_mib + 120, delta_mib
     assert delta_mib < 0.75 * model_f32_mib, delta_mib

@@ -14,8 +14,8 @@ from vllm_moemix.checkpoint.format import read_quantization_config
 from vllm_moemix.checkpoint.reader import dequantized_state_dict
 from vllm_moemix.checkpoint.writer import quantize_checkpoint
 from vllm_moemix.config.plan import Plan
-from vllm_moemix.quant.rtn import quantize_rtn
 from vllm_moemix.config.spec import PlanError, QuantSpec
+from vllm_moemix.quant.rtn import quantize_rtn
 
 MIXED = {
     "default": {"bits": 4, "group_size": 32},
@@ -94,7 +94,9 @@ def test_missing_tensor_and_shape_mismatch(random_mixtral, tmp_path):
     with pytest.raises(PlanError, match="experts.3.w3: tensor .*w3.weight is missing"):
         quantize_checkpoint(missing, Plan.uniform(4, 32), tmp_path / "q", progress=False)
     wrong = _mutated_copy(random_mixtral, tmp_path / "wrong", lambda t: t.__setitem__(name, t[name][:64]))
-    with pytest.raises(PlanError, match=r"experts.3.w3: weight shape \[64, 128\] does not match the config \(\[128, 128\]\)"):
+    with pytest.raises(
+        PlanError, match=r"experts.3.w3: weight shape \[64, 128\] does not match the config \(\[128, 128\]\)"
+    ):
         quantize_checkpoint(wrong, Plan.uniform(4, 32), tmp_path / "q", progress=False)
     _expect_nothing_written(tmp_path, tmp_path / "q")
 
@@ -125,17 +127,30 @@ def test_reader_rejects_unknown_format_version():
 
 def test_cli_quantize_and_inspect(random_qwen2moe, tmp_path):
     plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"default": {"bits": 3, "group_size": 32},
-                                "modules": {"model.layers.0.mlp.shared_expert": 8, "model.layers.0.mlp.experts.1": 2}}))
+    plan.write_text(
+        json.dumps(
+            {
+                "default": {"bits": 3, "group_size": 32},
+                "modules": {"model.layers.0.mlp.shared_expert": 8, "model.layers.0.mlp.experts.1": 2},
+            }
+        )
+    )
     out = tmp_path / "q"
     cli = [sys.executable, "-m", "vllm_moemix.cli"]
-    done = subprocess.run(cli + ["quantize", str(random_qwen2moe), "--plan", str(plan), "-o", str(out), "--quiet"],
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        cli + ["quantize", str(random_qwen2moe), "--plan", str(plan), "-o", str(out), "--quiet"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "average" in done.stdout
     shown = subprocess.run(cli + ["inspect", str(out)], capture_output=True, text=True, check=True).stdout
     assert "shared_expert" in shown and "dense_mlp" in shown and "average bits per weight" in shown
-    failed = subprocess.run(cli + ["quantize", str(random_qwen2moe), "--bits", "5", "-o", str(tmp_path / "x")],
-                            capture_output=True, text=True)
+    failed = subprocess.run(
+        cli + ["quantize", str(random_qwen2moe), "--bits", "5", "-o", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+    )
     assert failed.returncode == 2 and "'5' is not a width" in failed.stderr and "Traceback" not in failed.stderr
 
 
@@ -144,15 +159,50 @@ def test_cli_strategies_gptq_and_heatmap(random_mixtral, tmp_path):
     calib = tmp_path / "calib.txt"
     calib.write_text("the quick brown fox jumps over the lazy dog. " * 400)
     plan = tmp_path / "plan.json"
-    done = subprocess.run(cli + ["plan", str(random_mixtral), "--strategy", "router-norm", "--budget", "2.5",
-                                 "--group-size", "32", "-o", str(plan), "--quiet"], capture_output=True, text=True)
+    done = subprocess.run(
+        cli
+        + [
+            "plan",
+            str(random_mixtral),
+            "--strategy",
+            "router-norm",
+            "--budget",
+            "2.5",
+            "--group-size",
+            "32",
+            "-o",
+            str(plan),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     assert "router-norm under 2.5 average bits" in done.stdout
     assert json.loads(plan.read_text())["format"] == "moemix-plan"
     out = tmp_path / "q"
-    done = subprocess.run(cli + ["quantize", str(random_mixtral), "--budget", "3", "--group-size", "32",
-                                 "--pin", "model.layers.*.self_attn=4", "--calib", str(calib), "--calib-samples", "4",
-                                 "-o", str(out), "--quiet"], capture_output=True, text=True)
+    done = subprocess.run(
+        cli
+        + [
+            "quantize",
+            str(random_mixtral),
+            "--budget",
+            "3",
+            "--group-size",
+            "32",
+            "--pin",
+            "model.layers.*.self_attn=4",
+            "--calib",
+            str(calib),
+            "--calib-samples",
+            "4",
+            "-o",
+            str(out),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["quantizer"] == "gptq" and qc["summary"]["avg_payload_bits"] <= 3.0
@@ -160,21 +210,39 @@ def test_cli_strategies_gptq_and_heatmap(random_mixtral, tmp_path):
     heatmap = tmp_path / "bits.png"
     done = subprocess.run(cli + ["inspect", str(out), "--heatmap", str(heatmap)], capture_output=True, text=True)
     assert done.returncode == 0 and heatmap.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    done = subprocess.run(cli + ["plan", str(random_mixtral), "--budget", "1.2", "--strategy", "uniform",
-                                 "-o", str(tmp_path / "p2.json"), "--group-size", "32"], capture_output=True, text=True)
+    done = subprocess.run(
+        cli
+        + [
+            "plan",
+            str(random_mixtral),
+            "--budget",
+            "1.2",
+            "--strategy",
+            "uniform",
+            "-o",
+            str(tmp_path / "p2.json"),
+            "--group-size",
+            "32",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 2 and "impossible budget" in done.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--budget", "nan"], "argument --budget: 'nan' must be a positive finite number"),
-    (["--budget", "-1"], "argument --budget: '-1' must be a positive finite number"),
-    (["--budget-bytes", "1.5e6"], "argument --budget-bytes: '1.5e6' is not a int"),
-    (["--budget", "2.5", "--group-size", "0"], "argument --group-size: '0' must be a positive finite number"),
-    (["--budget", "2.5", "--group-size", "48"], "argument --group-size: '48' is not a multiple of 32"),
-    (["--budget", "2.5", "--pin", "model.layers.*.self_attn=eight"], "'eight' is not a width"),
-    (["--budget", "2.5", "--calib", "SHORT"], "tokens; need at least 257 (give more or longer --calib files)"),
-    (["--budget", "2.5", "--strategy", "frequent-experts", "--usage", "PROFILE"], "needs an 'experts' object"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--budget", "nan"], "argument --budget: 'nan' must be a positive finite number"),
+        (["--budget", "-1"], "argument --budget: '-1' must be a positive finite number"),
+        (["--budget-bytes", "1.5e6"], "argument --budget-bytes: '1.5e6' is not a int"),
+        (["--budget", "2.5", "--group-size", "0"], "argument --group-size: '0' must be a positive finite number"),
+        (["--budget", "2.5", "--group-size", "48"], "argument --group-size: '48' is not a multiple of 32"),
+        (["--budget", "2.5", "--pin", "model.layers.*.self_attn=eight"], "'eight' is not a width"),
+        (["--budget", "2.5", "--calib", "SHORT"], "tokens; need at least 257 (give more or longer --calib files)"),
+        (["--budget", "2.5", "--strategy", "frequent-experts", "--usage", "PROFILE"], "needs an 'experts' object"),
+    ],
+)
 def test_cli_bad_arguments_are_one_line_and_exit_2(args, message, tmp_path, capsys):
     from tests.conftest import TRAINED_MIXTRAL
     from vllm_moemix.cli import main

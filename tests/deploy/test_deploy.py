@@ -48,8 +48,10 @@ CRD_SCHEMAS = {
 }
 BUILTIN_KINDS = {"Deployment", "Service", "PersistentVolumeClaim", "HorizontalPodAutoscaler", "NetworkPolicy"}
 # Exported only on some hosts, checked against the server's source instead of a live CPU /metrics.
-CONDITIONAL_METRICS = {"moemix_gpu_memory_used_bytes": "CUDA hosts only",
-                       "moemix_gpu_memory_total_bytes": "CUDA hosts only"}
+CONDITIONAL_METRICS = {
+    "moemix_gpu_memory_used_bytes": "CUDA hosts only",
+    "moemix_gpu_memory_total_bytes": "CUDA hosts only",
+}
 PROMETHEUS_BUILTIN = {"up"}
 
 
@@ -100,8 +102,21 @@ def find(kind: str, name: str | None = None) -> dict:
 
 # ------------------------------------------------------------------------------------------ PromQL helpers
 
-_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool",
-             "offset", "inf", "nan"}
+_KEYWORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "and",
+    "or",
+    "unless",
+    "bool",
+    "offset",
+    "inf",
+    "nan",
+}
 
 
 def promql_selectors(expr: str) -> list[tuple[str, set[str]]]:
@@ -121,8 +136,12 @@ def promql_selectors(expr: str) -> list[tuple[str, set[str]]]:
 
 
 def grafana_to_promql(expr: str) -> str:
-    return (expr.replace("$__rate_interval", "1m").replace("$__interval", "1m").replace("${model}", ".*")
-            .replace("$model", ".*"))
+    return (
+        expr.replace("$__rate_interval", "1m")
+        .replace("$__interval", "1m")
+        .replace("${model}", ".*")
+        .replace("$model", ".*")
+    )
 
 
 def dashboard() -> dict:
@@ -157,8 +176,10 @@ def queried_metrics() -> dict[str, set[str]]:
 
 
 def test_promql_selector_extraction():
-    sel = promql_selectors('histogram_quantile(0.95, sum by (le, model_name) (rate(vllm:ttft_bucket{model_name=~"a|b",'
-                           ' engine!="x"}[5m]))) > 2 and on(model) up{job="m"} == 0 or absent(foo) unless bar')
+    sel = promql_selectors(
+        'histogram_quantile(0.95, sum by (le, model_name) (rate(vllm:ttft_bucket{model_name=~"a|b",'
+        ' engine!="x"}[5m]))) > 2 and on(model) up{job="m"} == 0 or absent(foo) unless bar'
+    )
     assert sel == [("vllm:ttft_bucket", {"model_name", "engine"}), ("up", {"job"}), ("foo", set()), ("bar", set())]
 
 
@@ -183,8 +204,17 @@ def test_promtool_alert_unit_tests():
 
 def test_dashboard_and_adapter_queries_are_valid_promql(tmp_path):
     exprs = dashboard_exprs() + adapter_exprs()
-    rules = {"groups": [{"name": "dashboard", "rules": [
-        {"record": f"moemix:dashboard_query_{i}", "expr": grafana_to_promql(e)} for i, (_, e) in enumerate(exprs)]}]}
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [
+                    {"record": f"moemix:dashboard_query_{i}", "expr": grafana_to_promql(e)}
+                    for i, (_, e) in enumerate(exprs)
+                ],
+            }
+        ]
+    }
     path = tmp_path / "dashboard-rules.yml"
     path.write_text(yaml.safe_dump(rules))
     r = run([promtool(), "check", "rules", str(path)])
@@ -213,8 +243,16 @@ def test_dashboard_is_generated_and_well_formed():
             assert t["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
             assert t["expr"].strip()
     titles = " | ".join(p["title"] for p in d["panels"])
-    for needed in ("Tokens/s", "Time to first token", "Inter-token latency", "Requests running / waiting",
-                   "KV cache", "Memory", "Weight bytes by bit width", "Expert routing by bit width"):
+    for needed in (
+        "Tokens/s",
+        "Time to first token",
+        "Inter-token latency",
+        "Requests running / waiting",
+        "KV cache",
+        "Memory",
+        "Weight bytes by bit width",
+        "Expert routing by bit width",
+    ):
         assert needed in titles, needed
     exprs = " ".join(e for _, e in dashboard_exprs())
     for q in ("0.5", "0.95", "0.99"):
@@ -310,13 +348,18 @@ def _pod_spec_checks(spec: dict, gpus: str, http: bool = True):
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert c[probe]["httpGet"]["path"] == "/health", probe
             assert c[probe]["httpGet"]["port"] == "http"
-        assert {"name": "http", "containerPort": 8000} == {k: v for k, v in c["ports"][0].items()
-                                                             if k in ("name", "containerPort")}
+        assert {"name": "http", "containerPort": 8000} == {
+            k: v for k, v in c["ports"][0].items() if k in ("name", "containerPort")
+        }
 
 
 def test_manifests_reference_each_other():
-    dep, svc, sm, hpa = find("Deployment"), find("Service", "moemix"), find("ServiceMonitor"), \
-        find("HorizontalPodAutoscaler")
+    dep, svc, sm, hpa = (
+        find("Deployment"),
+        find("Service", "moemix"),
+        find("ServiceMonitor"),
+        find("HorizontalPodAutoscaler"),
+    )
     pod_labels = dep["spec"]["template"]["metadata"]["labels"]
     assert dep["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     assert svc["spec"]["selector"].items() <= pod_labels.items()
@@ -330,8 +373,11 @@ def test_manifests_reference_each_other():
     assert find("PersistentVolumeClaim")["metadata"]["name"] == "moemix-models"
     _pod_spec_checks(dep["spec"]["template"]["spec"], "1")
     # HPA: Pods metric vllm_num_requests_waiting, served by the adapter rule from vllm:num_requests_waiting
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
-                                             "name": dep["metadata"]["name"]}
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": dep["metadata"]["name"],
+    }
     (metric,) = hpa["spec"]["metrics"]
     assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == "vllm_num_requests_waiting"
     rule = yaml.safe_load((K8S / "prometheus-adapter-values.yaml").read_text())["rules"]["custom"][0]
@@ -344,8 +390,7 @@ def test_manifests_reference_each_other():
     _pod_spec_checks(tmpl["workerTemplate"]["spec"], "8", http=False)
     lsvc = find("Service", "moemix-multinode")
     assert sm["spec"]["selector"]["matchLabels"].items() <= lsvc["metadata"]["labels"].items()
-    assert lsvc["spec"]["selector"] == {"leaderworkerset.sigs.k8s.io/name": lws["metadata"]["name"],
-                                        "role": "leader"}
+    assert lsvc["spec"]["selector"] == {"leaderworkerset.sigs.k8s.io/name": lws["metadata"]["name"], "role": "leader"}
     assert tmpl["leaderTemplate"]["metadata"]["labels"]["role"] == "leader"
 
 
@@ -370,7 +415,7 @@ def _interpolate(value: str) -> str:
 def _leader_serve_argv() -> list[str]:
     leader = find("LeaderWorkerSet")["spec"]["leaderWorkerTemplate"]["leaderTemplate"]
     script = leader["spec"]["containers"][0]["args"][0]
-    line = script[script.index("exec moemix serve"):].replace("\\\n", " ")
+    line = script[script.index("exec moemix serve") :].replace("\\\n", " ")
     return shlex.split(line)[3:]
 
 
@@ -380,10 +425,12 @@ def server_command_lines() -> dict[str, list[str]]:
         "docker-compose moemix": [_interpolate(str(a)) for a in compose["services"]["moemix"]["command"]],
         "k8s Deployment": find("Deployment")["spec"]["template"]["spec"]["containers"][0]["args"],
         "k8s LeaderWorkerSet leader": _leader_serve_argv(),
-        "Dockerfile.cpu CMD": json.loads(re.search(r"^CMD (.*)$", (DEPLOY / "Dockerfile.cpu").read_text(),
-                                                   re.M).group(1)),
-        "Dockerfile.cuda CMD": json.loads(re.search(r"^CMD (.*)$", (DEPLOY / "Dockerfile.cuda").read_text(),
-                                                    re.M).group(1)),
+        "Dockerfile.cpu CMD": json.loads(
+            re.search(r"^CMD (.*)$", (DEPLOY / "Dockerfile.cpu").read_text(), re.M).group(1)
+        ),
+        "Dockerfile.cuda CMD": json.loads(
+            re.search(r"^CMD (.*)$", (DEPLOY / "Dockerfile.cuda").read_text(), re.M).group(1)
+        ),
     }
 
 
@@ -414,8 +461,16 @@ def _settings(argv: list[str], tmp_path: Path):
 KEY_FROM_ENV = {"docker-compose moemix", "Dockerfile.cpu CMD", "Dockerfile.cuda CMD"}
 
 
-@pytest.mark.parametrize("where", ["docker-compose moemix", "k8s Deployment", "k8s LeaderWorkerSet leader",
-                                   "Dockerfile.cpu CMD", "Dockerfile.cuda CMD"])
+@pytest.mark.parametrize(
+    "where",
+    [
+        "docker-compose moemix",
+        "k8s Deployment",
+        "k8s LeaderWorkerSet leader",
+        "Dockerfile.cpu CMD",
+        "Dockerfile.cuda CMD",
+    ],
+)
 def test_server_command_lines_parse_with_the_server_cli(where, tmp_path, monkeypatch):
     """Each serves 0.0.0.0:8000, so each needs its API key source: without it the server refuses to start."""
     from server.settings import SettingsError
@@ -447,9 +502,13 @@ def _walk(node):
 def test_the_api_key_secret_is_required():
     """k8s: the key file given to --api-key-file is a mount of the Secret moemix-api-key, not optional (a pod
     without it waits rather than serving open); compose: MOEMIX_API_KEY must be set (`${VAR:?...}`)."""
-    for where, spec in (("k8s Deployment", find("Deployment")["spec"]["template"]["spec"]),
-                        ("k8s LeaderWorkerSet leader",
-                         find("LeaderWorkerSet")["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"])):
+    for where, spec in (
+        ("k8s Deployment", find("Deployment")["spec"]["template"]["spec"]),
+        (
+            "k8s LeaderWorkerSet leader",
+            find("LeaderWorkerSet")["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"],
+        ),
+    ):
         argv = server_command_lines()[where]
         key_file = Path(argv[argv.index("--api-key-file") + 1])
         c = spec["containers"][0]
@@ -484,12 +543,16 @@ def test_network_policies_keep_ray_inside_the_group():
             assert rule.get("from"), f"{p['metadata']['name']}: a rule without `from` admits every source"
             for peer in rule["from"]:
                 assert "ipBlock" not in peer and peer.get("podSelector", {}).get("matchLabels"), peer
-    group_policies = [p for p in policies if "leaderworkerset.sigs.k8s.io/group-index"
-                      in p["spec"]["podSelector"]["matchLabels"]]
+    group_policies = [
+        p for p in policies if "leaderworkerset.sigs.k8s.io/group-index" in p["spec"]["podSelector"]["matchLabels"]
+    ]
     for group in range(lws["spec"]["replicas"]):
         for role in ("leaderTemplate", "workerTemplate"):
-            pod = {**tmpl[role]["metadata"]["labels"], "leaderworkerset.sigs.k8s.io/name": name,
-                   "leaderworkerset.sigs.k8s.io/group-index": str(group)}
+            pod = {
+                **tmpl[role]["metadata"]["labels"],
+                "leaderworkerset.sigs.k8s.io/name": name,
+                "leaderworkerset.sigs.k8s.io/group-index": str(group),
+            }
             (policy,) = [p for p in group_policies if _selects(p["spec"]["podSelector"], pod)]
             (rule,) = policy["spec"]["ingress"]
             assert "ports" not in rule  # Ray and NCCL choose ports at run time
@@ -501,10 +564,15 @@ def test_network_policies_keep_ray_inside_the_group():
     assert _selects(api["spec"]["podSelector"], leader) and not _selects(api["spec"]["podSelector"], worker)
     (rule,) = api["spec"]["ingress"]
     assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
-    assert any(p["name"] == "http" and p["containerPort"] == 8000
-               for p in tmpl["leaderTemplate"]["spec"]["containers"][0]["ports"])
-    prometheus = next(peer for peer in rule["from"] if "kubernetes.io/metadata.name" in
-                      peer.get("namespaceSelector", {}).get("matchLabels", {}))
+    assert any(
+        p["name"] == "http" and p["containerPort"] == 8000
+        for p in tmpl["leaderTemplate"]["spec"]["containers"][0]["ports"]
+    )
+    prometheus = next(
+        peer
+        for peer in rule["from"]
+        if "kubernetes.io/metadata.name" in peer.get("namespaceSelector", {}).get("matchLabels", {})
+    )
     assert prometheus["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}
 
 
@@ -553,8 +621,15 @@ def test_moemix_console_script_has_serve():
 
 def test_compose_files_match_the_compose_spec():
     exe = need("check-jsonschema", "pip install check-jsonschema")
-    r = run([exe, "--schemafile", str(SCHEMAS / "compose-spec.json"), str(DEPLOY / "docker-compose.yml"),
-             str(DEPLOY / "docker-compose.gpu.yml")])
+    r = run(
+        [
+            exe,
+            "--schemafile",
+            str(SCHEMAS / "compose-spec.json"),
+            str(DEPLOY / "docker-compose.yml"),
+            str(DEPLOY / "docker-compose.gpu.yml"),
+        ]
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -583,7 +658,7 @@ def test_compose_builds_and_mounts_exist():
     assert "-o /models/tiny-moemix" in job and _interpolate(svc["moemix"]["command"][0]).endswith("/models/tiny-moemix")
     from vllm_moemix.cli import build_parser
 
-    argv = shlex.split(job[job.index("moemix quantize"):])[1:]
+    argv = shlex.split(job[job.index("moemix quantize") :])[1:]
     args = build_parser().parse_args(argv)
     assert args.func.__name__ == "cmd_quantize" and args.quantizer == "rtn"
 
@@ -621,7 +696,7 @@ def test_dockerfile_conventions(name):
 def test_cpu_image_installs_what_make_venv_installs():
     """Same lock file, same removals, then the package without dependencies (Makefile's `venv` target)."""
     makefile = (REPO / "Makefile").read_text()
-    recipe = makefile[makefile.index("$(STAMP):"):makefile.index("touch $(STAMP)")]
+    recipe = makefile[makefile.index("$(STAMP):") : makefile.index("touch $(STAMP)")]
     docker = (DEPLOY / "Dockerfile.cpu").read_text()
     assert "-r requirements/cpu.lock.txt" in recipe and "-r requirements/cpu.lock.txt" in docker
     removed = re.search(r"pip uninstall -y (?:-q )?([a-z ]+)", recipe).group(1).split()
@@ -695,8 +770,11 @@ def live_server(demo_server):
 
     url, port = demo_server
     for stream in (False, True):
-        r = httpx.post(url + "/v1/completions", json={"model": "tiny-moemix", "prompt": "The Python interpreter",
-                                                      "max_tokens": 8, "stream": stream}, timeout=60)
+        r = httpx.post(
+            url + "/v1/completions",
+            json={"model": "tiny-moemix", "prompt": "The Python interpreter", "max_tokens": 8, "stream": stream},
+            timeout=60,
+        )
         assert r.status_code == 200
     return url, port
 
@@ -748,9 +826,16 @@ def test_prometheus_with_the_deploy_config_scrapes_and_answers_every_query(live_
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
     prom_port = free_port()
     log = open(tmp_path / "prometheus.log", "wb")
-    proc = subprocess.Popen([binary, f"--config.file={tmp_path / 'prometheus.yml'}",
-                             f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{prom_port}"],
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{prom_port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     api = f"http://127.0.0.1:{prom_port}/api/v1"
     try:
         deadline = time.monotonic() + 60
@@ -764,8 +849,9 @@ def test_prometheus_with_the_deploy_config_scrapes_and_answers_every_query(live_
                 pass
             assert time.monotonic() < deadline, (tmp_path / "prometheus.log").read_text()[-2000:]
             time.sleep(1)
-        httpx.post(url + "/v1/completions", json={"model": "tiny-moemix", "prompt": "import os", "max_tokens": 4},
-                   timeout=60)
+        httpx.post(
+            url + "/v1/completions", json={"model": "tiny-moemix", "prompt": "import os", "max_tokens": 4}, timeout=60
+        )
         time.sleep(6)
         up = httpx.get(f"{api}/query", params={"query": 'up{job="moemix"}'}, timeout=5).json()["data"]["result"]
         assert up and up[0]["value"][1] == "1"

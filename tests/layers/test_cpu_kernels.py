@@ -16,15 +16,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.support import H, I, SPECS2, SPECS13, MixedExperts, routing, run_experts
-from vllm_moemix.layers.layout import routed_tokens
-from vllm_moemix.quant import packing
+from tests.support import SPECS2, SPECS13, H, MixedExperts, routing, run_experts
+from vllm_moemix.config.spec import QuantSpec
 from vllm_moemix.layers.kernels import cpu
 from vllm_moemix.layers.kernels.base import ExpertsConfig, LinearConfig
 from vllm_moemix.layers.kernels.cpu import NativeCpuExpertsKernel, NativeCpuLinearKernel
 from vllm_moemix.layers.kernels.select import choose_experts_kernel, choose_linear_kernel
+from vllm_moemix.layers.layout import routed_tokens
+from vllm_moemix.quant import packing
 from vllm_moemix.quant.rtn import quantize_rtn
-from vllm_moemix.config.spec import QuantSpec
 
 native_ok, native_why = cpu._native_status()
 pytestmark = pytest.mark.skipif(not native_ok, reason=f"native CPU kernels unavailable: {native_why}")
@@ -58,6 +58,7 @@ def fake_quant(x: torch.Tensor) -> torch.Tensor:
 
 
 # --- layout (csrc/cpu_kernels.cpp `repack`, `quantize_activations`), re-derived here from its description ---
+
 
 def hi_bit_position(k: int) -> int:
     """kernel_api.h: value k of a 32-value chunk keeps its high bit at bit 8t + 4r + j, k = 16r + 4t + j."""
@@ -124,6 +125,7 @@ def test_activation_permutation_and_block_scales(bits, window):
 
 
 # --- numerics, per variant ---
+
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("group", [32, 64, 128])
@@ -212,7 +214,9 @@ def test_moe_compiles_fullgraph_bf16(isa):
         w, i = routing(tokens, len(SPECS13), seed=tokens)
         out = compiled(x, w, i)
         assert out.dtype == torch.bfloat16
-        torch.testing.assert_close(out.float(), naive_fake_quant(layer, x.float(), w, i), rtol=2e-2, atol=0.1)  # bf16 output
+        torch.testing.assert_close(
+            out.float(), naive_fake_quant(layer, x.float(), w, i), rtol=2e-2, atol=0.1
+        )  # bf16 output
 
 
 def test_selection_prefers_native_and_explains_refusals(isa, monkeypatch):
@@ -220,11 +224,14 @@ def test_selection_prefers_native_and_explains_refusals(isa, monkeypatch):
     linear = LinearConfig(QuantSpec(4), 128, 64, torch.bfloat16)
     assert choose_experts_kernel(experts, torch.device("cpu")) is NativeCpuExpertsKernel
     assert choose_linear_kernel(linear, torch.device("cpu")) is NativeCpuLinearKernel
-    ok, why = NativeCpuLinearKernel.can_implement(LinearConfig(QuantSpec(4), 128, 80, torch.bfloat16),
-                                                  torch.device("cpu"))
+    ok, why = NativeCpuLinearKernel.can_implement(
+        LinearConfig(QuantSpec(4), 128, 80, torch.bfloat16), torch.device("cpu")
+    )
     assert not ok and why == f"output dimension 80 is not a multiple of {isa.tile} (the {isa.name} tile width)"
     assert NativeCpuExpertsKernel.can_implement(experts, torch.device("meta")) == (
-        False, "native kernels run on CPU, not meta")
+        False,
+        "native kernels run on CPU, not meta",
+    )
     monkeypatch.setattr(cpu, "_native_status", lambda: (None, "native extension not built"))
     assert NativeCpuExpertsKernel.can_implement(experts, torch.device("cpu")) == (False, "native extension not built")
     with pytest.raises(RuntimeError, match="not built"):
@@ -238,8 +245,10 @@ def test_default_is_the_fastest_supported_variant(monkeypatch):
 
 
 def test_refusals_name_the_missing_isa(monkeypatch):
-    lacking = [cpu.IsaVariant("avx512_vnni", 64, 4, ("avx512f", "avx512_vnni"), ("avx512f", "avx512_vnni")),
-               cpu.IsaVariant("avx2", 32, 4, ("avx2", "fma"), ("avx2",))]
+    lacking = [
+        cpu.IsaVariant("avx512_vnni", 64, 4, ("avx512f", "avx512_vnni"), ("avx512f", "avx512_vnni")),
+        cpu.IsaVariant("avx2", 32, 4, ("avx2", "fma"), ("avx2",)),
+    ]
     monkeypatch.setattr(cpu, "variants", lambda: lacking)
     monkeypatch.delenv(cpu.ISA_ENV, raising=False)
     variant, why = cpu.choose_variant()
@@ -248,13 +257,15 @@ def test_refusals_name_the_missing_isa(monkeypatch):
     assert cpu.choose_variant() == (None, "MOEMIX_CPU_ISA=avx512_vnni, but the CPU lacks avx512f, avx512_vnni")
     monkeypatch.setenv(cpu.ISA_ENV, "neon")
     assert cpu.choose_variant() == (None, "MOEMIX_CPU_ISA=neon names no variant; built: avx512_vnni, avx2")
-    ok, why = NativeCpuExpertsKernel.can_implement(ExpertsConfig((QuantSpec(2),), (QuantSpec(2),), 64, 64,
-                                                                 torch.float32), torch.device("cpu"))
+    ok, why = NativeCpuExpertsKernel.can_implement(
+        ExpertsConfig((QuantSpec(2),), (QuantSpec(2),), 64, 64, torch.float32), torch.device("cpu")
+    )
     assert not ok and "neon" in why
 
 
 def test_op_refuses_unknown_variant():
     packed = packing.pack(torch.randint(0, 4, (64, 64)), 2)
     with pytest.raises(RuntimeError, match="unknown moemix cpu kernel variant 'sse2'"):
-        torch.ops.moemix.cpu_linear(torch.randn(1, 64), packed, torch.ones(2, 64).half(), torch.empty(0, dtype=torch.uint8),
-                                    2, 32, "sse2")
+        torch.ops.moemix.cpu_linear(
+            torch.randn(1, 64), packed, torch.ones(2, 64).half(), torch.empty(0, dtype=torch.uint8), 2, 32, "sse2"
+        )

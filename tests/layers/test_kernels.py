@@ -5,13 +5,14 @@ import torch
 import torch.nn.functional as F
 
 import vllm_moemix.layers  # noqa: F401  (registers the moemix:: ops)
-from vllm_moemix.layers.layout import routed_tokens
-from tests.support import H, I, SPECS2, SPECS13, MixedExperts, routing, run_experts
+from tests.support import SPECS2, SPECS13, H, MixedExperts, routing, run_experts
+from vllm_moemix.config.spec import QuantSpec
 from vllm_moemix.layers.kernels.base import ExpertsConfig, LinearConfig
 from vllm_moemix.layers.kernels.reference import DequantExpertsKernel, DequantLinearKernel
 from vllm_moemix.layers.kernels.select import choose_experts_kernel, choose_linear_kernel
+from vllm_moemix.layers.layout import routed_tokens
 from vllm_moemix.quant.rtn import quantize_rtn
-from vllm_moemix.config.spec import QuantSpec
+
 
 @pytest.mark.parametrize("tokens, skew", [(1, False), (7, False), (33, True)])
 def test_mixed_width_experts_match_naive(tokens, skew):
@@ -71,8 +72,12 @@ def test_selection_reports_every_reason(monkeypatch):
     config = LinearConfig(QuantSpec(4), 128, 64, torch.bfloat16)
     monkeypatch.setenv("MOEMIX_DISABLED_KERNELS", "NativeCpuLinearKernel, NativeCpuExpertsKernel")
     assert choose_linear_kernel(config, torch.device("cpu")) is DequantLinearKernel
-    assert choose_experts_kernel(ExpertsConfig((QuantSpec(2),), (QuantSpec(2),), 128, 128, torch.bfloat16),
-                                 torch.device("cpu")) is DequantExpertsKernel
+    assert (
+        choose_experts_kernel(
+            ExpertsConfig((QuantSpec(2),), (QuantSpec(2),), 128, 128, torch.bfloat16), torch.device("cpu")
+        )
+        is DequantExpertsKernel
+    )
     monkeypatch.setenv("MOEMIX_DISABLED_KERNELS", "NativeCpuLinearKernel,DequantLinearKernel")
     with pytest.raises(ValueError, match="DequantLinearKernel: disabled by MOEMIX_DISABLED_KERNELS"):
         choose_linear_kernel(config, torch.device("cpu"))
@@ -82,8 +87,9 @@ def test_what_serves_is_said_and_a_reference_fallback_explained(monkeypatch):
     from vllm_moemix.layers.introspect import describe_served, reference_fallback_reason
 
     native = {"experts": {"NativeCpuExpertsKernel (avx2)": 4}, "linears": {"NativeCpuLinearKernel (avx2)": 8}}
-    assert describe_served(native) == ("experts: NativeCpuExpertsKernel (avx2) x4; "
-                                       "linears: NativeCpuLinearKernel (avx2) x8")
+    assert describe_served(native) == (
+        "experts: NativeCpuExpertsKernel (avx2) x4; linears: NativeCpuLinearKernel (avx2) x8"
+    )
     assert reference_fallback_reason(native) is None
     monkeypatch.setenv("MOEMIX_CPU_ISA", "sse2")
     slow = {"experts": {"DequantExpertsKernel": 4}, "linears": {}}

@@ -5,19 +5,24 @@ vLLM's CUDA ops are replaced by fakes that check the arguments vLLM's own GPTQ-M
 end against MixedExperts's naive math; the CUDA kernels themselves run only on a GPU.
 """
 
-import pytest
 import torch
 
 from tests.support import MixedExperts, naive_moe, routing, run_experts
-from vllm_moemix.layers.layout import routed_tokens
-from vllm_moemix.quant import packing
+from vllm_moemix.config.spec import QuantSpec
 from vllm_moemix.layers.kernels import marlin
 from vllm_moemix.layers.kernels.base import ExpertsConfig
+from vllm_moemix.layers.layout import routed_tokens
+from vllm_moemix.quant import packing
 from vllm_moemix.quant.tensors import dequantize_kn
-from vllm_moemix.config.spec import QuantSpec
 
 H, I = 64, 96  # MixedExperts's shapes (too small for real Marlin tiles: the shape rule is patched where needed)
-S4, S4_SYM, S8_SYM, S8, S2 = QuantSpec(4, 32), QuantSpec(4, 32, sym=True), QuantSpec(8, 32, sym=True), QuantSpec(8, 32), QuantSpec(2, 32)
+S4, S4_SYM, S8_SYM, S8, S2 = (
+    QuantSpec(4, 32),
+    QuantSpec(4, 32, sym=True),
+    QuantSpec(8, 32, sym=True),
+    QuantSpec(8, 32),
+    QuantSpec(2, 32),
+)
 
 
 def test_pair_reasons():
@@ -47,7 +52,9 @@ def test_partition_maps_local_experts_and_a_sentinel_for_other_ranks():
 def test_can_implement_reasons(monkeypatch):
     config = _config([S4, S2], [S4, S2])
     assert marlin.MarlinExpertsKernel.can_implement(config, torch.device("cpu")) == (
-        False, "Marlin runs on CUDA, not cpu")
+        False,
+        "Marlin runs on CUDA, not cpu",
+    )
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     assert "capability" in marlin.MarlinExpertsKernel.can_implement(config, torch.device("cuda"))[1]
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
@@ -79,21 +86,42 @@ class FakeVllm:
         return packing.pack(z.t().contiguous(), num_bits).t().contiguous()
 
     @staticmethod
-    def fused_marlin_moe(x, w1, w2, b1, b2, s1, s2, topk_weights, topk_ids, quant_type_id, global_num_experts,
-                         expert_map, w1_zeros, w2_zeros):
+    def fused_marlin_moe(
+        x,
+        w1,
+        w2,
+        b1,
+        b2,
+        s1,
+        s2,
+        topk_weights,
+        topk_ids,
+        quant_type_id,
+        global_num_experts,
+        expert_map,
+        w1_zeros,
+        w2_zeros,
+    ):
         from vllm.scalar_type import ScalarType
 
         bits = ScalarType.from_id(quant_type_id).size_bits
         assert global_num_experts == expert_map.numel()
+
         def unpack_zeros(z):
             return None if z is None else packing.unpack(z.transpose(1, 2).contiguous(), bits).transpose(1, 2)
 
-        return reference_partition(x, topk_weights, expert_map.long()[topk_ids.long()],
-                                   (w1, s1, unpack_zeros(w1_zeros), bits), (w2, s2, unpack_zeros(w2_zeros), bits)).to(x.dtype)
+        return reference_partition(
+            x,
+            topk_weights,
+            expert_map.long()[topk_ids.long()],
+            (w1, s1, unpack_zeros(w1_zeros), bits),
+            (w2, s2, unpack_zeros(w2_zeros), bits),
+        ).to(x.dtype)
 
 
 def reference_partition(x, topk_weights, slots, w13, w2):
     """What vLLM's fused_marlin_moe computes for one partition: the naive MoE over its dequantized experts."""
+
     def experts(q, s, z, bits):
         return [dequantize_kn(q[e], s[e], z[e] if z is not None else None, bits).t() for e in range(q.shape[0])]
 
@@ -112,28 +140,45 @@ def test_glue_matches_naive_with_fake_vllm_ops(monkeypatch):
     monkeypatch.setattr(marlin_utils, "marlin_moe_permute_scales", fake.marlin_moe_permute_scales)
     monkeypatch.setattr(marlin_utils, "marlin_zero_points", fake.marlin_zero_points)
     monkeypatch.setattr(marlin_moe, "fused_marlin_moe", fake.fused_marlin_moe)
-    monkeypatch.setattr(triton_moe, "moe_width_group",
-                        lambda x, w, slots, q13, s13, z13, q2, s2, z2, b13, g13, b2, g2: reference_partition(
-                            x, w, slots, (q13, s13, z13 if z13.numel() else None, b13),
-                            (q2, s2, z2 if z2.numel() else None, b2)))
-    monkeypatch.setattr(marlin, "marlin_pair_reason", lambda w13, w2, h, i: None if (
-        w13.bits == w2.bits and w13.bits in (4, 8) and (w13.sym or w13.bits == 4)) else "not marlin")
+    monkeypatch.setattr(
+        triton_moe,
+        "moe_width_group",
+        lambda x, w, slots, q13, s13, z13, q2, s2, z2, b13, g13, b2, g2: reference_partition(
+            x, w, slots, (q13, s13, z13 if z13.numel() else None, b13), (q2, s2, z2 if z2.numel() else None, b2)
+        ),
+    )
+    monkeypatch.setattr(
+        marlin,
+        "marlin_pair_reason",
+        lambda w13, w2, h, i: (
+            None if (w13.bits == w2.bits and w13.bits in (4, 8) and (w13.sym or w13.bits == 4)) else "not marlin"
+        ),
+    )
 
     w13 = [S4, S4_SYM, S2, S4, S8_SYM, S4]
     w2 = [S4, S4_SYM, S2, QuantSpec(3, 32), S8_SYM, S4]
     layer = MixedExperts(w13, w2)
     layer.expert_map = torch.tensor([-1, 0, 1, 2, -1, 3, 4, 5], dtype=torch.int32)  # EP: 8 global, 6 local
+
     def group_bytes(suffixes):
-        return sum(p.nbytes for n, p in layer.named_parameters() if n.startswith(("w13_g", "w2_g")) and n.endswith(suffixes))
+        return sum(
+            p.nbytes for n, p in layer.named_parameters() if n.startswith(("w13_g", "w2_g")) and n.endswith(suffixes)
+        )
 
     weights_before, zeros_before = group_bytes(("qweight", "scales")), group_bytes("qzeros")
     kernel = marlin.MarlinExpertsKernel(ExpertsConfig(tuple(w13), tuple(w2), H, I, torch.float16))
     kernel.process_weights_after_loading(layer)
 
     assert [(p.experts, p.marlin) for p in kernel.partitions] == [
-        ([0, 5], True), ([1], True), ([2], False), ([3], False), ([4], True)]
-    assert sorted(fake.repacks) == sorted([(2, H, 2 * I, 4), (2, I, H, 4), (1, H, 2 * I, 4), (1, I, H, 4),
-                                           (1, H, 2 * I, 8), (1, I, H, 8)])
+        ([0, 5], True),
+        ([1], True),
+        ([2], False),
+        ([3], False),
+        ([4], True),
+    ]
+    assert sorted(fake.repacks) == sorted(
+        [(2, H, 2 * I, 4), (2, I, H, 4), (1, H, 2 * I, 4), (1, I, H, 4), (1, H, 2 * I, 8), (1, I, H, 8)]
+    )
     parts = [getattr(layer, f"moemix_part_{i}") for i in range(kernel.num_tensors)]
     # The partitions replace the width groups: weights and scales keep their bytes; Marlin packs zero points
     # tighter than our uint8; nothing is kept twice.

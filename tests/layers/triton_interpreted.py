@@ -8,13 +8,12 @@ import pytest
 import torch
 import triton
 
-from tests.support import H, SPECS2, SPECS13, MixedExperts, routing, run_experts
-from vllm_moemix.layers.layout import routed_tokens
-from vllm_moemix.layers.kernels.base import ExpertsConfig, LinearConfig
-from vllm_moemix.quant.rtn import quantize_rtn
+from tests.support import SPECS2, SPECS13, H, MixedExperts, routing, run_experts
 from vllm_moemix.config.spec import QuantSpec
-
+from vllm_moemix.layers.kernels.base import ExpertsConfig, LinearConfig
 from vllm_moemix.layers.kernels.triton_moe import TritonExpertsKernel, TritonLinearKernel, moe_width_group
+from vllm_moemix.layers.layout import routed_tokens
+from vllm_moemix.quant.rtn import quantize_rtn
 
 
 def test_running_under_the_interpreter():
@@ -63,8 +62,21 @@ def test_width_group_with_unused_slots(bits, group, sym):
     x = torch.randn(5, hidden)
     slots = torch.tensor([[0, 2], [1, -1], [-1, -1], [2, 0], [1, 2]], dtype=torch.int32)
     weights = torch.rand(5, 2)
-    out = moe_width_group(x, weights, slots, stacked(w13, "qweight"), stacked(w13, "scales"), stacked(w13, "qzeros"),
-                          stacked(w2, "qweight"), stacked(w2, "scales"), stacked(w2, "qzeros"), bits, group, bits, group)
+    out = moe_width_group(
+        x,
+        weights,
+        slots,
+        stacked(w13, "qweight"),
+        stacked(w13, "scales"),
+        stacked(w13, "qzeros"),
+        stacked(w2, "qweight"),
+        stacked(w2, "scales"),
+        stacked(w2, "qzeros"),
+        bits,
+        group,
+        bits,
+        group,
+    )
     expected = torch.zeros(5, hidden)
     for t in range(5):
         for k in range(2):

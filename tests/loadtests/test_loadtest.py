@@ -17,8 +17,20 @@ import pytest
 
 from loadtests import run as lt_run
 from loadtests.metrics import (
-    DONE, Distribution, RequestRecord, StreamTimer, chunk_text, describe, iter_sse_data, meets_slos, parse_mix,
-    parse_slo, percentile, read_records, summarize, tpot,
+    DONE,
+    Distribution,
+    RequestRecord,
+    StreamTimer,
+    chunk_text,
+    describe,
+    iter_sse_data,
+    meets_slos,
+    parse_mix,
+    parse_slo,
+    percentile,
+    read_records,
+    summarize,
+    tpot,
 )
 from tests.conftest import free_port
 
@@ -46,8 +58,20 @@ def test_stream_timer_ttft_is_first_non_empty_chunk_and_itl_the_gaps():
 
 
 def test_sse_parsing_done_comments_and_multiline():
-    lines = [b": keep-alive", b"", b'data: {"a": 1}', b"", b"data: {\"b\":", b"data: 2}", b"", b"event: x",
-             b"data: [DONE]", b"", b'data: {"after": 1}', b""]
+    lines = [
+        b": keep-alive",
+        b"",
+        b'data: {"a": 1}',
+        b"",
+        b'data: {"b":',
+        b"data: 2}",
+        b"",
+        b"event: x",
+        b"data: [DONE]",
+        b"",
+        b'data: {"after": 1}',
+        b"",
+    ]
     assert list(iter_sse_data(lines)) == ['{"a": 1}', '{"b":\n2}', DONE]
     assert list(iter_sse_data(["data: x"])) == ["x"]  # a stream cut before its blank line / [DONE]
 
@@ -77,8 +101,17 @@ def test_describe_in_ms():
 
 
 def _rec(**kw) -> RequestRecord:
-    base = dict(kind="completion", stream=True, model="m", start=0.0, e2e=1.0, ttft=0.1, itl=[0.1] * 9,
-                prompt_tokens=10, output_tokens=10)
+    base = dict(
+        kind="completion",
+        stream=True,
+        model="m",
+        start=0.0,
+        e2e=1.0,
+        ttft=0.1,
+        itl=[0.1] * 9,
+        prompt_tokens=10,
+        output_tokens=10,
+    )
     base.update(kw)
     return RequestRecord(**base)
 
@@ -176,15 +209,25 @@ def test_timespans_and_user_levels():
             lt_run.parse_timespan(bad)
 
 
-@pytest.mark.parametrize("url", ["http://127.0.0.1:8000", "http://127.8.9.10:1", "http://[::1]:8000",
-                                 "http://localhost:8000"])
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:8000", "http://127.8.9.10:1", "http://[::1]:8000", "http://localhost:8000"]
+)
 def test_loopback_hosts_are_accepted(url):
     assert lt_run.check_host(url, allow_remote=False) == url
 
 
-@pytest.mark.parametrize("url", ["http://10.0.0.1:8000", "http://192.168.1.5", "http://8.8.8.8:80",
-                                 "http://172.16.0.1:8000", "http://[2001:db8::1]:8000", "ftp://127.0.0.1",
-                                 "http://no-such-host.invalid:8000"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://10.0.0.1:8000",
+        "http://192.168.1.5",
+        "http://8.8.8.8:80",
+        "http://172.16.0.1:8000",
+        "http://[2001:db8::1]:8000",
+        "ftp://127.0.0.1",
+        "http://no-such-host.invalid:8000",
+    ],
+)
 def test_other_hosts_are_refused(url):
     with pytest.raises(lt_run.UsageError):
         lt_run.check_host(url, allow_remote=False)
@@ -207,12 +250,19 @@ def _fake_result(compare: bool) -> dict:
     models = ["a", "b"] if compare else ["a"]
     for mi, m in enumerate(models):
         for users in (1, 2, 4):
-            recs = [_rec(start=i * 0.1, e2e=0.5 + 0.1 * users + 0.05 * mi, ttft=0.05 * users, itl=[0.02] * 9)
-                    for i in range(10)]
-            runs.append({"tag": f"{m}_u{users}", "models": [m], "users": users,
-                         "summary": summarize(recs, {"ttft": 0.1})})
-    return {"runs": runs, "config": {"percentiles": [50, 90, 99]}, "slos_s": {"ttft": 0.1},
-            "compare": models if compare else None}
+            recs = [
+                _rec(start=i * 0.1, e2e=0.5 + 0.1 * users + 0.05 * mi, ttft=0.05 * users, itl=[0.02] * 9)
+                for i in range(10)
+            ]
+            runs.append(
+                {"tag": f"{m}_u{users}", "models": [m], "users": users, "summary": summarize(recs, {"ttft": 0.1})}
+            )
+    return {
+        "runs": runs,
+        "config": {"percentiles": [50, 90, 99]},
+        "slos_s": {"ttft": 0.1},
+        "compare": models if compare else None,
+    }
 
 
 def test_plots_and_comparison(tmp_path):
@@ -230,7 +280,6 @@ def test_plots_and_comparison(tmp_path):
 
 
 # ------------------------------------------------------------------------ Locust end to end, fake server
-
 
 
 FIRST_DELAY, TOKEN_GAP = 0.08, 0.02
@@ -259,9 +308,11 @@ class FakeOpenAI(BaseHTTPRequestHandler):
             return self._send(200, json.dumps({"data": [{"id": "fake"}]}).encode())
         if self.path == "/metrics":
             c = self.counters
-            text = (f'vllm:request_success_total{{finished_reason="length",model_name="fake"}} {c["requests"]}\n'
-                    f'vllm:generation_tokens_total{{model_name="fake"}} {c["gen"]}\n'
-                    f'vllm:prompt_tokens_total{{model_name="fake"}} {c["prompt"]}\n')
+            text = (
+                f'vllm:request_success_total{{finished_reason="length",model_name="fake"}} {c["requests"]}\n'
+                f'vllm:generation_tokens_total{{model_name="fake"}} {c["gen"]}\n'
+                f'vllm:prompt_tokens_total{{model_name="fake"}} {c["prompt"]}\n'
+            )
             return self._send(200, text.encode(), "text/plain; version=0.0.4")
         self._send(404, b'{"error": {"message": "no"}}')
 
@@ -324,10 +375,32 @@ def test_locust_run_against_fake_server_measures_known_timings(fake_server, tmp_
     TTFT/TPOT are known: TTFT ~ 80 ms, TPOT = ITL ~ 20 ms."""
     out = tmp_path / "lt"
     t0 = time.monotonic()
-    rc = lt_run.main(["--host", fake_server, "--users", "2", "--run-time", "20s", "--max-requests", "8",
-                      "--out", str(out), "--mix", "completion_stream=2,chat_stream=2,chat=1",
-                      "--output-len", "fixed:6", "--prompt-len", "uniform:3:5", "--slo", "ttft=5",
-                      "--slo", "tpot=1", "--stop-timeout", "10s"])
+    rc = lt_run.main(
+        [
+            "--host",
+            fake_server,
+            "--users",
+            "2",
+            "--run-time",
+            "20s",
+            "--max-requests",
+            "8",
+            "--out",
+            str(out),
+            "--mix",
+            "completion_stream=2,chat_stream=2,chat=1",
+            "--output-len",
+            "fixed:6",
+            "--prompt-len",
+            "uniform:3:5",
+            "--slo",
+            "ttft=5",
+            "--slo",
+            "tpot=1",
+            "--stop-timeout",
+            "10s",
+        ]
+    )
     elapsed = time.monotonic() - t0
     assert rc == 0, (out / "fake_u2.locust.log").read_text()[-3000:]
     assert elapsed < 20, f"--max-requests should end the run early, took {elapsed:.1f} s"
@@ -341,10 +414,18 @@ def test_locust_run_against_fake_server_measures_known_timings(fake_server, tmp_
         assert FIRST_DELAY * 1000 <= s["ttft_ms"]["p50"] < FIRST_DELAY * 1000 + 400
         assert TOKEN_GAP * 1000 * 0.9 <= s["tpot_ms"]["p50"] < TOKEN_GAP * 1000 + 150
         assert s["itl_ms"]["count"] == 5 * s["streamed"]
-    assert run["server"]["fake"] == {"requests_finished": 8.0, "generation_tokens": 48.0,
-                                     "prompt_tokens": float(s["prompt_tokens"])}
-    for name in ("fake_u2_stats.csv", "fake_u2.html", "fake_u2.records.jsonl", "latency_vs_concurrency.png",
-                 "throughput_vs_concurrency.png"):
+    assert run["server"]["fake"] == {
+        "requests_finished": 8.0,
+        "generation_tokens": 48.0,
+        "prompt_tokens": float(s["prompt_tokens"]),
+    }
+    for name in (
+        "fake_u2_stats.csv",
+        "fake_u2.html",
+        "fake_u2.records.jsonl",
+        "latency_vs_concurrency.png",
+        "throughput_vs_concurrency.png",
+    ):
         assert (out / name).stat().st_size > 0, name
     stats = (out / "fake_u2_stats.csv").read_text()
     expected = ["METRIC,E2E", "METRIC,OUTPUT_TOKENS_PER_S"]
@@ -356,8 +437,24 @@ def test_locust_run_against_fake_server_measures_known_timings(fake_server, tmp_
 
 def test_failed_requests_are_counted_and_exit_1(fake_server, tmp_path):
     bad = tmp_path / "bad"  # every request goes to /nope/v1/...: 404
-    rc = lt_run.main(["--host", fake_server + "/nope", "--users", "1", "--run-time", "15s", "--max-requests", "3",
-                      "--out", str(bad), "--model", "fake", "--no-plots", "--no-server-metrics"])
+    rc = lt_run.main(
+        [
+            "--host",
+            fake_server + "/nope",
+            "--users",
+            "1",
+            "--run-time",
+            "15s",
+            "--max-requests",
+            "3",
+            "--out",
+            str(bad),
+            "--model",
+            "fake",
+            "--no-plots",
+            "--no-server-metrics",
+        ]
+    )
     s = json.loads((bad / "summary.json").read_text())["runs"][0]["summary"]
     assert rc == 1 and s["failed"] == 3 and s["completed"] == 0
     assert all(k.startswith("404") for k in s["errors"])
@@ -389,11 +486,35 @@ def test_bounded_run_against_the_real_server(real_server, tmp_path):
     before = _counters(real_server)
     out = tmp_path / "lt"
     t0 = time.monotonic()
-    rc = lt_run.main(["--host", real_server, "--users", "1,3", "--spawn-rate", "3", "--run-time", "25s",
-                      "--max-requests", "6", "--out", str(out), "--model", "tiny-moemix",
-                      "--mix", "completion_stream=2,chat_stream=2,completion=1,chat=1",
-                      "--prompt-len", "uniform:4:16", "--output-len", "uniform:8:24", "--slo", "ttft=30",
-                      "--slo", "tpot=5", "--no-plots"])
+    rc = lt_run.main(
+        [
+            "--host",
+            real_server,
+            "--users",
+            "1,3",
+            "--spawn-rate",
+            "3",
+            "--run-time",
+            "25s",
+            "--max-requests",
+            "6",
+            "--out",
+            str(out),
+            "--model",
+            "tiny-moemix",
+            "--mix",
+            "completion_stream=2,chat_stream=2,completion=1,chat=1",
+            "--prompt-len",
+            "uniform:4:16",
+            "--output-len",
+            "uniform:8:24",
+            "--slo",
+            "ttft=30",
+            "--slo",
+            "tpot=5",
+            "--no-plots",
+        ]
+    )
     elapsed = time.monotonic() - t0
     after = _counters(real_server)
     summary = json.loads((out / "summary.json").read_text())
@@ -407,8 +528,10 @@ def test_bounded_run_against_the_real_server(real_server, tmp_path):
     assert sum(r["summary"]["failed"] for r in runs) == 0
     assert total_ok == 12
     # The server's own counters moved by exactly what the clients saw (nobody else talks to this server).
-    finished = sum(after.get(f"vllm:request_success_total:{k}", 0) - before.get(f"vllm:request_success_total:{k}", 0)
-                   for k in ("stop", "length", "abort", "error", "repetition"))
+    finished = sum(
+        after.get(f"vllm:request_success_total:{k}", 0) - before.get(f"vllm:request_success_total:{k}", 0)
+        for k in ("stop", "length", "abort", "error", "repetition")
+    )
     assert finished == total_ok
     assert after["vllm:request_success_total:length"] - before["vllm:request_success_total:length"] == total_ok
     assert after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"] == total_out
@@ -435,9 +558,27 @@ def test_api_key_reaches_the_server_but_not_the_command_line(tmp_path, monkeypat
     real_popen = subprocess.Popen
     monkeypatch.setattr(lt_run.subprocess, "Popen", lambda cmd, **kw: commands.append(cmd) or real_popen(cmd, **kw))
     try:
-        rc = lt_run.main(["--host", f"http://127.0.0.1:{srv.server_address[1]}", "--users", "1", "--max-requests",
-                          "2", "--run-time", "10s", "--out", str(tmp_path), "--api-key", "sekrit", "--no-plots",
-                          "--model", "fake", "--output-len", "fixed:2"])
+        rc = lt_run.main(
+            [
+                "--host",
+                f"http://127.0.0.1:{srv.server_address[1]}",
+                "--users",
+                "1",
+                "--max-requests",
+                "2",
+                "--run-time",
+                "10s",
+                "--out",
+                str(tmp_path),
+                "--api-key",
+                "sekrit",
+                "--no-plots",
+                "--model",
+                "fake",
+                "--output-len",
+                "fixed:2",
+            ]
+        )
     finally:
         srv.shutdown()
         srv.server_close()

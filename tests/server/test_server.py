@@ -48,14 +48,20 @@ class Server:
     def client(self, **kwargs):
         import openai
 
-        return openai.OpenAI(**{"base_url": f"{self.url}/v1", "api_key": API_KEY, "max_retries": 0, "timeout": 60,
-                                **kwargs})
+        return openai.OpenAI(
+            **{"base_url": f"{self.url}/v1", "api_key": API_KEY, "max_retries": 0, "timeout": 60, **kwargs}
+        )
 
     def post(self, path: str, body, headers=None, timeout=60, **kwargs) -> httpx.Response:
         headers = {**self.auth, **(headers or {})}
         if isinstance(body, (bytes, str)):
-            return httpx.post(self.url + path, content=body, headers={"content-type": "application/json", **headers},
-                              timeout=timeout, **kwargs)
+            return httpx.post(
+                self.url + path,
+                content=body,
+                headers={"content-type": "application/json", **headers},
+                timeout=timeout,
+                **kwargs,
+            )
         return httpx.post(self.url + path, json=body, headers=headers, timeout=timeout, **kwargs)
 
     def metrics(self) -> dict[tuple[str, frozenset], float]:
@@ -64,8 +70,11 @@ class Server:
 
         time.sleep(METRICS_MAX_AGE_S)
         text = httpx.get(self.url + "/metrics", timeout=30).text
-        return {(s.name, frozenset(s.labels.items())): s.value
-                for fam in text_string_to_metric_families(text) for s in fam.samples}
+        return {
+            (s.name, frozenset(s.labels.items())): s.value
+            for fam in text_string_to_metric_families(text)
+            for s in fam.samples
+        }
 
     def tokens(self, **body) -> list[int]:
         r = self.post("/tokenize", body)
@@ -97,30 +106,55 @@ def moemix_ckpt(tmp_path_factory) -> Path:
 def server(moemix_ckpt, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     config = tmp / "server.yaml"
-    config.write_text(json.dumps({  # JSON is YAML
-        "max_queue": 8,
-        "retry_after_s": 2,
-        "drain_timeout_s": 60,
-        "routing_refresh_s": ROUTING_REFRESH_S,
-        "sse_keep_alive_s": SSE_KEEP_ALIVE_S,
-        "metrics_max_age_s": METRICS_MAX_AGE_S,
-        "vllm_args": {"max_model_len": 256, "max_num_seqs": 4, "enforce_eager": True},
-        "models": [
-            {"name": BF16, "path": str(TRAINED_MIXTRAL), "max_queue": 0,
-             # accepted by vLLM's parser, applied by vLLM's own HTTP server only: start-up says so
-             "vllm_args": {"max_num_seqs": BF16_MAX_NUM_SEQS, "sse_keep_alive_interval": 15}},
-            {"name": MOEMIX, "path": str(moemix_ckpt)},
-        ],
-    }))
+    config.write_text(
+        json.dumps(
+            {  # JSON is YAML
+                "max_queue": 8,
+                "retry_after_s": 2,
+                "drain_timeout_s": 60,
+                "routing_refresh_s": ROUTING_REFRESH_S,
+                "sse_keep_alive_s": SSE_KEEP_ALIVE_S,
+                "metrics_max_age_s": METRICS_MAX_AGE_S,
+                "vllm_args": {"max_model_len": 256, "max_num_seqs": 4, "enforce_eager": True},
+                "models": [
+                    {
+                        "name": BF16,
+                        "path": str(TRAINED_MIXTRAL),
+                        "max_queue": 0,
+                        # accepted by vLLM's parser, applied by vLLM's own HTTP server only: start-up says so
+                        "vllm_args": {"max_num_seqs": BF16_MAX_NUM_SEQS, "sse_keep_alive_interval": 15},
+                    },
+                    {"name": MOEMIX, "path": str(moemix_ckpt)},
+                ],
+            }
+        )
+    )
     key_file = tmp / "api-key"
     key_file.write_text(API_KEY + "\n")
     port = free_port()
     log = tmp / "server.log"
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", PYTHONUNBUFFERED="1")
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--config", str(config), "--host",
-                                 "127.0.0.1", "--port", str(port), "--api-key-file", str(key_file)],
-                                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "server",
+                "serve",
+                "--config",
+                str(config),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--api-key-file",
+                str(key_file),
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     srv = Server(proc, port, log)
     wait_healthy(proc, srv.url, log, timeout=300)
     yield srv
@@ -153,8 +187,10 @@ def expected_kernels() -> dict[str, dict[str, int]]:
 
     variant, why = choose_variant()
     assert variant is not None, why
-    return {"experts": {f"NativeCpuExpertsKernel ({variant.name})": 4},
-            "linears": {f"NativeCpuLinearKernel ({variant.name})": 8}}
+    return {
+        "experts": {f"NativeCpuExpertsKernel ({variant.name})": 4},
+        "linears": {f"NativeCpuLinearKernel ({variant.name})": 8},
+    }
 
 
 @pytest.mark.parametrize("model", [BF16, MOEMIX])
@@ -165,7 +201,10 @@ def test_completion_usage_and_streaming(server, model):
     full = client.completions.create(**args)
     assert full.model == model and full.choices[0].finish_reason == "length"
     assert (full.usage.prompt_tokens, full.usage.completion_tokens, full.usage.total_tokens) == (
-        prompt_tokens, 12, prompt_tokens + 12)
+        prompt_tokens,
+        12,
+        prompt_tokens + 12,
+    )
 
     chunks = list(client.completions.create(**args, stream=True, stream_options={"include_usage": True}))
     text = "".join(c.choices[0].text for c in chunks if c.choices)
@@ -181,8 +220,9 @@ def test_chat_uses_the_models_template(server):
 
     messages = [{"role": "user", "content": "What is a list?"}]
     template_tokens = server.tokens(model=MOEMIX, messages=messages, add_generation_prompt=True)
-    hf = AutoTokenizer.from_pretrained(TRAINED_MIXTRAL).apply_chat_template(messages, add_generation_prompt=True,
-                                                                             tokenize=True, return_dict=True)
+    hf = AutoTokenizer.from_pretrained(TRAINED_MIXTRAL).apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True
+    )
     assert template_tokens == hf["input_ids"]  # models/tiny-mixtral/chat_template.jinja, as transformers applies it
 
     client = server.client()
@@ -198,8 +238,13 @@ def test_chat_uses_the_models_template(server):
 
 
 def test_sse_wire_format(server):
-    body = {"model": MOEMIX, "prompt": PROMPT, "max_tokens": 4, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": MOEMIX,
+        "prompt": PROMPT,
+        "max_tokens": 4,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=server.auth, timeout=60) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         raw = r.read().decode()
@@ -214,8 +259,12 @@ def test_sse_keep_alive_while_queued(server):
     """A stream queued behind a full batch (max_num_seqs 4 streams of 250 tokens) sends `: keep-alive` comments
     every SSE_KEEP_ALIVE_S until its first token, then its tokens as usual."""
     client = server.client()
-    batch = [client.completions.create(model=MOEMIX, prompt=f"{PROMPT} {i}", max_tokens=250, stream=True,
-                                       extra_body={"ignore_eos": True}) for i in range(4)]
+    batch = [
+        client.completions.create(
+            model=MOEMIX, prompt=f"{PROMPT} {i}", max_tokens=250, stream=True, extra_body={"ignore_eos": True}
+        )
+        for i in range(4)
+    ]
     try:
         for s in batch:
             next(iter(s))  # all four generating: the next request waits for a free sequence
@@ -242,9 +291,16 @@ def test_parallel_streams_all_complete(server):
     n, max_tokens = 8, 16
 
     def one(i: int):
-        stream = client.completions.create(model=MOEMIX, prompt=f"{PROMPT} {i}", max_tokens=max_tokens,
-                                           temperature=0.8, seed=i, stream=True, extra_body={"ignore_eos": True},
-                                           stream_options={"include_usage": True})
+        stream = client.completions.create(
+            model=MOEMIX,
+            prompt=f"{PROMPT} {i}",
+            max_tokens=max_tokens,
+            temperature=0.8,
+            seed=i,
+            stream=True,
+            extra_body={"ignore_eos": True},
+            stream_options={"include_usage": True},
+        )
         chunks = list(stream)
         return chunks[-1].usage.completion_tokens, [c.choices[0].finish_reason for c in chunks if c.choices][-1]
 
@@ -267,18 +323,22 @@ def assert_openai_error(r: httpx.Response, status: int, err_type: str) -> dict:
 def test_bad_requests_are_400(server):
     assert_openai_error(server.post("/v1/completions", b'{"model": "tiny-moemix", "prompt": '), 400, "BadRequestError")
     assert_openai_error(server.post("/v1/completions", b"[1, 2]"), 400, "BadRequestError")
-    err = assert_openai_error(server.post("/v1/completions", {"model": MOEMIX, "prompt": "x", "max_tokens": -1}),
-                              400, "BadRequestError")
+    err = assert_openai_error(
+        server.post("/v1/completions", {"model": MOEMIX, "prompt": "x", "max_tokens": -1}), 400, "BadRequestError"
+    )
     assert err["param"] == "max_tokens"
-    err = assert_openai_error(server.post("/v1/completions", {"model": MOEMIX, "prompt": "x", "temperature": "hot"}),
-                              400, "BadRequestError")
+    err = assert_openai_error(
+        server.post("/v1/completions", {"model": MOEMIX, "prompt": "x", "temperature": "hot"}), 400, "BadRequestError"
+    )
     assert "temperature" in err["param"]
     long_prompt = "import os " * 300
-    err = assert_openai_error(server.post("/v1/completions", {"model": MOEMIX, "prompt": long_prompt}),
-                              400, "BadRequestError")
+    err = assert_openai_error(
+        server.post("/v1/completions", {"model": MOEMIX, "prompt": long_prompt}), 400, "BadRequestError"
+    )
     assert "context length" in err["message"]
-    assert_openai_error(server.post("/v1/chat/completions", {"model": MOEMIX, "messages": "hi"}), 400,
-                        "BadRequestError")
+    assert_openai_error(
+        server.post("/v1/chat/completions", {"model": MOEMIX, "messages": "hi"}), 400, "BadRequestError"
+    )
     r = httpx.post(server.url + "/v1/completions", content=b"x", headers={**server.auth, "content-type": "text/plain"})
     assert_openai_error(r, 400, "BadRequestError")
 
@@ -320,8 +380,12 @@ def test_auth_scheme_case_and_path_probes(server):
     for scheme in ("bearer", "BEARER"):
         headers = {"Authorization": f"{scheme} {API_KEY}"}
         assert httpx.get(server.url + "/v1/models", headers=headers).status_code == 200
-        r = httpx.post(server.url + "/v1/completions", json={"model": MOEMIX, "prompt": "x", "max_tokens": 1},
-                       headers=headers, timeout=60)
+        r = httpx.post(
+            server.url + "/v1/completions",
+            json={"model": MOEMIX, "prompt": "x", "max_tokens": 1},
+            headers=headers,
+            timeout=60,
+        )
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 1, r.text
 
     def raw_get(path: str) -> tuple[int, dict]:
@@ -333,8 +397,16 @@ def test_auth_scheme_case_and_path_probes(server):
         finally:
             conn.close()
 
-    for path in ("//v1/models", "/v1/../v1/models", "/health/../v1/models", "/v1/./models", "/%2E%2E/v1/models",
-                 "/v1//models", "//tokenize", "/v1/models/..%2F..%2Fv1%2Fmodels"):
+    for path in (
+        "//v1/models",
+        "/v1/../v1/models",
+        "/health/../v1/models",
+        "/v1/./models",
+        "/%2E%2E/v1/models",
+        "/v1//models",
+        "//tokenize",
+        "/v1/models/..%2F..%2Fv1%2Fmodels",
+    ):
         status, body = raw_get(path)
         assert status == 401 and body["error"]["type"] == "AuthenticationError", (path, status, body)
 
@@ -351,8 +423,9 @@ def test_overload_is_429_and_disconnect_aborts(server):
     incomplete_before = metric(m0, "moemix_requests_incomplete_total", model=BF16)
     streams = []
     for i in range(BF16_MAX_NUM_SEQS):
-        s = client.completions.create(model=BF16, prompt=f"{PROMPT} {i}", max_tokens=250, stream=True,
-                                      extra_body={"ignore_eos": True})
+        s = client.completions.create(
+            model=BF16, prompt=f"{PROMPT} {i}", max_tokens=250, stream=True, extra_body={"ignore_eos": True}
+        )
         next(iter(s))  # admitted and generating
         streams.append(s)
     try:
@@ -388,22 +461,28 @@ def test_overload_is_429_and_disconnect_aborts(server):
 def test_more_slots_than_the_limit_is_400(server):
     """tiny-bf16 admits 2 sequences: n=3 (or 3 prompts) can never run, so 400 says why instead of 429 forever."""
     for body in ({"n": 3, "prompt": "x"}, {"prompt": ["a", "b", "c"]}):
-        err = assert_openai_error(server.post("/v1/completions", {"model": BF16, "max_tokens": 2, **body}), 400,
-                                  "BadRequestError")
+        err = assert_openai_error(
+            server.post("/v1/completions", {"model": BF16, "max_tokens": 2, **body}), 400, "BadRequestError"
+        )
         assert "needs 3 slots" in err["message"] and "admits at most 2" in err["message"]
     assert metric(server.metrics(), "moemix_requests_in_flight", model=BF16) == 0
 
 
 def test_chunked_body_over_the_limit_is_413(server):
     """No Content-Length (Transfer-Encoding: chunked): the size is checked while the body arrives."""
+
     def body():  # just over max_body_bytes (8 MiB) in the last big chunk: the server has read nearly all of it
         yield b'{"model": "tiny-moemix", "prompt": "'
         for _ in range(8):
             yield b"x" * 2**20
         yield b'"}'
 
-    r = httpx.post(server.url + "/v1/completions", content=body(),
-                   headers={**server.auth, "content-type": "application/json"}, timeout=60)
+    r = httpx.post(
+        server.url + "/v1/completions",
+        content=body(),
+        headers={**server.auth, "content-type": "application/json"},
+        timeout=60,
+    )
     assert "content-length" not in r.request.headers
     assert_openai_error(r, 413, "BadRequestError")
 
@@ -413,11 +492,15 @@ def test_non_streaming_disconnect_aborts(server):
     m0 = server.metrics()
     tokens_before = metric(m0, "vllm:generation_tokens_total", model_name=MOEMIX)
     with pytest.raises(httpx.ReadTimeout):
-        server.post("/v1/completions", {"model": MOEMIX, "prompt": PROMPT, "max_tokens": 250, "ignore_eos": True},
-                    timeout=httpx.Timeout(60, read=0.1))  # 250 tokens take ~0.35 s even at 700 tok/s
+        server.post(
+            "/v1/completions",
+            {"model": MOEMIX, "prompt": PROMPT, "max_tokens": 250, "ignore_eos": True},
+            timeout=httpx.Timeout(60, read=0.1),
+        )  # 250 tokens take ~0.35 s even at 700 tok/s
     deadline = time.monotonic() + 30
-    while (metric(m := server.metrics(), "moemix_requests_in_flight", model=MOEMIX)
-           or metric(m, "vllm:num_requests_running", model_name=MOEMIX)):
+    while metric(m := server.metrics(), "moemix_requests_in_flight", model=MOEMIX) or metric(
+        m, "vllm:num_requests_running", model_name=MOEMIX
+    ):
         assert time.monotonic() < deadline
         time.sleep(0.2)
     time.sleep(1)
@@ -475,8 +558,10 @@ def test_metrics_flood_does_not_slow_streaming(server):
     default 20) from a rendering at most METRICS_MAX_AGE_S old."""
     import statistics
 
-    url, body = server.url + "/v1/completions", {"model": MOEMIX, "prompt": PROMPT, "max_tokens": 200,
-                                                  "ignore_eos": True, "stream": True, "temperature": 0}
+    url, body = (
+        server.url + "/v1/completions",
+        {"model": MOEMIX, "prompt": PROMPT, "max_tokens": 200, "ignore_eos": True, "stream": True, "temperature": 0},
+    )
 
     def gaps() -> list[float]:
         r, _, g, events = _stream_timings(url, server.auth, body)
@@ -487,8 +572,9 @@ def test_metrics_flood_does_not_slow_streaming(server):
     quiet, flooded, scrapes, flood_s = [], [], 0, 0.0
     for _ in range(2):
         quiet += gaps() + gaps()
-        flood = subprocess.Popen([sys.executable, "-c", _FLOOD, str(server.port), str(FLOOD_CLIENTS)],
-                                 stdout=subprocess.PIPE, text=True)
+        flood = subprocess.Popen(
+            [sys.executable, "-c", _FLOOD, str(server.port), str(FLOOD_CLIENTS)], stdout=subprocess.PIPE, text=True
+        )
         t0 = time.monotonic()
         try:
             time.sleep(0.3)  # all connections hammering
@@ -498,9 +584,12 @@ def test_metrics_flood_does_not_slow_streaming(server):
             scrapes += int(flood.communicate(timeout=30)[0])
             flood_s += time.monotonic() - t0
     ratio = statistics.median(flooded) / statistics.median(quiet)
-    print(f"\nITL median without flood {1e3 * statistics.median(quiet):.2f} ms, with {scrapes} scrapes in {flood_s:.1f} s "
-          f"{1e3 * statistics.median(flooded):.2f} ms: ratio {ratio:.2f} (mean ratio "
-          f"{statistics.mean(flooded) / statistics.mean(quiet):.2f})")
+    print(
+        f"\nITL median without flood {1e3 * statistics.median(quiet):.2f} ms, "
+        f"with {scrapes} scrapes in {flood_s:.1f} s "
+        f"{1e3 * statistics.median(flooded):.2f} ms: ratio {ratio:.2f} (mean ratio "
+        f"{statistics.mean(flooded) / statistics.mean(quiet):.2f})"
+    )
     assert SCRAPES_PER_S * flood_s / 2 <= scrapes <= SCRAPES_PER_S * (flood_s + 1), (scrapes, flood_s)
     assert ratio <= FLOOD_ITL_BOUND, ratio
 
@@ -515,8 +604,14 @@ def test_overload_four_times_the_capacity(server):
 
     capacity = BF16_MAX_NUM_SEQS  # max_queue 0
     url = server.url + "/v1/completions"
-    body = {"model": BF16, "prompt": PROMPT, "max_tokens": 16, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": BF16,
+        "prompt": PROMPT,
+        "max_tokens": 16,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     stop = Event()
 
     def client() -> tuple[list[float], int, list]:
@@ -531,8 +626,13 @@ def test_overload_four_times_the_capacity(server):
                 time.sleep(0.01)
                 continue
             usage = json.loads(events[-2]).get("usage") if len(events) >= 2 else None
-            if r.status_code != 200 or events[-1] != "[DONE]" or any('"error"' in e for e in events) or \
-                    not usage or usage["completion_tokens"] != 16:
+            if (
+                r.status_code != 200
+                or events[-1] != "[DONE]"
+                or any('"error"' in e for e in events)
+                or not usage
+                or usage["completion_tokens"] != 16
+            ):
                 failures.append((r.status_code, events[-3:]))
             else:
                 ttfts.append(ttft)
@@ -547,9 +647,11 @@ def test_overload_four_times_the_capacity(server):
     rejected = sum(n for _, n, _ in results)
     failures = [f for _, _, fails in results for f in fails]
     p99 = ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))] if ttfts else None
-    print(f"\n{4 * capacity} clients for {OVERLOAD_S} s at capacity {capacity}: {len(ttfts)} admitted, {rejected} "
-          f"429, {len(failures)} failed; admitted TTFT p50 {1e3 * ttfts[len(ttfts) // 2]:.0f} ms, "
-          f"p99 {1e3 * p99:.0f} ms")
+    print(
+        f"\n{4 * capacity} clients for {OVERLOAD_S} s at capacity {capacity}: {len(ttfts)} admitted, {rejected} "
+        f"429, {len(failures)} failed; admitted TTFT p50 {1e3 * ttfts[len(ttfts) // 2]:.0f} ms, "
+        f"p99 {1e3 * p99:.0f} ms"
+    )
     assert not failures, failures[:5]
     assert len(ttfts) >= 4 and rejected > 0, (len(ttfts), rejected)
     assert metric(server.metrics(), "moemix_requests_in_flight", model=BF16) == 0
@@ -586,8 +688,11 @@ def test_metrics_vllm_per_model_and_moemix(server, moemix_ckpt):
     assert metric(m, "moemix_weight_average_bits", model=BF16) == 16
     for width, n in summary["bytes_by_width"].items():
         assert metric(m, "moemix_quantized_linear_bytes", model=MOEMIX, bits=width) == n
-    experts = {dict(lab)["bits"]: v for (n, lab), v in m.items()
-               if n == "moemix_weight_bytes" and ("model", MOEMIX) in lab and ("component", "experts") in lab}
+    experts = {
+        dict(lab)["bits"]: v
+        for (n, lab), v in m.items()
+        if n == "moemix_weight_bytes" and ("model", MOEMIX) in lab and ("component", "experts") in lab
+    }
     assert set(experts) == {"2", "3", "4", "8"}
     assert metric(m, "moemix_weight_bytes", model=BF16, component="experts", bits="bf16") > sum(experts.values())
     assert metric(m, "moemix_generation_tokens_per_second", model=MOEMIX) > 0
@@ -598,8 +703,9 @@ def test_metrics_vllm_per_model_and_moemix(server, moemix_ckpt):
             assert metric(m, "moemix_kernel_info", model=MOEMIX, role=role, kernel=kernel, layers=str(layers)) == 1
     log = server.log.read_text()  # said at start-up:
     assert "serving: experts: NativeCpuExpertsKernel" in log
-    assert (f"model {BF16}: vllm_args `sse_keep_alive_interval` is a `vllm serve` HTTP-server option and is NOT "
-            "applied") in log
+    assert (
+        f"model {BF16}: vllm_args `sse_keep_alive_interval` is a `vllm serve` HTTP-server option and is NOT applied"
+    ) in log
 
 
 def test_expert_routing_counts_by_layer_and_width(server, tmp_path):
@@ -650,11 +756,19 @@ def test_prometheus_scrapes_the_server(server, tmp_path):
     (tmp_path / "prometheus.yml").write_text(
         "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
         "scrape_configs:\n"
-        f"  - job_name: moemix\n    static_configs: [{{targets: ['127.0.0.1:{server.port}']}}]\n")
+        f"  - job_name: moemix\n    static_configs: [{{targets: ['127.0.0.1:{server.port}']}}]\n"
+    )
     log = open(tmp_path / "prometheus.log", "wb")
-    proc = subprocess.Popen([binary, f"--config.file={tmp_path / 'prometheus.yml'}",
-                             f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         query = f'moemix_weight_average_bits{{model="{MOEMIX}"}}'
         expected = metric(server.metrics(), "moemix_weight_average_bits", model=MOEMIX)
@@ -668,8 +782,11 @@ def test_prometheus_scrapes_the_server(server, tmp_path):
             except httpx.TransportError:
                 continue
         assert float(result[0]["value"][1]) == pytest.approx(expected)
-        r = httpx.get(f"http://127.0.0.1:{port}/api/v1/query",
-                      params={"query": 'sum by (model_name) (vllm:generation_tokens_total)'}, timeout=5)
+        r = httpx.get(
+            f"http://127.0.0.1:{port}/api/v1/query",
+            params={"query": "sum by (model_name) (vllm:generation_tokens_total)"},
+            timeout=5,
+        )
         assert {s["metric"]["model_name"] for s in r.json()["data"]["result"]} == {BF16, MOEMIX}
         targets = httpx.get(f"http://127.0.0.1:{port}/api/v1/targets", timeout=5).json()["data"]["activeTargets"]
         assert targets[0]["health"] == "up"
@@ -694,9 +811,15 @@ def test_fuzz_never_a_server_error(server, mode):
     generation_mode = schemathesis.GenerationMode(mode)
     seen: dict[int, int] = {}
     for path in ("/v1/completions", "/v1/chat/completions", "/tokenize"):
+
         @given(case=schema[path]["POST"].as_strategy(generation_mode=generation_mode))
-        @settings(max_examples=FUZZ_EXAMPLES, deadline=None, phases=[Phase.generate], database=None,
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=FUZZ_EXAMPLES,
+            deadline=None,
+            phases=[Phase.generate],
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
         def check(case):
             if generation_mode.is_positive and isinstance(case.body, dict):
                 for key in ("max_tokens", "max_completion_tokens"):
@@ -706,7 +829,7 @@ def test_fuzz_never_a_server_error(server, mode):
                     case.body["n"] = min(case.body["n"], 2)
             r = case.call(base_url=server.url, headers=server.auth, timeout=60)
             seen[r.status_code] = seen.get(r.status_code, 0) + 1
-            assert r.status_code < 500, (path, case.body, r.text[:2000])
+            assert r.status_code < 500, (path, case.body, r.text[:2000])  # noqa: B023 (check runs in this iteration)
             if r.status_code != 200:
                 err = r.json()["error"]
                 assert err["code"] == r.status_code and err["message"] and err["type"], r.text
@@ -739,20 +862,26 @@ _MISSHAPEN_CHAT = {
     "content parts that are numbers": {"messages": [{"role": "user", "content": [1.5, 2]}]},
     "a text part whose text is a number": {"messages": [{"role": "user", "content": [{"type": "text", "text": 1}]}]},
     "tool_calls a number": {"messages": [_HI, {"role": "assistant", "tool_calls": 1.5}]},
-    "a tool call whose function is a number": {"messages": [_HI, {"role": "assistant", "tool_calls": [
-        {"id": "a", "type": "function", "function": 1.5}]}]},
+    "a tool call whose function is a number": {
+        "messages": [_HI, {"role": "assistant", "tool_calls": [{"id": "a", "type": "function", "function": 1.5}]}]
+    },
     "structured_outputs a number": {"messages": [_HI], "structured_outputs": 1.5},
     "structured_outputs a string": {"messages": [_HI], "structured_outputs": "json"},
     "tools a number": {"messages": [_HI], "tools": 1.5},
     "a tool that is a number, named tool_choice": {"messages": [_HI], "tools": [1.5], "tool_choice": _NAMED_TOOL},
     "a tool without function, named tool_choice": {"messages": [_HI], "tools": [{}], "tool_choice": _NAMED_TOOL},
-    "a tool function without name, named tool_choice": {"messages": [_HI], "tools": [{"type": "function",
-                                                                                       "function": {}}],
-                                                        "tool_choice": _NAMED_TOOL},
+    "a tool function without name, named tool_choice": {
+        "messages": [_HI],
+        "tools": [{"type": "function", "function": {}}],
+        "tool_choice": _NAMED_TOOL,
+    },
     "a tool function that is a number": {"messages": [_HI], "tools": [{"type": "function", "function": 1.5}]},
     "tool_choice a number": {"messages": [_HI], "tools": [_NAMED_TOOL], "tool_choice": 1.5},
-    "tool_choice function a number": {"messages": [_HI], "tools": [_NAMED_TOOL],
-                                      "tool_choice": {"type": "function", "function": 1.5}},
+    "tool_choice function a number": {
+        "messages": [_HI],
+        "tools": [_NAMED_TOOL],
+        "tool_choice": {"type": "function", "function": 1.5},
+    },
     "response_format a number": {"messages": [_HI], "response_format": 1.5},
     "stream_options a number": {"messages": [_HI], "stream": True, "stream_options": 1.5},
     "chat_template_kwargs a number": {"messages": [_HI], "chat_template_kwargs": 1.5},
@@ -761,74 +890,239 @@ _MISSHAPEN_CHAT = {
 # tiny-moemix admits 4 + 8 = 12 sequences, tiny-bf16 2; max_logprobs is vLLM's default, 20.
 BAD_INPUTS = [
     ("huge n", "POST", "/v1/completions", {}, {"model": MOEMIX, "prompt": "x", "n": 10**6}, 400, "BadRequestError"),
-    ("huge n, chat", "POST", "/v1/chat/completions", {},
-     {"model": MOEMIX, "messages": [{"role": "user", "content": "hi"}], "n": 10**6}, 400, "BadRequestError"),
-    ("prompts x n over the limit", "POST", "/v1/completions", {},
-     {"model": MOEMIX, "prompt": ["a"] * 5, "n": 3, "max_tokens": 2}, 400, "BadRequestError"),
-    ("1000 prompts x n 1000", "POST", "/v1/completions", {},
-     {"model": MOEMIX, "prompt": ["a"] * 1000, "n": 1000}, 400, "BadRequestError"),
-    ("beam search, huge n", "POST", "/v1/completions", {},
-     {"model": MOEMIX, "prompt": "x", "use_beam_search": True, "n": 10**6, "max_tokens": 2}, 400, "BadRequestError"),
-    ("beam search, n 11 (2n logprobs > 20)", "POST", "/v1/completions", {},
-     {"model": MOEMIX, "prompt": "x", "use_beam_search": True, "n": 11, "max_tokens": 2}, 400, "BadRequestError"),
-    ("beam search, streamed", "POST", "/v1/completions", {},
-     {"model": MOEMIX, "prompt": "x", "use_beam_search": True, "n": 2, "max_tokens": 2, "stream": True}, 400,
-     "BadRequestError"),
-    ("logprobs 10**6", "POST", "/v1/completions", {},
-     {"model": MOEMIX, "prompt": "x", "logprobs": 10**6, "max_tokens": 2}, 400, "BadRequestError"),
-    ("logprobs -5", "POST", "/v1/completions", {},
-     {"model": MOEMIX, "prompt": "x", "logprobs": -5, "max_tokens": 2}, 400, "BadRequestError"),
-    ("top_logprobs 10**6, chat", "POST", "/v1/chat/completions", {},
-     {"model": MOEMIX, "messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 10**6,
-      "max_tokens": 2}, 400, "BadRequestError"),
-    ("5000 stop strings", "POST", "/v1/completions", {},  # vLLM's protocol allows 4, as OpenAI does
-     {"model": MOEMIX, "prompt": "x", "stop": [f"stop-{i}" for i in range(5000)], "max_tokens": 4}, 400,
-     "BadRequestError"),
-    ("out-of-vocabulary token id", "POST", "/v1/completions", {},
-     {"model": MOEMIX, "prompt": [1, 10**6], "max_tokens": 2}, 400, "BadRequestError"),
-    ("negative token id", "POST", "/v1/completions", {},
-     {"model": MOEMIX, "prompt": [[1, -1]], "max_tokens": 2}, 400, "BadRequestError"),
-    ("token id 2**70", "POST", "/v1/completions", {},
-     {"model": MOEMIX, "prompt": [2**70], "max_tokens": 2}, 400, "BadRequestError"),
-    ("max_tokens 1e400 (raw)", "POST", "/v1/completions", {},
-     b'{"model": "tiny-moemix", "prompt": "x", "max_tokens": 1e400}', 400, "BadRequestError"),
-    ("temperature NaN (raw)", "POST", "/v1/completions", {},
-     b'{"model": "tiny-moemix", "prompt": "x", "max_tokens": 2, "temperature": NaN}', 400, "BadRequestError"),
-    ("top_p NaN (raw)", "POST", "/v1/completions", {},
-     b'{"model": "tiny-moemix", "prompt": "x", "max_tokens": 2, "top_p": NaN}', 400, "BadRequestError"),
-    ("8 MB model name", "POST", "/v1/completions", {}, {"model": "m" * 8_000_000, "prompt": "x"}, 404,
-     "NotFoundError"),
+    (
+        "huge n, chat",
+        "POST",
+        "/v1/chat/completions",
+        {},
+        {"model": MOEMIX, "messages": [{"role": "user", "content": "hi"}], "n": 10**6},
+        400,
+        "BadRequestError",
+    ),
+    (
+        "prompts x n over the limit",
+        "POST",
+        "/v1/completions",
+        {},
+        {"model": MOEMIX, "prompt": ["a"] * 5, "n": 3, "max_tokens": 2},
+        400,
+        "BadRequestError",
+    ),
+    (
+        "1000 prompts x n 1000",
+        "POST",
+        "/v1/completions",
+        {},
+        {"model": MOEMIX, "prompt": ["a"] * 1000, "n": 1000},
+        400,
+        "BadRequestError",
+    ),
+    (
+        "beam search, huge n",
+        "POST",
+        "/v1/completions",
+        {},
+        {"model": MOEMIX, "prompt": "x", "use_beam_search": True, "n": 10**6, "max_tokens": 2},
+        400,
+        "BadRequestError",
+    ),
+    (
+        "beam search, n 11 (2n logprobs > 20)",
+        "POST",
+        "/v1/completions",
+        {},
+        {"model": MOEMIX, "prompt": "x", "use_beam_search": True, "n": 11, "max_tokens": 2},
+        400,
+        "BadRequestError",
+    ),
+    (
+        "beam search, streamed",
+        "POST",
+        "/v1/completions",
+        {},
+        {"model": MOEMIX, "prompt": "x", "use_beam_search": True, "n": 2, "max_tokens": 2, "stream": True},
+        400,
+        "BadRequestError",
+    ),
+    (
+        "logprobs 10**6",
+        "POST",
+        "/v1/completions",
+        {},
+        {"model": MOEMIX, "prompt": "x", "logprobs": 10**6, "max_tokens": 2},
+        400,
+        "BadRequestError",
+    ),
+    (
+        "logprobs -5",
+        "POST",
+        "/v1/completions",
+        {},
+        {"model": MOEMIX, "prompt": "x", "logprobs": -5, "max_tokens": 2},
+        400,
+        "BadRequestError",
+    ),
+    (
+        "top_logprobs 10**6, chat",
+        "POST",
+        "/v1/chat/completions",
+        {},
+        {
+            "model": MOEMIX,
+            "messages": [{"role": "user", "content": "hi"}],
+            "logprobs": True,
+            "top_logprobs": 10**6,
+            "max_tokens": 2,
+        },
+        400,
+        "BadRequestError",
+    ),
+    (
+        "5000 stop strings",
+        "POST",
+        "/v1/completions",
+        {},  # vLLM's protocol allows 4, as OpenAI does
+        {"model": MOEMIX, "prompt": "x", "stop": [f"stop-{i}" for i in range(5000)], "max_tokens": 4},
+        400,
+        "BadRequestError",
+    ),
+    (
+        "out-of-vocabulary token id",
+        "POST",
+        "/v1/completions",
+        {},
+        {"model": MOEMIX, "prompt": [1, 10**6], "max_tokens": 2},
+        400,
+        "BadRequestError",
+    ),
+    (
+        "negative token id",
+        "POST",
+        "/v1/completions",
+        {},
+        {"model": MOEMIX, "prompt": [[1, -1]], "max_tokens": 2},
+        400,
+        "BadRequestError",
+    ),
+    (
+        "token id 2**70",
+        "POST",
+        "/v1/completions",
+        {},
+        {"model": MOEMIX, "prompt": [2**70], "max_tokens": 2},
+        400,
+        "BadRequestError",
+    ),
+    (
+        "max_tokens 1e400 (raw)",
+        "POST",
+        "/v1/completions",
+        {},
+        b'{"model": "tiny-moemix", "prompt": "x", "max_tokens": 1e400}',
+        400,
+        "BadRequestError",
+    ),
+    (
+        "temperature NaN (raw)",
+        "POST",
+        "/v1/completions",
+        {},
+        b'{"model": "tiny-moemix", "prompt": "x", "max_tokens": 2, "temperature": NaN}',
+        400,
+        "BadRequestError",
+    ),
+    (
+        "top_p NaN (raw)",
+        "POST",
+        "/v1/completions",
+        {},
+        b'{"model": "tiny-moemix", "prompt": "x", "max_tokens": 2, "top_p": NaN}',
+        400,
+        "BadRequestError",
+    ),
+    ("8 MB model name", "POST", "/v1/completions", {}, {"model": "m" * 8_000_000, "prompt": "x"}, 404, "NotFoundError"),
     ("chunked body over 8 MiB", "POST", "/v1/completions", {}, _chunked_over_the_limit, 413, "BadRequestError"),
     ("OPTIONS", "OPTIONS", "/v1/completions", _NO_AUTH, None, 405, "Method Not Allowed"),
     ("double slash", "POST", "//v1/completions", {}, {"model": MOEMIX, "prompt": "x"}, 404, "NotFoundError"),
     ("double slash, no key", "GET", "//v1/models", _NO_AUTH, None, 401, "AuthenticationError"),
-    ("wrong key", "POST", "/v1/completions", {"Authorization": "Bearer wrong"}, {"model": MOEMIX, "prompt": "x"},
-     401, "AuthenticationError"),
+    (
+        "wrong key",
+        "POST",
+        "/v1/completions",
+        {"Authorization": "Bearer wrong"},
+        {"model": MOEMIX, "prompt": "x"},
+        401,
+        "AuthenticationError",
+    ),
     ("no key", "POST", "/v1/completions", _NO_AUTH, {"model": MOEMIX, "prompt": "x"}, 401, "AuthenticationError"),
-    ("wrong content-type", "POST", "/v1/completions", {"content-type": "text/plain"},
-     json.dumps({"model": MOEMIX, "prompt": "x"}).encode(), 400, "BadRequestError"),
+    (
+        "wrong content-type",
+        "POST",
+        "/v1/completions",
+        {"content-type": "text/plain"},
+        json.dumps({"model": MOEMIX, "prompt": "x"}).encode(),
+        400,
+        "BadRequestError",
+    ),
     ("empty body", "POST", "/v1/completions", {}, b"", 400, "BadRequestError"),
     ("JSON array body", "POST", "/v1/completions", {}, [{"model": MOEMIX, "prompt": "x"}], 400, "BadRequestError"),
-    ("temperature -1", "POST", "/v1/completions", {}, {"model": MOEMIX, "prompt": "x", "temperature": -1}, 400,
-     "BadRequestError"),
+    (
+        "temperature -1",
+        "POST",
+        "/v1/completions",
+        {},
+        {"model": MOEMIX, "prompt": "x", "temperature": -1},
+        400,
+        "BadRequestError",
+    ),
     ("unknown model", "POST", "/v1/completions", {}, {"model": "gpt-5", "prompt": "x"}, 404, "NotFoundError"),
     # JSON of the wrong shape where vLLM's own before-validators dereference it (they raised 500 before)
-    *((f"chat: {case}", "POST", "/v1/chat/completions", {}, {"model": MOEMIX, "max_tokens": 2, **fields}, 400,
-       "BadRequestError") for case, fields in _MISSHAPEN_CHAT.items()),
-    ("top_k 2**70 (no bound in vLLM's protocol; the engine's msgpack has 64 bits)", "POST", "/v1/completions", {},
-     {"model": MOEMIX, "prompt": "x", "max_tokens": 2, "top_k": 2**70}, 400, "BadRequestError"),
-    ("stream_interval 2**70, chat", "POST", "/v1/chat/completions", {},
-     {"model": MOEMIX, "messages": [_HI], "max_tokens": 2, "stream_interval": 2**70}, 400, "BadRequestError"),
-    ("structured_outputs an array", "POST", "/v1/completions", {},
-     {"model": MOEMIX, "prompt": "x", "max_tokens": 2, "structured_outputs": [1]}, 400, "BadRequestError"),
+    *(
+        (
+            f"chat: {case}",
+            "POST",
+            "/v1/chat/completions",
+            {},
+            {"model": MOEMIX, "max_tokens": 2, **fields},
+            400,
+            "BadRequestError",
+        )
+        for case, fields in _MISSHAPEN_CHAT.items()
+    ),
+    (
+        "top_k 2**70 (no bound in vLLM's protocol; the engine's msgpack has 64 bits)",
+        "POST",
+        "/v1/completions",
+        {},
+        {"model": MOEMIX, "prompt": "x", "max_tokens": 2, "top_k": 2**70},
+        400,
+        "BadRequestError",
+    ),
+    (
+        "stream_interval 2**70, chat",
+        "POST",
+        "/v1/chat/completions",
+        {},
+        {"model": MOEMIX, "messages": [_HI], "max_tokens": 2, "stream_interval": 2**70},
+        400,
+        "BadRequestError",
+    ),
+    (
+        "structured_outputs an array",
+        "POST",
+        "/v1/completions",
+        {},
+        {"model": MOEMIX, "prompt": "x", "max_tokens": 2, "structured_outputs": [1]},
+        400,
+        "BadRequestError",
+    ),
 ]
 
 
 def _engine_cores(server) -> list:
     import psutil
 
-    return [p for p in psutil.Process(server.proc.pid).children()
-            if "EngineCore" in " ".join([p.name(), *p.cmdline()])]
+    return [p for p in psutil.Process(server.proc.pid).children() if "EngineCore" in " ".join([p.name(), *p.cmdline()])]
 
 
 def test_bad_inputs_never_a_server_error(server):
@@ -839,10 +1133,12 @@ def test_bad_inputs_never_a_server_error(server):
     results, wrong = [], []
     with httpx.Client(timeout=60) as http:
         for case, method, path, headers, body, status, err_type in BAD_INPUTS:
-            headers = {k: v for k, v in {**server.auth, "content-type": "application/json", **headers}.items()
-                       if v is not None}
-            content = (body() if callable(body) else json.dumps(body).encode() if isinstance(body, (dict, list))
-                       else body)
+            headers = {
+                k: v for k, v in {**server.auth, "content-type": "application/json", **headers}.items() if v is not None
+            }
+            content = (
+                body() if callable(body) else json.dumps(body).encode() if isinstance(body, (dict, list)) else body
+            )
             try:
                 r = http.request(method, server.url + path, content=content, headers=headers)
             except httpx.TransportError as e:  # the server hung up: as bad as a 5xx
@@ -864,14 +1160,16 @@ def test_bad_inputs_never_a_server_error(server):
     server_errors = [(case, s) for case, s in results if s >= 500]
     health = httpx.get(server.url + "/health", timeout=30)
     deaths = len(cores - {p.pid for p in _engine_cores(server)}) + sum(
-        s != "ok" for s in health.json().get("models", {}).values())
+        s != "ok" for s in health.json().get("models", {}).values()
+    )
     print(f"\n{len(results)} bad inputs, {len(server_errors)} 5xx, {deaths} engine deaths")
     assert not server_errors and not wrong, (server_errors, wrong)
     assert health.status_code == 200 and health.json()["models"] == {BF16: "ok", MOEMIX: "ok"} and deaths == 0
     assert server.proc.poll() is None
     for model in (BF16, MOEMIX):
-        done = server.client().completions.create(model=model, prompt=PROMPT, max_tokens=4,
-                                                  extra_body={"ignore_eos": True})
+        done = server.client().completions.create(
+            model=model, prompt=PROMPT, max_tokens=4, extra_body={"ignore_eos": True}
+        )
         assert done.usage.completion_tokens == 4 and done.choices[0].finish_reason == "length"
     m = server.metrics()
     assert metric(m, "moemix_requests_in_flight", model=MOEMIX) == 0  # nothing above leaked a slot
@@ -883,8 +1181,9 @@ def test_dead_engine_is_503_and_the_rest_keeps_serving(server):
     it, its requests get 503, the other model's stream finishes and the server goes on."""
     import psutil
 
-    cores = [p for p in psutil.Process(server.proc.pid).children()
-             if "EngineCore" in " ".join([p.name(), *p.cmdline()])]
+    cores = [
+        p for p in psutil.Process(server.proc.pid).children() if "EngineCore" in " ".join([p.name(), *p.cmdline()])
+    ]
     assert len(cores) == 2, [(p.pid, p.name(), p.cmdline()) for p in cores]
     victim = min(cores, key=lambda p: p.pid)
     m0 = server.metrics()
@@ -894,8 +1193,9 @@ def test_dead_engine_is_503_and_the_rest_keeps_serving(server):
         responses, iters = {}, {}
         for model in (BF16, MOEMIX):
             body = {"model": model, "prompt": PROMPT, "max_tokens": 200, "ignore_eos": True, "stream": True}
-            responses[model] = http.send(http.build_request("POST", server.url + "/v1/completions", json=body),
-                                         stream=True)
+            responses[model] = http.send(
+                http.build_request("POST", server.url + "/v1/completions", json=body), stream=True
+            )
             iters[model] = _sse_events(responses[model])
             events[model] = [next(iters[model])]  # generating
         victim.kill()
@@ -921,8 +1221,9 @@ def test_dead_engine_is_503_and_the_rest_keeps_serving(server):
     assert metric(m, "moemix_requests_incomplete_total", model=alive) == incomplete_before[alive]
     assert metric(m, "moemix_requests_in_flight", model=dead) == 0
 
-    assert_openai_error(server.post("/v1/completions", {"model": dead, "prompt": "x", "max_tokens": 2}), 503,
-                        "ServiceUnavailableError")
+    assert_openai_error(
+        server.post("/v1/completions", {"model": dead, "prompt": "x", "max_tokens": 2}), 503, "ServiceUnavailableError"
+    )
     assert server.client().completions.create(model=alive, prompt="x", max_tokens=2).usage.completion_tokens == 2
     assert metric(server.metrics(), "moemix_engine_healthy", model=dead) == 0
     server.alive_model = alive
@@ -936,9 +1237,24 @@ def test_sigterm_during_engine_start_up_leaves_no_process(tmp_path):
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", PYTHONUNBUFFERED="1")
     log = tmp_path / "server.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "server", "serve", str(TRAINED_MIXTRAL), "--port",
-                                 str(free_port()), "--enforce-eager", "--max-model-len", "256"],
-                                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "server",
+                "serve",
+                str(TRAINED_MIXTRAL),
+                "--port",
+                str(free_port()),
+                "--enforce-eager",
+                "--max-model-len",
+                "256",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     root = psutil.Process(proc.pid)
     tree = {proc.pid: root}
 
@@ -957,8 +1273,10 @@ def test_sigterm_during_engine_start_up_leaves_no_process(tmp_path):
         proc.send_signal(signal.SIGTERM)  # the engine core is starting: its workers are not even up yet
         stopped_at = time.monotonic()
         while alive := grow_tree():
-            assert time.monotonic() - stopped_at < START_UP_STOP_S, ([(p.pid, p.name()) for p in alive],
-                                                                     log.read_text()[-3000:])
+            assert time.monotonic() - stopped_at < START_UP_STOP_S, (
+                [(p.pid, p.name()) for p in alive],
+                log.read_text()[-3000:],
+            )
             time.sleep(0.1)
         print(f"\nprocess tree of {len(tree)} gone {time.monotonic() - stopped_at:.1f} s after SIGTERM")
         assert proc.wait(10) == 0
@@ -974,8 +1292,14 @@ def test_sigterm_drains_in_flight_requests(server):
     """SIGTERM: new connections are refused, the stream already running finishes, the process exits 0."""
     client = server.client()
     model = getattr(server, "alive_model", MOEMIX)  # after test_dead_engine_is_503..., the surviving one
-    stream = client.completions.create(model=model, prompt=PROMPT, max_tokens=60, stream=True,
-                                       stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    stream = client.completions.create(
+        model=model,
+        prompt=PROMPT,
+        max_tokens=60,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
     it = iter(stream)
     first = next(it)
     server.proc.send_signal(signal.SIGTERM)

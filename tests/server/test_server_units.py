@@ -28,9 +28,11 @@ def test_yaml_and_flags(tmp_path, monkeypatch):
     for d in ("a", "b", "c"):
         (tmp_path / d).mkdir()
     cfg = tmp_path / "server.yaml"
-    cfg.write_text("port: 9000\nmax_queue: 3\napi_key_env: TEST_KEY\nvllm_args: {max_model_len: 128}\n"
-                   "models:\n  - {name: a, path: a, max_queue: 0, vllm_args: {max_num_seqs: 2}}\n"
-                   f"  - {tmp_path / 'b'}\n")
+    cfg.write_text(
+        "port: 9000\nmax_queue: 3\napi_key_env: TEST_KEY\nvllm_args: {max_model_len: 128}\n"
+        "models:\n  - {name: a, path: a, max_queue: 0, vllm_args: {max_num_seqs: 2}}\n"
+        f"  - {tmp_path / 'b'}\n"
+    )
     monkeypatch.setenv("TEST_KEY", "s3cret")
     s = build_settings([f"c={tmp_path / 'c'}"], str(cfg), port=9100, override_vllm_args={"enforce_eager": True})
     assert [m.name for m in s.models] == ["a", str(tmp_path / "b"), "c"]
@@ -40,17 +42,20 @@ def test_yaml_and_flags(tmp_path, monkeypatch):
     assert s.vllm_args_for(s.models[0]) == {"max_model_len": 128, "max_num_seqs": 2, "enforce_eager": True}
 
 
-@pytest.mark.parametrize("text, message", [
-    ("models: [{path: a/b}, {path: a/b}]", "unique"),
-    ("modles: [a/b]", "unknown keys"),
-    ("models: [{name: x}]", "path"),
-    ("models: [a/b]\nmax_queue: -1", "non-negative"),
-    ("models: [{path: a/b, vllm_args: [1]}]", "mapping"),
-    ("[1, 2]", "mapping"),
-    ("models: [a/b]\nsse_keep_alive_s: -1", "sse_keep_alive_s must be a non-negative number"),
-    ("models: [a/b]\nsse_keep_alive_s: .inf", "sse_keep_alive_s must be a non-negative number"),
-    ("models: [a/b]\nsse_keep_alive_s: yes", "sse_keep_alive_s must be a non-negative number"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("models: [{path: a/b}, {path: a/b}]", "unique"),
+        ("modles: [a/b]", "unknown keys"),
+        ("models: [{name: x}]", "path"),
+        ("models: [a/b]\nmax_queue: -1", "non-negative"),
+        ("models: [{path: a/b, vllm_args: [1]}]", "mapping"),
+        ("[1, 2]", "mapping"),
+        ("models: [a/b]\nsse_keep_alive_s: -1", "sse_keep_alive_s must be a non-negative number"),
+        ("models: [a/b]\nsse_keep_alive_s: .inf", "sse_keep_alive_s must be a non-negative number"),
+        ("models: [a/b]\nsse_keep_alive_s: yes", "sse_keep_alive_s must be a non-negative number"),
+    ],
+)
 def test_yaml_mistakes_are_named(tmp_path, text, message):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(text)
@@ -67,10 +72,23 @@ def test_no_model_is_an_error():
 
 
 def test_vllm_argv():
-    argv = to_vllm_argv({"max_model_len": 256, "enforce_eager": True, "enable_prefix_caching": False,
-                         "compilation_config": {"mode": 0}, "seed": None})
-    assert argv == ["--max-model-len", "256", "--enforce-eager", "--no-enable-prefix-caching",
-                    "--compilation-config", '{"mode": 0}']
+    argv = to_vllm_argv(
+        {
+            "max_model_len": 256,
+            "enforce_eager": True,
+            "enable_prefix_caching": False,
+            "compilation_config": {"mode": 0},
+            "seed": None,
+        }
+    )
+    assert argv == [
+        "--max-model-len",
+        "256",
+        "--enforce-eager",
+        "--no-enable-prefix-caching",
+        "--compilation-config",
+        '{"mode": 0}',
+    ]
 
 
 def test_vllm_args_go_through_vllms_parser():
@@ -125,9 +143,12 @@ def test_facts_of_a_moemix_checkpoint(random_mixtral, tmp_path):
     from vllm_moemix.checkpoint.writer import quantize_checkpoint
     from vllm_moemix.config.plan import Plan
 
-    plan = Plan.from_dict({"default": {"bits": 4, "group_size": 64},
-                           "modules": {"model.layers.*.block_sparse_moe.experts.[01]": 2,
-                                       "model.layers.*.self_attn": 8}})
+    plan = Plan.from_dict(
+        {
+            "default": {"bits": 4, "group_size": 64},
+            "modules": {"model.layers.*.block_sparse_moe.experts.[01]": 2, "model.layers.*.self_attn": 8},
+        }
+    )
     out = tmp_path / "q"
     quantize_checkpoint(random_mixtral, plan, out, progress=False)
     facts = read_weight_facts(out)
@@ -149,10 +170,16 @@ def test_facts_of_a_missing_dir(tmp_path):
     assert read_weight_facts(tmp_path / "nope").total_bytes == 0
 
 
-@pytest.mark.parametrize("qcfg", ["moemix", ["moemix"], {"quant_method": 4},
-                                  {"quant_method": "moemix", "modules": [], "summary": "x"},
-                                  {"quant_method": "moemix", "modules": {"model.embed_tokens": {"sym": True}},
-                                   "summary": {"avg_bits": "3"}}])
+@pytest.mark.parametrize(
+    "qcfg",
+    [
+        "moemix",
+        ["moemix"],
+        {"quant_method": 4},
+        {"quant_method": "moemix", "modules": [], "summary": "x"},
+        {"quant_method": "moemix", "modules": {"model.embed_tokens": {"sym": True}}, "summary": {"avg_bits": "3"}},
+    ],
+)
 def test_facts_never_raise_on_a_malformed_quantization_config(random_mixtral, tmp_path, qcfg):
     """Facts are best effort at start-up; refusing a malformed checkpoint is the loader's job (with its name)."""
     import shutil
@@ -236,8 +263,16 @@ def test_api_key_scheme_is_case_insensitive_and_paths_cannot_bypass_it():
         assert _call(app, "/v1/models", [(b"authorization", header)])[0] == 200, header
     for header in (b"Basic k", b"Bearerk", b"k", b"bearer", b"bearer K"):
         assert _call(app, "/v1/models", [(b"authorization", header)])[0] == 401, header
-    for path in ("//v1/models", "/v1/../v1/models", "/health/../v1/models", "/./v1/models", "///tokenize",
-                 "/v1/models/", "/unknown", "/healthz"):  # every path not exactly open needs the key
+    for path in (
+        "//v1/models",
+        "/v1/../v1/models",
+        "/health/../v1/models",
+        "/./v1/models",
+        "///tokenize",
+        "/v1/models/",
+        "/unknown",
+        "/healthz",
+    ):  # every path not exactly open needs the key
         assert _call(app, path)[0] == 401, path
     for path in ("/health", "/metrics", "/version", "/openapi.json", "//health", "/v1/../health"):
         assert _call(app, path)[0] == 200, path
@@ -254,8 +289,10 @@ def test_body_limit_middleware():
 
 def _chunked_call(app, chunks: list[bytes]):
     """A POST whose body arrives in pieces without Content-Length (Transfer-Encoding: chunked)."""
-    sent, messages = [], [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
-                          for i, c in enumerate(chunks)]
+    sent, messages = (
+        [],
+        [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)],
+    )
 
     async def receive():
         return messages.pop(0) if messages else {"type": "http.disconnect"}
@@ -288,9 +325,20 @@ def test_body_limit_middleware_chunked():
 # ----------------------------------------------------------------------------------- auth and start-up
 
 
-@pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("127.3.2.1", True), ("::1", True),
-                                            ("localhost", True), ("0.0.0.0", False), ("::", False),
-                                            ("10.0.0.5", False), ("example.com", False), ("", False)])
+@pytest.mark.parametrize(
+    "host, loopback",
+    [
+        ("127.0.0.1", True),
+        ("127.3.2.1", True),
+        ("::1", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("10.0.0.5", False),
+        ("example.com", False),
+        ("", False),
+    ],
+)
 def test_is_loopback(host, loopback):
     assert is_loopback(host) is loopback
 
@@ -366,8 +414,14 @@ def test_unapplied_vllm_http_options_are_named():
     from server.engine import unapplied_vllm_options, vllm_serve_args
     from server.settings import ModelSettings
 
-    options = {"api_key": "k", "sse-keep-alive-interval": 5, "allowed_origins": '["*"]', "max_model_len": 128,
-               "chat_template": "{{ x }}", "enable_auto_tool_choice": True}
+    options = {
+        "api_key": "k",
+        "sse-keep-alive-interval": 5,
+        "allowed_origins": '["*"]',
+        "max_model_len": 128,
+        "chat_template": "{{ x }}",
+        "enable_auto_tool_choice": True,
+    }
     vllm_serve_args(ModelSettings("m", "/m"), {k: v for k, v in options.items() if k != "enable_auto_tool_choice"})
     warnings = unapplied_vllm_options(options)  # accepted by vLLM's parser (above), applied by nobody here
     assert [w.split("`")[1] for w in warnings] == ["api_key", "sse_keep_alive_interval", "allowed_origins"]
@@ -377,8 +431,9 @@ def test_unapplied_vllm_http_options_are_named():
 def test_uvicorn_concurrency_limit(tmp_path):
     from server.cli import CONCURRENCY_HEADROOM, uvicorn_config
 
-    pool = SimpleNamespace(engines={"a": SimpleNamespace(gate=AdmissionGate(2)),
-                                    "b": SimpleNamespace(gate=AdmissionGate(12))})
+    pool = SimpleNamespace(
+        engines={"a": SimpleNamespace(gate=AdmissionGate(2)), "b": SimpleNamespace(gate=AdmissionGate(12))}
+    )
     settings = build_settings([str(tmp_path)])
     assert uvicorn_config(None, settings, pool).limit_concurrency == 14 + CONCURRENCY_HEADROOM
     settings.limit_concurrency = 50
@@ -462,9 +517,17 @@ def fake_app(tmp_path):
     settings = build_settings([str(tmp_path)], routing_refresh_s=3600, metrics_max_age_s=0)  # fresh each scrape
     state = State()
     state.openai_serving_completion, state.serving_tokenization = FakeCompletions(), FakeTokenization()
-    eng = ModelEngine(name="m", path=str(tmp_path), args=argparse.Namespace(worker_extension_cls=EXTENSION),
-                      client=FakeClient(), state=state, facts=WeightFacts(path=str(tmp_path)),
-                      gate=AdmissionGate(2), throughput=Throughput(), routing_refresh_s=3600)
+    eng = ModelEngine(
+        name="m",
+        path=str(tmp_path),
+        args=argparse.Namespace(worker_extension_cls=EXTENSION),
+        client=FakeClient(),
+        state=state,
+        facts=WeightFacts(path=str(tmp_path)),
+        gate=AdmissionGate(2),
+        throughput=Throughput(),
+        routing_refresh_s=3600,
+    )
     with TestClient(build_app(EnginePool({"m": eng}), settings)) as client:
         yield client, eng
 
@@ -504,8 +567,10 @@ def test_engine_death_mid_stream_ends_with_an_error_event(fake_app, prompt):
     assert eng.gate.in_flight == 0 and eng.gate.incomplete == 1  # a normal stream is not
 
 
-@pytest.mark.parametrize("prompt, status, err_type", [("raise-generate-error", 500, "InternalServerError"),
-                                                       ("raise-engine-dead", 503, "ServiceUnavailableError")])
+@pytest.mark.parametrize(
+    "prompt, status, err_type",
+    [("raise-generate-error", 500, "InternalServerError"), ("raise-engine-dead", 503, "ServiceUnavailableError")],
+)
 def test_engine_errors_of_a_non_streaming_request_are_openai_errors(fake_app, prompt, status, err_type):
     """vLLM's own handler for these reads app.state.server (to stop the whole server) and crashed instead."""
     client, eng = fake_app
@@ -521,11 +586,11 @@ def test_integers_past_64_bits_are_400_before_the_engine():
     from server.protocol import CheckedChatCompletionRequest, CheckedCompletionRequest
 
     hi = [{"role": "user", "content": "hi"}]
-    for model, body, param in [(CheckedCompletionRequest, {"prompt": "x", "top_k": 2**70}, "top_k"),
-                               (CheckedChatCompletionRequest, {"messages": hi, "stream_interval": -(2**64)},
-                                "stream_interval"),
-                               (CheckedCompletionRequest, {"prompt": "x", "vllm_xargs": {"a": [1, 2**64]}},
-                                "vllm_xargs.a[1]")]:
+    for model, body, param in [
+        (CheckedCompletionRequest, {"prompt": "x", "top_k": 2**70}, "top_k"),
+        (CheckedChatCompletionRequest, {"messages": hi, "stream_interval": -(2**64)}, "stream_interval"),
+        (CheckedCompletionRequest, {"prompt": "x", "vllm_xargs": {"a": [1, 2**64]}}, "vllm_xargs.a[1]"),
+    ]:
         with pytest.raises(VLLMValidationError) as e:
             model.model_validate(body)
         assert e.value.parameter == param
@@ -631,9 +696,17 @@ def test_routing_refresh_respects_the_interval():
     from server.stats import Throughput
     from vllm_moemix.layers.introspect import EXTENSION
 
-    eng = ModelEngine(name="m", path="/m", args=argparse.Namespace(worker_extension_cls=EXTENSION),
-                      client=FakeClient(), state=None, facts=WeightFacts(path="/m"), gate=AdmissionGate(1),
-                      throughput=Throughput(), routing_refresh_s=0.2)
+    eng = ModelEngine(
+        name="m",
+        path="/m",
+        args=argparse.Namespace(worker_extension_cls=EXTENSION),
+        client=FakeClient(),
+        state=None,
+        facts=WeightFacts(path="/m"),
+        gate=AdmissionGate(1),
+        throughput=Throughput(),
+        routing_refresh_s=0.2,
+    )
 
     async def scenario():
         first = await asyncio.gather(*(eng.refresh_routing() for _ in range(5)))  # concurrent: one gathering

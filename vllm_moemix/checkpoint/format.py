@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from vllm_moemix.config.plan import Resolved, resolved_from_config
-from vllm_moemix.quant.tensors import SCALE_DTYPE
 from vllm_moemix.config.spec import PlanError, QuantSpec
+from vllm_moemix.quant.tensors import SCALE_DTYPE
 
 QUANT_METHOD = "moemix"
 FORMAT_VERSION = 1
@@ -69,8 +69,7 @@ def expected_tensor(suffix: str, spec: QuantSpec, k: int, n: int) -> tuple[tuple
     return (rows, n), {"qweight": torch.int32, "scales": SCALE_DTYPE, "qzeros": torch.uint8}[suffix]
 
 
-def check_stored_tensor(where: str, suffix: str, tensor: torch.Tensor, spec: QuantSpec, k: int,
-                        n: int | None) -> None:
+def check_stored_tensor(where: str, suffix: str, tensor: torch.Tensor, spec: QuantSpec, k: int, n: int | None) -> None:
     """Raise a PlanError naming `where` unless `tensor` is exactly what `spec` stores for a [K, N] linear.
 
     Loaders call this on the full checkpoint tensor before narrowing it to a rank's slice or copying it,
@@ -91,8 +90,11 @@ def check_stored_tensor(where: str, suffix: str, tensor: torch.Tensor, spec: Qua
             implied = f"stored with group size {k // found_rows}, plan says {spec.group_size}"
         else:
             implied = f"does not match {spec.bits}-bit group {spec.group_size} for {k} inputs"
-        raise PlanError(f"{where}.{suffix}: shape {list(tensor.shape)}, expected {[rows, cols if n else found_cols]} "
-                        f"({implied})")
+        raise PlanError(
+            f"{where}.{suffix}: shape {list(tensor.shape)}, expected {[rows, cols if n else found_cols]} ({implied})"
+        )
     if n is not None and found_cols != cols:
-        raise PlanError(f"{where}.{suffix}: shape {list(tensor.shape)}, expected {[rows, cols]} "
-                        f"({found_cols} output columns, the model has {cols})")
+        raise PlanError(
+            f"{where}.{suffix}: shape {list(tensor.shape)}, expected {[rows, cols]} "
+            f"({found_cols} output columns, the model has {cols})"
+        )

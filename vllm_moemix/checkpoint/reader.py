@@ -17,8 +17,8 @@ from safetensors.torch import save_file
 from vllm_moemix.checkpoint.format import SUFFIXES, load_config, read_quantization_config
 from vllm_moemix.checkpoint.source import INDEX, SafetensorsSource
 from vllm_moemix.config.plan import Resolved
-from vllm_moemix.quant.tensors import dequantize_kn
 from vllm_moemix.config.spec import PlanError
+from vllm_moemix.quant.tensors import dequantize_kn
 
 
 def read_plan(ckpt_dir: str | Path) -> Resolved:
@@ -60,9 +60,7 @@ def write_dequantized_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, dtyp
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(dequantized_state_dict(ckpt_dir, dtype), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     for item in ckpt_dir.iterdir():
-        if item.is_file() and not item.name.endswith(".safetensors") and item.name not in (
-            "config.json", INDEX
-        ):
+        if item.is_file() and not item.name.endswith(".safetensors") and item.name not in ("config.json", INDEX):
             shutil.copy2(item, out_dir / item.name)
     config = load_config(ckpt_dir)
     config.pop("quantization_config", None)

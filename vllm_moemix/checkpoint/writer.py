@@ -21,14 +21,14 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import AutoConfig
 
-from vllm_moemix.config.arch import LinearInfo, quantizable_linears
 from vllm_moemix.checkpoint.format import FORMAT_VERSION, QUANT_METHOD, is_checkpoint_dir
 from vllm_moemix.checkpoint.source import INDEX, SafetensorsSource
+from vllm_moemix.config.arch import LinearInfo, quantizable_linears
 from vllm_moemix.config.footprint import Footprint, footprint
 from vllm_moemix.config.plan import Plan, Resolved, resolved_to_config
+from vllm_moemix.config.spec import PlanError, QuantSpec
 from vllm_moemix.quant.rtn import quantize_rtn
 from vllm_moemix.quant.tensors import QuantizedWeight
-from vllm_moemix.config.spec import PlanError, QuantSpec
 
 Quantizer = Callable[[str, torch.Tensor, QuantSpec], QuantizedWeight]
 """(linear name, float weight [N, K], spec) -> stored form. Called in decoder-layer order,
@@ -50,11 +50,13 @@ class RTNQuantizer:
 
 def _layer_order(names: list[str]) -> list[str]:
     """Non-layer tensors first, then decoder layers in numeric (not lexicographic) order."""
+
     def key(item: tuple[int, str]) -> tuple[int, int]:
         position, name = item
         parts = name.split(".")
         layer = int(parts[2]) if name.startswith("model.layers.") and parts[2].isdigit() else -1
         return layer, position
+
     return [name for _, name in sorted(enumerate(names), key=key)]
 
 
@@ -65,7 +67,10 @@ def inspect_source(model_dir: str | Path) -> tuple[Any, dict[str, LinearInfo], S
         raise PlanError(f"{model_dir}: no config.json (not a Hugging Face model directory)")
     config = AutoConfig.from_pretrained(model_dir)
     if getattr(config, "quantization_config", None):
-        raise PlanError(f"{model_dir}: already quantized ({config.quantization_config.get('quant_method')}); start from a float checkpoint")
+        raise PlanError(
+            f"{model_dir}: already quantized ({config.quantization_config.get('quant_method')}); "
+            "start from a float checkpoint"
+        )
     linears = quantizable_linears(config)
     source = SafetensorsSource(model_dir)
     for name, info in linears.items():
@@ -74,7 +79,9 @@ def inspect_source(model_dir: str | Path) -> tuple[Any, dict[str, LinearInfo], S
             raise PlanError(f"{name}: tensor {key} is missing from the checkpoint")
         expected = (info.out_features, info.in_features)
         if source.shape(key) != expected:
-            raise PlanError(f"{name}: weight shape {list(source.shape(key))} does not match the config ({list(expected)})")
+            raise PlanError(
+                f"{name}: weight shape {list(source.shape(key))} does not match the config ({list(expected)})"
+            )
     return config, linears, source
 
 

@@ -9,8 +9,9 @@ never quantized (vLLM builds them without a quantization config).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from vllm_moemix.config.spec import PlanError
 
@@ -167,12 +168,24 @@ def quantizable_linears(config: Any) -> dict[str, LinearInfo]:
         base = f"model.layers.{layer}"
         fused = {n: tuple(f"{base}.self_attn.{m}" for m in g) for g in arch.attention_fused for n in g}
         for name, out_f, in_f in arch.attention:
-            out.append(LinearInfo(f"{base}.self_attn.{name}", out_f(config), in_f(config), ROLE_ATTENTION, layer, None, fused.get(name, ())))
+            out.append(
+                LinearInfo(
+                    f"{base}.self_attn.{name}",
+                    out_f(config),
+                    in_f(config),
+                    ROLE_ATTENTION,
+                    layer,
+                    None,
+                    fused.get(name, ()),
+                )
+            )
         if arch.is_moe_layer(config, layer):
             for e in range(arch.num_experts(config)):
                 out += _mlp_linears(arch.experts, f"{base}.{arch.experts.prefix}.{e}", config, ROLE_EXPERT, layer, e)
             if arch.shared_expert is not None:
-                out += _mlp_linears(arch.shared_expert, f"{base}.{arch.shared_expert.prefix}", config, ROLE_SHARED, layer, None)
+                out += _mlp_linears(
+                    arch.shared_expert, f"{base}.{arch.shared_expert.prefix}", config, ROLE_SHARED, layer, None
+                )
         elif arch.dense_mlp is not None:
             out += _mlp_linears(arch.dense_mlp, f"{base}.{arch.dense_mlp.prefix}", config, ROLE_DENSE, layer, None)
     return {info.name: info for info in out}

@@ -14,10 +14,10 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 
 from vllm_moemix.checkpoint.format import QUANT_METHOD, read_quantization_config
 from vllm_moemix.checkpoint.source import SafetensorsSource
-from vllm_moemix.layers.linear import MoeMixLinearMethod
-from vllm_moemix.layers.moe import MoeMixMoEMethod
 from vllm_moemix.config.plan import Resolved, spec_to_value
 from vllm_moemix.config.spec import PlanError, QuantSpec
+from vllm_moemix.layers.linear import MoeMixLinearMethod
+from vllm_moemix.layers.moe import MoeMixMoEMethod
 
 
 @register_quantization_config(QUANT_METHOD)
@@ -90,8 +90,10 @@ class MoeMixConfig(QuantizationConfig):
         unquantized = 0
         for e in range(layer.global_num_experts):
             base = f"{prefix}.{e}"
-            gate, up, down = (self.modules.get(f"{base}.{n}", "missing") for n in (
-                layer.ckpt_gate_proj_name, layer.ckpt_up_proj_name, layer.ckpt_down_proj_name))
+            gate, up, down = (
+                self.modules.get(f"{base}.{n}", "missing")
+                for n in (layer.ckpt_gate_proj_name, layer.ckpt_up_proj_name, layer.ckpt_down_proj_name)
+            )
             if "missing" in (gate, up, down):
                 raise PlanError(f"{base}: the checkpoint's moemix plan has no entry for this expert")
             if gate != up:

@@ -25,12 +25,14 @@ def worker_routing(worker: Any, reset: bool = False) -> list[dict[str, Any]]:
         if not moe.moe_parallel_config.use_ep and moe.tp_rank != 0:
             continue  # tensor-parallel ranks see the same routing: count it once
         counts = routed_tokens(module)
-        out.append({
-            "layer": name,
-            "experts": list(module.moemix_local_to_global),
-            "tokens": counts.tolist(),
-            "bits": [layout.w13.spec_of(e).bits for e in range(layout.num_experts)],
-        })
+        out.append(
+            {
+                "layer": name,
+                "experts": list(module.moemix_local_to_global),
+                "tokens": counts.tolist(),
+                "bits": [layout.w13.spec_of(e).bits for e in range(layout.num_experts)],
+            }
+        )
         if reset:
             counts.zero_()
     return out

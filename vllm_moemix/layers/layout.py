@@ -78,19 +78,28 @@ class ExpertsLayout:
     intermediate_size: int  # per partition
 
     @classmethod
-    def build(cls, w13_specs: list[QuantSpec], w2_specs: list[QuantSpec], hidden_size: int,
-              intermediate_size: int) -> ExpertsLayout:
-        return cls(WidthGroups.build("w13", list(w13_specs)), WidthGroups.build("w2", list(w2_specs)),
-                   hidden_size, intermediate_size)
+    def build(
+        cls, w13_specs: list[QuantSpec], w2_specs: list[QuantSpec], hidden_size: int, intermediate_size: int
+    ) -> ExpertsLayout:
+        return cls(
+            WidthGroups.build("w13", list(w13_specs)),
+            WidthGroups.build("w2", list(w2_specs)),
+            hidden_size,
+            intermediate_size,
+        )
 
     @property
     def num_experts(self) -> int:
         return len(self.w13.where)
 
     def kernel_config(self, act_dtype: torch.dtype) -> ExpertsConfig:
-        return ExpertsConfig(tuple(map(self.w13.spec_of, range(self.num_experts))),
-                             tuple(map(self.w2.spec_of, range(self.num_experts))),
-                             self.hidden_size, self.intermediate_size, act_dtype)
+        return ExpertsConfig(
+            tuple(map(self.w13.spec_of, range(self.num_experts))),
+            tuple(map(self.w2.spec_of, range(self.num_experts))),
+            self.hidden_size,
+            self.intermediate_size,
+            act_dtype,
+        )
 
     def groups(self) -> dict[str, WidthGroups]:
         return {"w13": self.w13, "w2": self.w2}
@@ -108,21 +117,33 @@ class ExpertsLayout:
             for g, spec in enumerate(grp.specs):
                 spec.check_input_dim(k, f"{where} {proj}", TP_HINT)
                 e = len(grp.members[g])
-                shapes = {"qweight": ((e, packing.packed_rows(k, spec.bits), n), torch.int32),
-                          "scales": ((e, k // spec.group_size, n), SCALE_DTYPE),
-                          "qzeros": ((0,) if spec.sym else (e, k // spec.group_size, n), torch.uint8)}
+                shapes = {
+                    "qweight": ((e, packing.packed_rows(k, spec.bits), n), torch.int32),
+                    "scales": ((e, k // spec.group_size, n), SCALE_DTYPE),
+                    "qzeros": ((0,) if spec.sym else (e, k // spec.group_size, n), torch.uint8),
+                }
                 for suffix, (shape, dtype) in shapes.items():
-                    layer.register_parameter(grp.param_name(g, suffix),
-                                             torch.nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=False))
+                    layer.register_parameter(
+                        grp.param_name(g, suffix),
+                        torch.nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=False),
+                    )
         layer.register_buffer("w13_where", self.w13.where_tensor(), persistent=False)
         layer.register_buffer("w2_where", self.w2.where_tensor(), persistent=False)
         # Slot 0 counts pairs routed to other expert-parallel ranks, slot 1 + e local expert e: one scatter, no mask.
-        layer.register_buffer("moemix_routed_pairs", torch.zeros(1 + self.num_experts, dtype=torch.int64),
-                              persistent=False)
+        layer.register_buffer(
+            "moemix_routed_pairs", torch.zeros(1 + self.num_experts, dtype=torch.int64), persistent=False
+        )
         layer.moemix_layout = self
 
-    def put(self, layer: torch.nn.Module, proj: str, expert: int, qweight: torch.Tensor, scales: torch.Tensor,
-            qzeros: torch.Tensor | None) -> None:
+    def put(
+        self,
+        layer: torch.nn.Module,
+        proj: str,
+        expert: int,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        qzeros: torch.Tensor | None,
+    ) -> None:
         """One expert's stored tensors (checkpoint layout, this rank's slice) into its slot."""
         grp = self.groups()[proj]
         g, slot = grp.where[expert]
@@ -132,17 +153,25 @@ class ExpertsLayout:
 
     def op_args(self, layer: torch.nn.Module) -> tuple:
         """What every fused-MoE op takes after (x, topk_weights, local_ids), in its schema's order."""
-        return (layer.w13_where, layer.w2_where,
-                *self.w13.tensor_lists(layer), self.w13.bits, self.w13.group_sizes,
-                *self.w2.tensor_lists(layer), self.w2.bits, self.w2.group_sizes)
+        return (
+            layer.w13_where,
+            layer.w2_where,
+            *self.w13.tensor_lists(layer),
+            self.w13.bits,
+            self.w13.group_sizes,
+            *self.w2.tensor_lists(layer),
+            self.w2.bits,
+            self.w2.group_sizes,
+        )
 
     @staticmethod
     def route(layer: torch.nn.Module, topk_ids: torch.Tensor) -> torch.Tensor:
         """The router's ids as this rank's local expert ids (-1: another rank's), counted for the usage profile."""
         expert_map = getattr(layer, "expert_map", None)
         local_ids = topk_ids if expert_map is None else expert_map[topk_ids]
-        layer.moemix_routed_pairs.index_put_((local_ids.reshape(-1) + 1,),
-                                             layer.moemix_routed_pairs.new_ones(()), accumulate=True)
+        layer.moemix_routed_pairs.index_put_(
+            (local_ids.reshape(-1) + 1,), layer.moemix_routed_pairs.new_ones(()), accumulate=True
+        )
         return local_ids
 
 

@@ -8,13 +8,13 @@ import torch
 from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
 from vllm.model_executor.parameter import GroupQuantScaleParameter, ModelWeightParameter
 
-from vllm_moemix.quant import packing
 from vllm_moemix.checkpoint.format import check_stored_tensor
+from vllm_moemix.config.spec import PlanError, QuantSpec
 from vllm_moemix.layers.kernels.base import LinearConfig, LinearKernel
 from vllm_moemix.layers.kernels.select import choose_linear_kernel
 from vllm_moemix.layers.layout import TP_HINT
+from vllm_moemix.quant import packing
 from vllm_moemix.quant.tensors import SCALE_DTYPE
-from vllm_moemix.config.spec import PlanError, QuantSpec
 
 
 @register_weight_loader_v2_supported_method

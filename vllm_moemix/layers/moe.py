@@ -32,8 +32,9 @@ class MoeMixMoEMethod(FusedMoEMethodBase):
     def get_fused_moe_quant_config(self, layer):
         return None  # our kernels do not go through vLLM's modular-kernel framework
 
-    def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
-                       **extra_weight_attrs):
+    def create_weights(
+        self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype, **extra_weight_attrs
+    ):
         if layer.activation != MoEActivation.SILU or not self.moe.is_act_and_mul:
             raise PlanError(f"{self.prefix}: moemix experts support gated SiLU MLPs, not {layer.activation}")
         if layer.apply_router_weight_on_input:
@@ -98,13 +99,18 @@ class MoeMixMoEMethod(FusedMoEMethodBase):
                     for suffix in SUFFIXES[:2] if spec.sym else SUFFIXES:
                         times = layer.moemix_loaded[(shard, suffix, local)]
                         if times != 1:
-                            problems.append(f"local expert {local} {shard}.{suffix}"
-                                            + ("" if times == 0 else f" (loaded {times} times)"))
+                            problems.append(
+                                f"local expert {local} {shard}.{suffix}"
+                                + ("" if times == 0 else f" (loaded {times} times)")
+                            )
         if problems:
             missing = [p for p in problems if "times)" not in p]
             kind = "is missing tensors" if len(missing) == len(problems) else "has missing or duplicate tensors"
-            raise PlanError(f"{self.prefix}: moemix checkpoint {kind}: " + ", ".join(problems[:8])
-                            + (f" and {len(problems) - 8} more" if len(problems) > 8 else ""))
+            raise PlanError(
+                f"{self.prefix}: moemix checkpoint {kind}: "
+                + ", ".join(problems[:8])
+                + (f" and {len(problems) - 8} more" if len(problems) > 8 else "")
+            )
         for proj in PROJECTIONS:
             for suffix in SUFFIXES:
                 delattr(layer, f"{proj}_{suffix}")

@@ -61,8 +61,9 @@ def _float_model(model_dir: Path):
         from vllm_moemix.checkpoint.reader import write_dequantized_checkpoint
 
         tmp = tempfile.TemporaryDirectory()
-        model = AutoModelForCausalLM.from_pretrained(write_dequantized_checkpoint(model_dir, Path(tmp.name) / "m"),
-                                                     dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            write_dequantized_checkpoint(model_dir, Path(tmp.name) / "m"), dtype=torch.float32
+        )
         tmp.cleanup()
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -80,8 +81,12 @@ def reference_logprobs(reference_dir: str | Path, windows: Windows, batch: int =
     """Log-softmax of the reference model for every window position, [n, seq_len, vocab] (float16 to save memory)."""
     model = _float_model(Path(reference_dir))
     with torch.no_grad():
-        out = torch.cat([torch.log_softmax(model(windows.ids[i : i + batch]).logits.float(), -1).half()
-                         for i in range(0, len(windows.ids), batch)])
+        out = torch.cat(
+            [
+                torch.log_softmax(model(windows.ids[i : i + batch]).logits.float(), -1).half()
+                for i in range(0, len(windows.ids), batch)
+            ]
+        )
     del model
     return out
 
@@ -99,10 +104,16 @@ def compare_logprobs(logp: torch.Tensor, ref: torch.Tensor, ids: torch.Tensor) -
     return Comparison(math.exp(nll / count), kl / count, agree / count)
 
 
-def compare_to_reference(model_dir: str | Path, windows: Windows, ref_logprobs: torch.Tensor, batch: int = 8) -> Comparison:
+def compare_to_reference(
+    model_dir: str | Path, windows: Windows, ref_logprobs: torch.Tensor, batch: int = 8
+) -> Comparison:
     model = _float_model(Path(model_dir))
     with torch.no_grad():
-        logp = torch.cat([torch.log_softmax(model(windows.ids[i : i + batch]).logits.float(), -1)
-                          for i in range(0, len(windows.ids), batch)])
+        logp = torch.cat(
+            [
+                torch.log_softmax(model(windows.ids[i : i + batch]).logits.float(), -1)
+                for i in range(0, len(windows.ids), batch)
+            ]
+        )
     del model
     return compare_logprobs(logp, ref_logprobs, windows.ids)

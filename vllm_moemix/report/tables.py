@@ -51,7 +51,9 @@ def summary_table(fp: Footprint) -> Table:
     return table
 
 
-def print_report(resolved: Resolved, linears: dict[str, LinearInfo], fp: Footprint, console: Console | None = None) -> None:
+def print_report(
+    resolved: Resolved, linears: dict[str, LinearInfo], fp: Footprint, console: Console | None = None
+) -> None:
     console = console or Console()
     console.print(layer_table(resolved, linears))
     console.print(summary_table(fp))
@@ -86,8 +88,15 @@ def bits_heatmap(resolved: Resolved, linears: dict[str, LinearInfo], path: str |
     for r in range(grid.shape[0]):
         for c in range(grid.shape[1]):
             if not np.isnan(grid[r, c]):
-                ax.text(c, r, f"{grid[r, c]:.3g}", ha="center", va="center", fontsize=8,
-                        color="black" if grid[r, c] > 5 else "white")
+                ax.text(
+                    c,
+                    r,
+                    f"{grid[r, c]:.3g}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="black" if grid[r, c] > 5 else "white",
+                )
     ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
     ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
     ax.set_xlabel("expert / module")
@@ -99,8 +108,9 @@ def bits_heatmap(resolved: Resolved, linears: dict[str, LinearInfo], path: str |
     plt.close(fig)
 
 
-def predicted_kernels(resolved: Resolved, linears: dict[str, LinearInfo], device: str = "cpu",
-                      act_dtype=None) -> dict[str, dict[str, int]]:
+def predicted_kernels(
+    resolved: Resolved, linears: dict[str, LinearInfo], device: str = "cpu", act_dtype=None
+) -> dict[str, dict[str, int]]:
     """What would serve each MoE layer and quantized linear on this machine (TP=1), as the engine reports it.
 
     Runs the same selection as loading does, so `moemix inspect` can say ahead of time whether the native

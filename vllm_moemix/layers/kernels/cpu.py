@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_moemix.layers.kernels.base import ExpertsConfig, ExpertsKernel, LinearConfig, LinearKernel
 from vllm_moemix.config.spec import QuantSpec, native_cpu_refusal
+from vllm_moemix.layers.kernels.base import ExpertsConfig, ExpertsKernel, LinearConfig, LinearKernel
 
 ISA_ENV = "MOEMIX_CPU_ISA"
 
@@ -57,8 +57,10 @@ def variants() -> list[IsaVariant]:
     module, _ = _native_status()
     if module is None:
         return []
-    return [IsaVariant(v["name"], v["tile"], v["max_rows"], tuple(v["requires"]), tuple(v["missing"]))
-            for v in module.variants()]
+    return [
+        IsaVariant(v["name"], v["tile"], v["max_rows"], tuple(v["requires"]), tuple(v["missing"]))
+        for v in module.variants()
+    ]
 
 
 def choose_variant() -> tuple[IsaVariant | None, str | None]:
@@ -176,8 +178,13 @@ class NativeCpuLinearKernel(_NativeCpuKernel, LinearKernel):
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         zeros = getattr(layer, "qzeros", None)
-        q, s, z = repack_for_cpu(layer.qweight.data, layer.scales.data, zeros.data if zeros is not None else None,
-                                 self.config.spec.bits, self.isa)
+        q, s, z = repack_for_cpu(
+            layer.qweight.data,
+            layer.scales.data,
+            zeros.data if zeros is not None else None,
+            self.config.spec.bits,
+            self.isa,
+        )
         _replace(layer, "qweight", q)
         _replace(layer, "scales", s)
         if z is not None:
@@ -188,8 +195,9 @@ class NativeCpuLinearKernel(_NativeCpuKernel, LinearKernel):
         if zeros is None:
             zeros = x.new_empty(0, dtype=torch.uint8)
         flat = x.reshape(-1, x.shape[-1])
-        out = torch.ops.moemix.cpu_linear(flat, layer.qweight, layer.scales, zeros, self.config.spec.bits,
-                                          self.config.spec.group_size, self.isa)
+        out = torch.ops.moemix.cpu_linear(
+            flat, layer.qweight, layer.scales, zeros, self.config.spec.bits, self.config.spec.group_size, self.isa
+        )
         out = out.reshape(*x.shape[:-1], out.shape[-1])
         return out if bias is None else out + bias
 
@@ -214,5 +222,6 @@ class NativeCpuExpertsKernel(_NativeCpuKernel, ExpertsKernel):
                     _replace(layer, names[2], z)
 
     def apply(self, layer, x, topk_weights, local_ids):
-        return torch.ops.moemix.cpu_fused_moe(x, topk_weights, local_ids, *layer.moemix_layout.op_args(layer),
-                                              self.config.intermediate_size, self.isa)
+        return torch.ops.moemix.cpu_fused_moe(
+            x, topk_weights, local_ids, *layer.moemix_layout.op_args(layer), self.config.intermediate_size, self.isa
+        )

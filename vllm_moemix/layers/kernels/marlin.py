@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_moemix.layers.kernels.base import ExpertsConfig, ExpertsKernel
 from vllm_moemix.config.spec import QuantSpec
+from vllm_moemix.layers.kernels.base import ExpertsConfig, ExpertsKernel
 
 MARLIN_GROUP_SIZES = (32, 64, 128)
 MIN_CAPABILITY = (8, 0)
@@ -85,13 +85,13 @@ def gather(layer: torch.nn.Module, proj: str, experts: list[int]) -> tuple[torch
     out = []
     for suffix in ("qweight", "scales", "qzeros"):
         tensors = [getattr(layer, grp.param_name(g, suffix)) for g, _ in where]
-        out.append(torch.stack([t[s] for t, (_, s) in zip(tensors, where)]) if tensors[0].numel()
-                   else tensors[0])
+        out.append(torch.stack([t[s] for t, (_, s) in zip(tensors, where)]) if tensors[0].numel() else tensors[0])
     return tuple(out)
 
 
-def to_marlin(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, spec: QuantSpec,
-              act_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def to_marlin(
+    qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, spec: QuantSpec, act_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """vLLM's own repacking: qweight [E, K*b/32, N] is GPTQ's layout already; scales/zeros [E, K/g, N]."""
     from vllm import _custom_ops as ops
     from vllm.model_executor.layers.quantization.utils.marlin_utils import (
@@ -105,8 +105,9 @@ def to_marlin(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
     marlin_s = marlin_moe_permute_scales(scales.to(act_dtype), k, n, spec.group_size)
     marlin_z = None
     if qzeros.numel():
-        marlin_z = torch.stack([marlin_zero_points(z.to(torch.int32), k // spec.group_size, n, spec.bits)
-                                for z in qzeros])
+        marlin_z = torch.stack(
+            [marlin_zero_points(z.to(torch.int32), k // spec.group_size, n, spec.bits) for z in qzeros]
+        )
     return marlin_q, marlin_s, marlin_z
 
 
@@ -130,17 +131,29 @@ def marlin_moe(
     ids = torch.where(local_ids < 0, maps[0].numel() - 1, local_ids)  # other ranks' experts -> the sentinel
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for p, (emap, kind) in enumerate(zip(maps, kinds)):
-        q13, s13, z13, q2, s2, z2 = tensors[6 * p: 6 * p + 6]
-        bits13, group13, bits2, group2 = specs[4 * p: 4 * p + 4]
+        q13, s13, z13, q2, s2, z2 = tensors[6 * p : 6 * p + 6]
+        bits13, group13, bits2, group2 = specs[4 * p : 4 * p + 4]
         if kind >= 0:
             out += fused_marlin_moe(
-                x, q13, q2, None, None, s13, s2, topk_weights, ids, quant_type_id=kind,
-                global_num_experts=emap.numel(), expert_map=emap,
-                w1_zeros=z13 if z13.numel() else None, w2_zeros=z2 if z2.numel() else None,
+                x,
+                q13,
+                q2,
+                None,
+                None,
+                s13,
+                s2,
+                topk_weights,
+                ids,
+                quant_type_id=kind,
+                global_num_experts=emap.numel(),
+                expert_map=emap,
+                w1_zeros=z13 if z13.numel() else None,
+                w2_zeros=z2 if z2.numel() else None,
             ).float()
         else:
-            out += moe_width_group(x, topk_weights, emap[ids], q13, s13, z13,
-                                   q2, s2, z2, bits13, group13, bits2, group2)
+            out += moe_width_group(
+                x, topk_weights, emap[ids], q13, s13, z13, q2, s2, z2, bits13, group13, bits2, group2
+            )
     return out.to(x.dtype)
 
 

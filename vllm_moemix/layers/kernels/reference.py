@@ -23,9 +23,22 @@ class DequantLinearKernel(LinearKernel):
         return out if bias is None else out + bias
 
 
-def _expert_weight(qweights: list[torch.Tensor], scales: list[torch.Tensor], qzeros: list[torch.Tensor],
-                   bits: list[int], group: int, slot: int, dtype: torch.dtype) -> torch.Tensor:
-    return dequantize_kn(qweights[group][slot], scales[group][slot], qzeros[group][slot] if qzeros[group].numel() else None, bits[group], dtype)
+def _expert_weight(
+    qweights: list[torch.Tensor],
+    scales: list[torch.Tensor],
+    qzeros: list[torch.Tensor],
+    bits: list[int],
+    group: int,
+    slot: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    return dequantize_kn(
+        qweights[group][slot],
+        scales[group][slot],
+        qzeros[group][slot] if qzeros[group].numel() else None,
+        bits[group],
+        dtype,
+    )
 
 
 @torch.library.custom_op("moemix::dequant_moe", mutates_args=())

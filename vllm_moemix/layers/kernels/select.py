@@ -23,7 +23,10 @@ from vllm_moemix.layers.kernels.triton_moe import TritonExpertsKernel, TritonLin
 
 LINEAR_KERNELS: list[type[LinearKernel]] = [NativeCpuLinearKernel, TritonLinearKernel, DequantLinearKernel]
 EXPERTS_KERNELS: list[type[ExpertsKernel]] = [
-    MarlinExpertsKernel, NativeCpuExpertsKernel, TritonExpertsKernel, DequantExpertsKernel,
+    MarlinExpertsKernel,
+    NativeCpuExpertsKernel,
+    TritonExpertsKernel,
+    DequantExpertsKernel,
 ]
 
 K = TypeVar("K", LinearKernel, ExpertsKernel)

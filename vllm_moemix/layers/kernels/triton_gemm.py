@@ -22,12 +22,30 @@ BLOCK_K = 32  # one packing chunk: groups are multiples of 32, so a K tile never
 
 @triton.jit
 def _packed_pairs_gemm(
-    a_ptr, a_row_ptr, out_ptr, mult_ptr, sorted_pair_ptr, block_slot_ptr,
-    q_ptr, s_ptr, z_ptr,
-    N, K, stride_a, stride_out,
-    stride_qe, stride_qk, stride_se, stride_sk,
-    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_MULT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    a_ptr,
+    a_row_ptr,
+    out_ptr,
+    mult_ptr,
+    sorted_pair_ptr,
+    block_slot_ptr,
+    q_ptr,
+    s_ptr,
+    z_ptr,
+    N,
+    K,
+    stride_a,
+    stride_out,
+    stride_qe,
+    stride_qk,
+    stride_se,
+    stride_sk,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
+    HAS_MULT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """out[pair, n] = (mult[pair] *) a[a_row[pair], :] @ W[slot][:, n], W dequantized tile by tile."""
     pid_m = tl.program_id(0)
@@ -88,9 +106,18 @@ def align_pairs(slots: torch.Tensor, num_slots: int, block_m: int = BLOCK_M) -> 
     return sorted_pairs, block_slot
 
 
-def packed_pairs_gemm(a: torch.Tensor, a_row: torch.Tensor, slots: torch.Tensor, out: torch.Tensor,
-                      qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, bits: int, group_size: int,
-                      mult: torch.Tensor | None = None) -> None:
+def packed_pairs_gemm(
+    a: torch.Tensor,
+    a_row: torch.Tensor,
+    slots: torch.Tensor,
+    out: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    qzeros: torch.Tensor,
+    bits: int,
+    group_size: int,
+    mult: torch.Tensor | None = None,
+) -> None:
     """out[p] = (mult[p] *) a[a_row[p]] @ W[slots[p]] for every pair p with slots[p] >= 0 (others untouched).
 
     qweight [E, K*bits/32, N] int32, scales [E, K/g, N], qzeros [E, K/g, N] uint8 or empty (symmetric).
@@ -103,10 +130,28 @@ def packed_pairs_gemm(a: torch.Tensor, a_row: torch.Tensor, slots: torch.Tensor,
     has_zeros = qzeros.numel() > 0
     grid = (block_slot.numel(), triton.cdiv(n, BLOCK_N))
     _packed_pairs_gemm[grid](
-        a, a_row, out, mult if mult is not None else out, sorted_pairs, block_slot,
-        qweight, scales, qzeros if has_zeros else scales,
-        n, k, a.stride(0), out.stride(0),
-        qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
-        BITS=bits, GROUP=group_size, HAS_ZEROS=has_zeros, HAS_MULT=mult is not None,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        a,
+        a_row,
+        out,
+        mult if mult is not None else out,
+        sorted_pairs,
+        block_slot,
+        qweight,
+        scales,
+        qzeros if has_zeros else scales,
+        n,
+        k,
+        a.stride(0),
+        out.stride(0),
+        qweight.stride(0),
+        qweight.stride(1),
+        scales.stride(0),
+        scales.stride(1),
+        BITS=bits,
+        GROUP=group_size,
+        HAS_ZEROS=has_zeros,
+        HAS_MULT=mult is not None,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K,
     )

@@ -41,13 +41,26 @@ def _moe(x, topk_weights, local_ids, where13, where2, w13, w2) -> torch.Tensor:
     pair_index = torch.arange(ids.numel(), device=x.device)
     inter2 = w13[0][0].shape[-1]
     gate_up = torch.zeros(ids.numel(), inter2, dtype=torch.float32, device=x.device)
-    _run_stage(x, token_of_pair, torch.where(live, where13[safe, 1], -1), torch.where(live, where13[safe, 0], -1),
-               gate_up, *w13)
+    _run_stage(
+        x,
+        token_of_pair,
+        torch.where(live, where13[safe, 1], -1),
+        torch.where(live, where13[safe, 0], -1),
+        gate_up,
+        *w13,
+    )
     hidden = _swiglu(gate_up).contiguous()
     down = torch.zeros(ids.numel(), x.shape[1], dtype=torch.float32, device=x.device)
     weights = topk_weights.reshape(-1).to(torch.float32).contiguous()
-    _run_stage(hidden, pair_index, torch.where(live, where2[safe, 1], -1), torch.where(live, where2[safe, 0], -1),
-               down, *w2, mult=weights)
+    _run_stage(
+        hidden,
+        pair_index,
+        torch.where(live, where2[safe, 1], -1),
+        torch.where(live, where2[safe, 0], -1),
+        down,
+        *w2,
+        mult=weights,
+    )
     return torch.zeros(num_tokens, x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, token_of_pair, down)
 
 
@@ -70,9 +83,15 @@ def triton_moe(
     w2_groups: list[int],
 ) -> torch.Tensor:
     """Same contract as `moemix::dequant_moe`, opaque to torch.compile."""
-    out = _moe(x, topk_weights, local_ids, w13_where, w2_where,
-               (w13_qweights, w13_scales, w13_qzeros, w13_bits, w13_groups),
-               (w2_qweights, w2_scales, w2_qzeros, w2_bits, w2_groups))
+    out = _moe(
+        x,
+        topk_weights,
+        local_ids,
+        w13_where,
+        w2_where,
+        (w13_qweights, w13_scales, w13_qzeros, w13_bits, w13_groups),
+        (w2_qweights, w2_scales, w2_qzeros, w2_bits, w2_groups),
+    )
     return out.to(x.dtype)
 
 
@@ -81,32 +100,52 @@ def _(x, *layout_args):
     return torch.empty_like(x)
 
 
-def moe_width_group(x, topk_weights, group_topk_ids, w13_qweight, w13_scales, w13_qzeros, w2_qweight, w2_scales,
-                    w2_qzeros, bits13, group13, bits2, group2) -> torch.Tensor:
+def moe_width_group(
+    x,
+    topk_weights,
+    group_topk_ids,
+    w13_qweight,
+    w13_scales,
+    w13_qzeros,
+    w2_qweight,
+    w2_scales,
+    w2_qzeros,
+    bits13,
+    group13,
+    bits2,
+    group2,
+) -> torch.Tensor:
     """Partial fp32 [T, H] output of the experts of one width group (w13 and w2 of the same experts).
 
     `group_topk_ids` [T, top_k] holds the slot within the group, or -1 (the pair contributes nothing):
     how the Marlin glue runs the experts Marlin cannot (2/3-bit).
     """
     num = w13_qweight.shape[0]
-    where = torch.stack([torch.zeros(num, dtype=torch.int64, device=x.device),
-                         torch.arange(num, device=x.device)], 1)
-    return _moe(x, topk_weights, group_topk_ids, where, where,
-                ([w13_qweight], [w13_scales], [w13_qzeros], [bits13], [group13]),
-                ([w2_qweight], [w2_scales], [w2_qzeros], [bits2], [group2]))
+    where = torch.stack([torch.zeros(num, dtype=torch.int64, device=x.device), torch.arange(num, device=x.device)], 1)
+    return _moe(
+        x,
+        topk_weights,
+        group_topk_ids,
+        where,
+        where,
+        ([w13_qweight], [w13_scales], [w13_qzeros], [bits13], [group13]),
+        ([w2_qweight], [w2_scales], [w2_qzeros], [bits2], [group2]),
+    )
 
 
 @torch.library.custom_op("moemix::triton_linear", mutates_args=())
-def triton_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
-                  bits: int, group_size: int) -> torch.Tensor:
+def triton_linear(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, bits: int, group_size: int
+) -> torch.Tensor:
     """x [T, K] @ W: the pair GEMM with every token a pair of the one "expert"."""
     from vllm_moemix.layers.kernels.triton_gemm import packed_pairs_gemm
 
     tokens = torch.arange(x.shape[0], device=x.device)
     out = torch.empty(x.shape[0], qweight.shape[-1], dtype=torch.float32, device=x.device)
     zeros = qzeros[None] if qzeros.numel() else qzeros
-    packed_pairs_gemm(x.contiguous(), tokens, torch.zeros_like(tokens), out, qweight[None], scales[None], zeros,
-                      bits, group_size)
+    packed_pairs_gemm(
+        x.contiguous(), tokens, torch.zeros_like(tokens), out, qweight[None], scales[None], zeros, bits, group_size
+    )
     return out.to(x.dtype)
 
 
@@ -133,8 +172,9 @@ class TritonLinearKernel(LinearKernel):
         if zeros is None:
             zeros = x.new_empty(0, dtype=torch.uint8)
         flat = x.reshape(-1, x.shape[-1])
-        out = torch.ops.moemix.triton_linear(flat, layer.qweight, layer.scales, zeros, self.config.spec.bits,
-                                             self.config.spec.group_size)
+        out = torch.ops.moemix.triton_linear(
+            flat, layer.qweight, layer.scales, zeros, self.config.spec.bits, self.config.spec.group_size
+        )
         out = out.reshape(*x.shape[:-1], out.shape[-1])
         return out if bias is None else out + bias
 
