@@ -51,9 +51,8 @@ def holdout_windows(tokenizer, text_paths: list[Path], num_samples: int = 32, se
     return torch.stack([ids[s : s + seq_len] for s in starts])
 
 
-def validate_against_uniform(model_dir: str | Path, plan: Plan, uniform: Plan, windows: torch.Tensor,
-                             quantizer) -> Validation:
-    """Quantize `plan` and `uniform` with `quantizer` and score both against the float model on `windows`."""
+def holdout_kls(model_dir: str | Path, plans: dict[str, Plan], windows: torch.Tensor, quantizer) -> dict[str, float]:
+    """Mean KL(float || plan) on `windows` for each named plan, each quantized with `quantizer`."""
     from vllm_moemix.checkpoint.writer import quantize_checkpoint
     from vllm_moemix.evaluate import Windows, compare_to_reference, reference_logprobs
 
@@ -61,10 +60,18 @@ def validate_against_uniform(model_dir: str | Path, plan: Plan, uniform: Plan, w
     ref = reference_logprobs(model_dir, held)
     work = Path(tempfile.mkdtemp(prefix="moemix-validate-"))
     try:
-        kls = []
-        for name, candidate in (("plan", plan), ("uniform", uniform)):
-            quantize_checkpoint(model_dir, candidate, work / name, quantizer=quantizer, progress=False)
-            kls.append(compare_to_reference(work / name, held, ref).kl)
+        kls = {}
+        for name, plan in plans.items():
+            quantize_checkpoint(model_dir, plan, work / "ckpt", quantizer=quantizer, progress=False)
+            kls[name] = compare_to_reference(work / "ckpt", held, ref).kl
+            shutil.rmtree(work / "ckpt")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return Validation(kls[0], kls[1], uniform)
+    return kls
+
+
+def validate_against_uniform(model_dir: str | Path, plan: Plan, uniform: Plan, windows: torch.Tensor,
+                             quantizer) -> Validation:
+    """Quantize `plan` and `uniform` with `quantizer` and score both against the float model on `windows`."""
+    kls = holdout_kls(model_dir, {"plan": plan, "uniform": uniform}, windows, quantizer)
+    return Validation(kls["plan"], kls["uniform"], uniform)
