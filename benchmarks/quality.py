@@ -232,7 +232,10 @@ def main() -> None:
         plot(out / f"{model.name}.png", model.name, result["rows"], args.group_sizes)
     for path in sorted(out.glob("*.json")):  # models measured by earlier (or parallel) runs too
         results.setdefault(path.stem, json.loads(path.read_text()))
-    table = summary({name: r for name, r in results.items() if r["rows"] and "group" in r["rows"][0]})
+    current = {name: r for name, r in results.items()  # this benchmark's format, not an older one's
+               if any(row.get("strategy") == "optimizer+check" and row.get("budget") == "uniform-2 bytes"
+                      for row in r["rows"])}
+    table = summary(current)
     (out / "summary.md").write_text(table + "\n")
     console.print(table)
 
@@ -278,7 +281,7 @@ def summary(results: dict) -> str:
         for group in sorted({r["group"] for r in rows}):
             for bits in (2, 3, 4):
                 base = kl(group, "uniform-gptq", f"{bits}-bit")
-                opt, checked = (kl(group, s, f"uniform-{bits} bytes") for s in ("optimizer", "optimizer+check"))
+                opt, checked = [kl(group, s, f"uniform-{bits} bytes") for s in ("optimizer", "optimizer+check")]
                 verdicts = " / ".join("holds" if v / base <= TARGET_RATIO else "misses" for v in (opt, checked))
                 lines.append(f"| {name} | {group} | {bits}-bit | {base:.5f} | {opt:.5f} | {opt / base:.2f} | "
                              f"{checked:.5f} | {checked / base:.2f} | {verdicts} |")
