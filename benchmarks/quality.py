@@ -12,8 +12,10 @@ Levers are measured by switching them off at the uniform budgets:
                         clipping range per group (the default now)
   optimizer-v0          the optimizer before issue 13: min/max GPTQ, one group size, no usage floor
   optimizer-one-group   today's optimizer (clip search, usage floor) with the group size fixed
-  optimizer             + (bits, group) knapsack over {32,64,128} under byte budgets (the default)
-  optimizer+check       + held-out calibration check at uniform-3 bytes: falls back to uniform when it wins
+  optimizer             + (bits, group) knapsack over {32,64,128,256} under byte budgets (the default)
+  optimizer+check       the one of {optimizer, optimizer-one-group, uniform} with the lowest KL on calibration
+                        windows the planner never saw (the held-out check; `moemix quantize --validate`
+                        compares the plan with uniform)
 Planning + quantization time and peak memory come from `moemix quantize` in a subprocess.
 
     .venv/bin/python benchmarks/quality.py --out docs/quality          # all models, group 64 and 128
@@ -46,7 +48,7 @@ from vllm_moemix.config.plan import Plan
 from vllm_moemix.planning.pipeline import CalibrationConfig, build_context, plan_model
 from vllm_moemix.planning.strategies import GROUP_CHOICES, STRATEGIES
 from vllm_moemix.planning.units import Budget
-from vllm_moemix.report.validate import holdout_windows, validate_against_uniform
+from vllm_moemix.report.validate import holdout_kls, holdout_windows
 from vllm_moemix.calibration.gptq import HessianGPTQ
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,15 +135,17 @@ def run_model(model: Path, args) -> dict:
                 v0 = plan_model(model, "optimizer", budget, context=contexts["optimizer-v0"]).plan
                 measure("optimizer-v0", label, group, v0, gptq_minmax)
                 full.group_choices = ()
-                measure("optimizer-one-group", label, group, plan_model(model, "optimizer", budget, context=full).plan,
-                        gptq)
+                one_group = plan_model(model, "optimizer", budget, context=full).plan
+                measure("optimizer-one-group", label, group, one_group, gptq)
                 full.group_choices = GROUP_CHOICES
                 best = plan_model(model, "optimizer", budget, context=full).plan
                 measure("optimizer", label, group, best, gptq)
-                if bits == 3:
-                    check = validate_against_uniform(model, best, Plan.uniform(bits, group), check_windows, gptq)
-                    measure("optimizer+check", label, group, check.uniform if check.uniform_wins else best, gptq,
-                            note=check.describe())
+                candidates = {"optimizer": best, "optimizer-one-group": one_group, "uniform": Plan.uniform(bits, group)}
+                kls = holdout_kls(model, candidates, check_windows, gptq)
+                chosen = min(kls, key=kls.get)
+                measure("optimizer+check", label, group, candidates[chosen], gptq,
+                        note=f"held-out calibration KL: " + ", ".join(f"{k} {v:.5f}" for k, v in kls.items())
+                        + f" -> {chosen}")
             for bpw in BUDGETS if group in args.full_groups else ():
                 budget = Budget(nbytes=int(bpw * total_weights / 8))
                 every = group in args.strategy_groups and bpw in args.strategy_budgets
@@ -228,7 +232,10 @@ def main() -> None:
         plot(out / f"{model.name}.png", model.name, result["rows"], args.group_sizes)
     for path in sorted(out.glob("*.json")):  # models measured by earlier (or parallel) runs too
         results.setdefault(path.stem, json.loads(path.read_text()))
-    table = summary({name: r for name, r in results.items() if r["rows"] and "group" in r["rows"][0]})
+    current = {name: r for name, r in results.items()  # this benchmark's format, not an older one's
+               if any(row.get("strategy") == "optimizer+check" and row.get("budget") == "uniform-2 bytes"
+                      for row in r["rows"])}
+    table = summary(current)
     (out / "summary.md").write_text(table + "\n")
     console.print(table)
 
@@ -263,19 +270,21 @@ def timing_line(meta: dict) -> str:
 
 def summary(results: dict) -> str:
     """Issue 13's targets per model and group."""
-    lines = ["| model | group | uniform | uniform GPTQ KL | optimizer KL | ratio | target 0.75 |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | group | uniform | uniform GPTQ KL | optimizer KL | ratio | optimizer+check KL | ratio | "
+             "target 0.75 (optimizer / +check) |", "|---|---|---|---|---|---|---|---|---|"]
     for name, result in results.items():
         rows = result["rows"]
+
+        def kl(group, strategy, budget):
+            return next(r["kl"] for r in rows if (r["group"], r["strategy"], r["budget"]) == (group, strategy, budget))
+
         for group in sorted({r["group"] for r in rows}):
             for bits in (2, 3, 4):
-                base = next(r for r in rows if r["group"] == group and r["strategy"] == "uniform-gptq"
-                            and r["budget"] == f"{bits}-bit")
-                opt = next(r for r in rows if r["group"] == group and r["strategy"] == "optimizer"
-                           and r["budget"] == f"uniform-{bits} bytes")
-                ratio = opt["kl"] / base["kl"]
-                lines.append(f"| {name} | {group} | {bits}-bit | {base['kl']:.5f} | {opt['kl']:.5f} | {ratio:.2f} | "
-                             f"{'holds' if ratio <= TARGET_RATIO else 'misses'} |")
+                base = kl(group, "uniform-gptq", f"{bits}-bit")
+                opt, checked = [kl(group, s, f"uniform-{bits} bytes") for s in ("optimizer", "optimizer+check")]
+                verdicts = " / ".join("holds" if v / base <= TARGET_RATIO else "misses" for v in (opt, checked))
+                lines.append(f"| {name} | {group} | {bits}-bit | {base:.5f} | {opt:.5f} | {opt / base:.2f} | "
+                             f"{checked:.5f} | {checked / base:.2f} | {verdicts} |")
     lines += ["", "| model | llama.cpp mix | its KL | optimizer at Q2_K / Q3_K_S bytes | KL | target |", "|---|---|---|---|---|---|"]
     for name, result in results.items():
         llama = {r["config"].split()[0]: r for r in llamacpp_rows(name)}

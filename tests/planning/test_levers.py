@@ -143,3 +143,13 @@ def test_validation_falls_back_to_uniform_when_uniform_is_better(random_qwen2moe
     check = validate_against_uniform(random_qwen2moe, good, bad, windows, RTNQuantizer())
     assert not check.uniform_wins and "the plan wins" in check.describe()
     assert Validation(0.1, 0.1, good).uniform_wins is False  # ties keep the plan
+
+
+def test_quantize_validate_reports_the_check(random_qwen2moe, tmp_path, capsys):
+    from vllm_moemix.calibration.layerwise import DEFAULT_CALIB
+    from vllm_moemix.cli import main
+
+    main(["quantize", str(random_qwen2moe), "--budget", "3", "--group-size", "32", "--calib", str(DEFAULT_CALIB),
+          "--calib-samples", "4", "--validate", "--quiet", "-o", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert "held-out calibration check: plan KL" in out and (tmp_path / "out" / "config.json").exists()

@@ -32,7 +32,7 @@ from vllm_moemix.quant.tensors import QuantizedWeight
 
 Quantizer = Callable[[str, torch.Tensor, QuantSpec], QuantizedWeight]
 """(linear name, float weight [N, K], spec) -> stored form. Called in decoder-layer order,
-so calibrated quantizers (quant/calibrated.py) can run one layer at a time."""
+so calibrated quantizers (calibration/gptq.py) can run one layer at a time."""
 
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", INDEX, "pytorch_model.bin.index.json")
 DEFAULT_SHARD_BYTES = 2 * 1024**3

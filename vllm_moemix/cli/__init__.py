@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quantizer", choices=["gptq", "rtn"],
                        help="default: gptq when a strategy plans or --calib is given, else rtn")
         p.add_argument("--group-size", type=_group_size, default=None, help="group size along K (default 128; with a --budget-bytes "
-                       "the optimizer then picks 32, 64 or 128 per module)")
+                       "the optimizer then picks 32, 64, 128 or 256 per module)")
         p.add_argument("--sym", action="store_true", help="symmetric (no zero points)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
