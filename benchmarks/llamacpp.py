@@ -68,8 +68,20 @@ class LlamaCpp:
         work.mkdir(parents=True, exist_ok=True)
         sdist = work / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
         if not sdist.exists():
-            run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
-                 f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(work)])
+            run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--no-binary",
+                    ":all:",
+                    "--no-deps",
+                    f"llama-cpp-python=={LLAMA_CPP_PYTHON}",
+                    "-d",
+                    str(work),
+                ]
+            )
         src = work / f"llama_cpp_python-{LLAMA_CPP_PYTHON}"
         if not src.exists():
             with tarfile.open(sdist) as tar:
@@ -77,15 +89,31 @@ class LlamaCpp:
         found = cls(src / "vendor" / "llama.cpp")
         if cls.find(work) is None:
             # The CPU variants llama.cpp itself picks at build time for x86; GGML_NATIVE off so the build is portable.
-            run(["cmake", "-B", "build", "-DLLAMA_CURL=OFF", "-DBUILD_SHARED_LIBS=ON", "-DGGML_NATIVE=OFF",
-                 "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON", "-DLLAMA_BUILD_TESTS=OFF",
-                 "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DCMAKE_BUILD_TYPE=Release"],
-                cwd=found.root)
+            run(
+                [
+                    "cmake",
+                    "-B",
+                    "build",
+                    "-DLLAMA_CURL=OFF",
+                    "-DBUILD_SHARED_LIBS=ON",
+                    "-DGGML_NATIVE=OFF",
+                    "-DGGML_AVX2=ON",
+                    "-DGGML_FMA=ON",
+                    "-DGGML_F16C=ON",
+                    "-DLLAMA_BUILD_TESTS=OFF",
+                    "-DLLAMA_BUILD_EXAMPLES=OFF",
+                    "-DLLAMA_BUILD_SERVER=OFF",
+                    "-DCMAKE_BUILD_TYPE=Release",
+                ],
+                cwd=found.root,
+            )
             run(["cmake", "--build", "build", "-j", str(os.cpu_count()), "--target", "llama", *TOOLS], cwd=found.root)
         # Bindings only (LLAMA_BUILD=OFF): they load build/bin/libllama.so through LLAMA_CPP_LIB_PATH. --no-deps keeps
         # the pinned numpy/torch stack; diskcache is the one dependency of theirs that stack lacks.
-        run([sys.executable, "-m", "pip", "install", "--no-deps", str(src), "diskcache>=5.6"],
-            env=dict(os.environ, CMAKE_ARGS="-DLLAMA_BUILD=OFF"))
+        run(
+            [sys.executable, "-m", "pip", "install", "--no-deps", str(src), "diskcache>=5.6"],
+            env=dict(os.environ, CMAKE_ARGS="-DLLAMA_BUILD=OFF"),
+        )
         return found
 
     def convert(self, hf_dir: Path, out: Path) -> Path:
@@ -106,15 +134,41 @@ class LlamaCpp:
 
     def imatrix(self, model: Path, text: Path, out: Path, threads: int) -> Path:
         if not out.exists():
-            run([str(self.bin / "llama-imatrix"), "-m", str(model), "-f", str(text), "-o", str(out), "-t",
-                 str(threads), "-c", "256", "--no-ppl"])
+            run(
+                [
+                    str(self.bin / "llama-imatrix"),
+                    "-m",
+                    str(model),
+                    "-f",
+                    str(text),
+                    "-o",
+                    str(out),
+                    "-t",
+                    str(threads),
+                    "-c",
+                    "256",
+                    "--no-ppl",
+                ]
+            )
         return out
 
     def quantize(self, model: Path, mix: str, out: Path, threads: int, imatrix: Path | None = None) -> Path:
         if not out.exists():
             extra = ["--imatrix", str(imatrix)] if imatrix else []
-            run([str(self.bin / "llama-quantize"), *extra, "--token-embedding-type", "bf16", "--output-tensor-type",
-                 "bf16", str(model), str(out), mix, str(threads)])
+            run(
+                [
+                    str(self.bin / "llama-quantize"),
+                    *extra,
+                    "--token-embedding-type",
+                    "bf16",
+                    "--output-tensor-type",
+                    "bf16",
+                    str(model),
+                    str(out),
+                    mix,
+                    str(threads),
+                ]
+            )
         return out
 
     def linear_bytes(self, model: Path) -> tuple[int, int]:
@@ -145,24 +199,61 @@ class LlamaCpp:
         os.environ["LLAMA_CPP_LIB_PATH"] = str(self.bin)
         from llama_cpp import Llama
 
-        return Llama(model_path=str(model), n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads, logits_all=True,
-                     verbose=False, seed=0)
+        return Llama(
+            model_path=str(model), n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads, logits_all=True, verbose=False, seed=0
+        )
 
     def speed(self, model: Path, threads: int) -> dict:
         """llama-bench prefill (256) and decode (64) tok/s; llama-batched-bench decode at 1 and 8 sequences."""
-        bench = json.loads(run([str(self.bin / "llama-bench"), "-m", str(model), "-t", str(threads), "-p", "256",
-                                "-n", "64", "-r", "3", "-o", "json"]))
+        bench = json.loads(
+            run(
+                [
+                    str(self.bin / "llama-bench"),
+                    "-m",
+                    str(model),
+                    "-t",
+                    str(threads),
+                    "-p",
+                    "256",
+                    "-n",
+                    "64",
+                    "-r",
+                    "3",
+                    "-o",
+                    "json",
+                ]
+            )
+        )
         pp = next(r["avg_ts"] for r in bench if r["n_prompt"] == 256)
         tg = next(r["avg_ts"] for r in bench if r["n_gen"] == 64)
-        batched = run([str(self.bin / "llama-batched-bench"), "-m", str(model), "-t", str(threads), "-c", "2048",
-                       "-npp", "16", "-ntg", "64", "-npl", "1,8"])
+        batched = run(
+            [
+                str(self.bin / "llama-batched-bench"),
+                "-m",
+                str(model),
+                "-t",
+                str(threads),
+                "-c",
+                "2048",
+                "-npp",
+                "16",
+                "-ntg",
+                "64",
+                "-npl",
+                "1,8",
+            ]
+        )
         tg_by_batch = {}
         for line in batched.splitlines():  # | PP | TG | B | N_KV | T_PP s | S_PP t/s | T_TG s | S_TG t/s | ...
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
             if len(cells) >= 8 and cells[0].isdigit():
                 tg_by_batch[int(cells[2])] = float(cells[7])
-        return {"prefill_tok_s": pp, "decode_tok_s_batch1": tg, "decode_tok_s_batch8": tg_by_batch.get(8),
-                "decode_tok_s_batch1_batched_bench": tg_by_batch.get(1)}
+        return {
+            "prefill_tok_s": pp,
+            "decode_tok_s_batch1": tg,
+            "decode_tok_s_batch8": tg_by_batch.get(8),
+            "decode_tok_s_batch1_batched_bench": tg_by_batch.get(1),
+        }
 
 
 def run(cmd: list[str], cwd: Path | None = None, env: dict | None = None) -> str:
@@ -185,14 +276,14 @@ def compare(logp: torch.Tensor, ref: torch.Tensor, ids: torch.Tensor) -> dict:
 def quality(llama: LlamaCpp, model: Path, work: Path, args) -> list[dict]:
     from transformers import AutoConfig, AutoTokenizer
 
-    from vllm_moemix.config.arch import quantizable_linears
+    from vllm_moemix.calibration.gptq import collect_hessians
     from vllm_moemix.checkpoint.writer import quantize_checkpoint
-    from vllm_moemix.report.evaluate import Windows, compare_to_reference, reference_logprobs
+    from vllm_moemix.config.arch import quantizable_linears
     from vllm_moemix.config.footprint import footprint
     from vllm_moemix.config.plan import Plan
     from vllm_moemix.planning.pipeline import CalibrationConfig, build_context, plan_model
     from vllm_moemix.planning.units import Budget
-    from vllm_moemix.calibration.gptq import HessianGPTQ
+    from vllm_moemix.report.evaluate import Windows, compare_to_reference, reference_logprobs
 
     work.mkdir(parents=True, exist_ok=True)
     windows = Windows.from_text(AutoTokenizer.from_pretrained(model), args.heldout, max_windows=args.windows)
@@ -207,16 +298,23 @@ def quality(llama: LlamaCpp, model: Path, work: Path, args) -> list[dict]:
         gguf = llama.quantize(bf16, mix, work / f"{mix}.gguf", args.threads, imatrix)
         nbytes, weights = llama.linear_bytes(gguf)
         assert weights == total_weights
-        rows.append({"model": model.name, "engine": "llama.cpp", "config": f"{mix} (imatrix)", "bytes": nbytes,
-                     "bits_per_weight": 8 * nbytes / weights,
-                     **compare(llama.logprobs(gguf, windows, args.threads), llama_ref, windows.ids)})
+        rows.append(
+            {
+                "model": model.name,
+                "engine": "llama.cpp",
+                "config": f"{mix} (imatrix)",
+                "bytes": nbytes,
+                "bits_per_weight": 8 * nbytes / weights,
+                **compare(llama.logprobs(gguf, windows, args.threads), llama_ref, windows.ids),
+            }
+        )
 
     if args.llamacpp_only:
         return rows
     ref = reference_logprobs(model, windows)
     calib = CalibrationConfig(texts=[Path(args.calib)], quantizer="gptq")
     context = build_context(model, "optimizer", calib, args.group_size, False, {}, progress=True)
-    gptq = HessianGPTQ.collect(model, calib.texts, calib.num_samples, calib.seq_len)
+    gptq = collect_hessians(model, calib.texts, calib.num_samples, calib.seq_len)
 
     def measure(config: str, plan: Plan) -> None:
         fp = footprint(plan.resolve(linears), linears)
@@ -224,9 +322,18 @@ def quality(llama: LlamaCpp, model: Path, work: Path, args) -> list[dict]:
         if not ckpt.exists():
             quantize_checkpoint(model, plan, ckpt, quantizer=gptq, progress=False)
         cmp = compare_to_reference(ckpt, windows, ref)
-        rows.append({"model": model.name, "engine": "moemix", "config": config, "bytes": fp.nbytes,
-                     "bits_per_weight": 8 * fp.nbytes / fp.weights, "kl": cmp.kl, "top1": cmp.top1,
-                     "ppl": cmp.perplexity})
+        rows.append(
+            {
+                "model": model.name,
+                "engine": "moemix",
+                "config": config,
+                "bytes": fp.nbytes,
+                "bits_per_weight": 8 * fp.nbytes / fp.weights,
+                "kl": cmp.kl,
+                "top1": cmp.top1,
+                "ppl": cmp.perplexity,
+            }
+        )
 
     for bits in (2, 3, 4):
         measure(f"uniform GPTQ {bits}-bit", Plan.uniform(bits, args.group_size))
@@ -245,8 +352,8 @@ def speed(llama: LlamaCpp, args) -> list[dict]:
     if str(REPO) not in sys.path:  # run as a script: make the repository's `benchmarks` package importable
         sys.path.insert(0, str(REPO))
     from benchmarks.e2e_decode import build_bf16, generate_seconds, load
-    from vllm_moemix.config.arch import quantizable_linears
     from vllm_moemix.checkpoint.writer import quantize_checkpoint
+    from vllm_moemix.config.arch import quantizable_linears
     from vllm_moemix.config.footprint import footprint
     from vllm_moemix.planning.pipeline import plan_model
     from vllm_moemix.planning.units import Budget
@@ -261,22 +368,36 @@ def speed(llama: LlamaCpp, args) -> list[dict]:
     for mix in SPEED_MIXES:
         gguf = llama.quantize(bf16, mix, work / f"{mix}.gguf", args.threads)
         nbytes, _ = llama.linear_bytes(gguf)
-        rss = resident_after(lambda: llama.load(gguf, args.threads, n_ctx=512))
-        rows.append({"engine": "llama.cpp", "config": mix, "bytes": nbytes, "resident_bytes": rss,
-                     **llama.speed(gguf, args.threads)})
+        rss = resident_after(lambda gguf=gguf: llama.load(gguf, args.threads, n_ctx=512))
+        rows.append(
+            {
+                "engine": "llama.cpp",
+                "config": mix,
+                "bytes": nbytes,
+                "resident_bytes": rss,
+                **llama.speed(gguf, args.threads),
+            }
+        )
         # moemix at the same bytes; random weights, so a data-free strategy and RTN (speed does not depend on values)
         plan = plan_model(src, "kurtosis", Budget(nbytes=nbytes)).plan
         ckpt = work / f"moemix-{mix}"
         if not ckpt.exists():
             quantize_checkpoint(src, plan, ckpt, progress=False)
         fp = footprint(plan.resolve(linears), linears)
-        rows.append({"engine": "moemix", "config": f"optimizer-free plan @ {mix} bytes (kurtosis, RTN)",
-                     "bytes": fp.nbytes, **moemix_speed(ckpt, load, generate_seconds)})
+        rows.append(
+            {
+                "engine": "moemix",
+                "config": f"optimizer-free plan @ {mix} bytes (kurtosis, RTN)",
+                "bytes": fp.nbytes,
+                **moemix_speed(ckpt, load, generate_seconds),
+            }
+        )
     return rows
 
 
 def resident_after(make) -> int:
     """RSS growth of this process while `make()`'s object is alive (llama.cpp mmaps and touches its weights)."""
+
     def rss() -> int:
         return int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1]) * 1024
 
@@ -315,24 +436,34 @@ def moemix_speed(ckpt: Path, load, generate_seconds) -> dict:
 
 
 def markdown(quality_rows: list[dict], speed_rows: list[dict], meta: dict) -> str:
-    lines = [f"CPU: {meta['cpu']}; {meta['threads']} threads for both engines; llama.cpp from llama-cpp-python "
-             f"{LLAMA_CPP_PYTHON}. Bytes = attention + expert (+ shared) linears incl. scales/zeros; b/w = bits per "
-             "weight over them. KL = mean KL(bf16 || quantized) per token against each engine's own bf16, same token "
-             f"ids ({meta['heldout_tokens']} held-out tokens per model).", ""]
+    lines = [
+        f"CPU: {meta['cpu']}; {meta['threads']} threads for both engines; llama.cpp from llama-cpp-python "
+        f"{LLAMA_CPP_PYTHON}. Bytes = attention + expert (+ shared) linears incl. scales/zeros; b/w = bits per "
+        "weight over them. KL = mean KL(bf16 || quantized) per token against each engine's own bf16, same token "
+        f"ids ({meta['heldout_tokens']} held-out tokens per model).",
+        "",
+    ]
     for model in dict.fromkeys(r["model"] for r in quality_rows):
         lines += [f"### {model}", "", "| engine | config | b/w | KL | top-1 | ppl |", "|---|---|---|---|---|---|"]
         for r in sorted((r for r in quality_rows if r["model"] == model), key=lambda r: r["bytes"]):
-            lines.append(f"| {r['engine']} | {r['config']} | {r['bits_per_weight']:.2f} | {r['kl']:.4f} | "
-                         f"{r['top1']:.1%} | {r['ppl']:.2f} |")
+            lines.append(
+                f"| {r['engine']} | {r['config']} | {r['bits_per_weight']:.2f} | {r['kl']:.4f} | "
+                f"{r['top1']:.1%} | {r['ppl']:.2f} |"
+            )
         lines.append("")
     if speed_rows:
-        lines += ["### Speed: 0.92B random Mixtral-style MoE", "",
-                  "| engine | config | b/w MiB | decode tok/s b1 | decode tok/s b8 | prefill tok/s (256) | resident |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "### Speed: 0.92B random Mixtral-style MoE",
+            "",
+            "| engine | config | b/w MiB | decode tok/s b1 | decode tok/s b8 | prefill tok/s (256) | resident |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in speed_rows:
             b8 = "n/a" if r.get("decode_tok_s_batch8") is None else f"{r['decode_tok_s_batch8']:.1f}"
-            lines.append(f"| {r['engine']} | {r['config']} | {r['bytes'] / 2**20:.0f} | {r['decode_tok_s_batch1']:.1f} "
-                         f"| {b8} | {r['prefill_tok_s']:.0f} | {r['resident_bytes'] / 2**20:.0f} MiB |")
+            lines.append(
+                f"| {r['engine']} | {r['config']} | {r['bytes'] / 2**20:.0f} | {r['decode_tok_s_batch1']:.1f} "
+                f"| {b8} | {r['prefill_tok_s']:.0f} | {r['resident_bytes'] / 2**20:.0f} MiB |"
+            )
     return "\n".join(lines)
 
 
@@ -345,13 +476,16 @@ def plot(quality_rows: list[dict], path: Path) -> None:
     models = list(dict.fromkeys(r["model"] for r in quality_rows))
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
     for ax, model in zip(axes[0], models):
-        for label, pick, style in (("llama.cpp k-quants (imatrix)", lambda r: r["engine"] == "llama.cpp", "s--"),
-                                   ("moemix optimizer", lambda r: r["config"].startswith("optimizer"), "o-"),
-                                   ("moemix uniform GPTQ", lambda r: r["config"].startswith("uniform"), "^:")):
+        for label, pick, style in (
+            ("llama.cpp k-quants (imatrix)", lambda r: r["engine"] == "llama.cpp", "s--"),
+            ("moemix optimizer", lambda r: r["config"].startswith("optimizer"), "o-"),
+            ("moemix uniform GPTQ", lambda r: r["config"].startswith("uniform"), "^:"),
+        ):
             pts = sorted((r["bits_per_weight"], r["kl"]) for r in quality_rows if r["model"] == model and pick(r))
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
-        ax.set(title=model, xlabel="bits per weight (linears, incl. scales)", ylabel="KL(bf16 || quantized)",
-               yscale="log")
+        ax.set(
+            title=model, xlabel="bits per weight (linears, incl. scales)", ylabel="KL(bf16 || quantized)", yscale="log"
+        )
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -361,16 +495,20 @@ def plot(quality_rows: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", nargs="?", default="run", choices=["run", "setup"])
-    parser.add_argument("--models", nargs="+", default=[str(REPO / "models" / "tiny-mixtral"),
-                                                         str(REPO / "models" / "tiny-qwen2moe")])
+    parser.add_argument(
+        "--models", nargs="+", default=[str(REPO / "models" / "tiny-mixtral"), str(REPO / "models" / "tiny-qwen2moe")]
+    )
     parser.add_argument("--heldout", default=str(REPO / "models" / "heldout.txt"))
     parser.add_argument("--calib", default=str(REPO / "models" / "calib.txt"))
     parser.add_argument("--windows", type=int, default=16, help="held-out windows of 256 tokens per model")
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--skip-speed", action="store_true")
-    parser.add_argument("--llamacpp-only", action="store_true",
-                        help="llama.cpp's rows only (benchmarks/quality.py measures moemix on the third model)")
+    parser.add_argument(
+        "--llamacpp-only",
+        action="store_true",
+        help="llama.cpp's rows only (benchmarks/quality.py measures moemix on the third model)",
+    )
     parser.add_argument("--work", default=str(WORK))
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args()
@@ -393,8 +531,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     table = markdown(quality_rows, speed_rows, meta)
     (out / "llamacpp.md").write_text(table + "\n")
-    (out / "llamacpp.json").write_text(json.dumps({"meta": meta, "quality": quality_rows, "speed": speed_rows},
-                                                  indent=1))
+    (out / "llamacpp.json").write_text(
+        json.dumps({"meta": meta, "quality": quality_rows, "speed": speed_rows}, indent=1)
+    )
     plot(quality_rows, out / "llamacpp.png")
     print(table)
 

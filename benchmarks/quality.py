@@ -40,16 +40,17 @@ from pathlib import Path
 from rich.console import Console
 from tqdm import tqdm
 
+from vllm_moemix.calibration.gptq import collect_hessians
+from vllm_moemix.checkpoint.writer import quantize_checkpoint
 from vllm_moemix.config.arch import quantizable_linears
-from vllm_moemix.checkpoint.writer import RTNQuantizer, quantize_checkpoint
-from vllm_moemix.report.evaluate import Windows, compare_to_reference, reference_logprobs
 from vllm_moemix.config.footprint import footprint
 from vllm_moemix.config.plan import Plan
 from vllm_moemix.planning.pipeline import CalibrationConfig, build_context, plan_model
 from vllm_moemix.planning.strategies import GROUP_CHOICES, STRATEGIES
 from vllm_moemix.planning.units import Budget
+from vllm_moemix.quant.quantizers import HessianGPTQ, RTNQuantizer
+from vllm_moemix.report.evaluate import Windows, compare_to_reference, reference_logprobs
 from vllm_moemix.report.validate import holdout_kls, holdout_windows
-from vllm_moemix.calibration.gptq import HessianGPTQ
 
 REPO = Path(__file__).resolve().parents[1]
 THIRD_MODEL = REPO / "models" / "pysrc" / "tiny-mixtral-pysrc"
@@ -67,15 +68,29 @@ def texts_for(model: Path) -> tuple[Path, Path]:
 def measure_cli(model: Path, calib: Path, nbytes: int) -> dict:
     """Wall time and peak RSS of `moemix quantize --budget-bytes` (planning + GPTQ) in a fresh process."""
     out = Path(tempfile.mkdtemp(prefix="moemix-cli-")) / "ckpt"
-    cmd = [sys.executable, "-c", "import sys; from vllm_moemix.cli import main; sys.exit(main())", "quantize",
-           str(model), "--budget-bytes", str(nbytes), "--calib", str(calib), "-o", str(out), "--quiet"]
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys; from vllm_moemix.cli import main; sys.exit(main())",
+        "quantize",
+        str(model),
+        "--budget-bytes",
+        str(nbytes),
+        "--calib",
+        str(calib),
+        "-o",
+        str(out),
+        "--quiet",
+    ]
     started = time.perf_counter()
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     shutil.rmtree(out.parent, ignore_errors=True)
-    return {"wall_s": round(time.perf_counter() - started, 1),
-            "peak_rss_mib": round(max(peak, before) / 1024, 1)}  # ru_maxrss is KiB on Linux
+    return {
+        "wall_s": round(time.perf_counter() - started, 1),
+        "peak_rss_mib": round(max(peak, before) / 1024, 1),
+    }  # ru_maxrss is KiB on Linux
 
 
 def run_model(model: Path, args) -> dict:
@@ -88,7 +103,7 @@ def run_model(model: Path, args) -> dict:
     linears = quantizable_linears(AutoConfig.from_pretrained(model))
     calib = CalibrationConfig(texts=[calib_path], quantizer="gptq")
     check_windows = holdout_windows(tokenizer, calib.texts, calib.num_samples)
-    hessians = HessianGPTQ.collect(model, calib.texts, calib.num_samples, calib.seq_len, progress=False).hessians
+    hessians = collect_hessians(model, calib.texts, calib.num_samples, calib.seq_len, progress=False).hessians
     gptq, gptq_minmax = Memoized(HessianGPTQ(hessians)), Memoized(HessianGPTQ(hessians, clip_search=False))
     rows: list[dict] = []
     work = Path(tempfile.mkdtemp(prefix="moemix-quality-"))
@@ -99,12 +114,23 @@ def run_model(model: Path, args) -> dict:
         quantize_checkpoint(model, plan, ckpt, quantizer=quantizer, progress=False)
         cmp = compare_to_reference(ckpt, windows, ref)
         shutil.rmtree(ckpt)
-        row = {"model": model.name, "group": group, "strategy": strategy, "budget": budget, "bytes": fp.nbytes,
-               "bpw": 8 * fp.nbytes / fp.weights, "kl": cmp.kl, "top1": cmp.top1, "ppl": cmp.perplexity,
-               "note": note}
+        row = {
+            "model": model.name,
+            "group": group,
+            "strategy": strategy,
+            "budget": budget,
+            "bytes": fp.nbytes,
+            "bpw": 8 * fp.nbytes / fp.weights,
+            "kl": cmp.kl,
+            "top1": cmp.top1,
+            "ppl": cmp.perplexity,
+            "note": note,
+        }
         rows.append(row)
-        bar.write(f"{model.name} g{group} {strategy:>18} @ {budget:<12} b/w={row['bpw']:.3f} KL={row['kl']:.5f} "
-                  f"top1={row['top1']:.3f} ppl={row['ppl']:.2f} {note}")
+        bar.write(
+            f"{model.name} g{group} {strategy:>18} @ {budget:<12} b/w={row['bpw']:.3f} KL={row['kl']:.5f} "
+            f"top1={row['top1']:.3f} ppl={row['ppl']:.2f} {note}"
+        )
         return row
 
     total_weights = sum(info.out_features * info.in_features for info in linears.values())
@@ -115,11 +141,18 @@ def run_model(model: Path, args) -> dict:
         for group in args.group_sizes:
             t0 = time.perf_counter()
             contexts = {
-                "optimizer-v0": build_context(model, "optimizer", replace(calib, clip_search=False, usage_floor=0.0),
-                                              group, False, {}, progress=False, group_choices=(),
-                                              quantizer=gptq_minmax),
-                "optimizer": build_context(model, "optimizer", calib, group, False, {}, progress=False,
-                                           quantizer=gptq),
+                "optimizer-v0": build_context(
+                    model,
+                    "optimizer",
+                    replace(calib, clip_search=False, usage_floor=0.0),
+                    group,
+                    False,
+                    {},
+                    progress=False,
+                    group_choices=(),
+                    quantizer=gptq_minmax,
+                ),
+                "optimizer": build_context(model, "optimizer", calib, group, False, {}, progress=False, quantizer=gptq),
             }
             timings[f"g{group}_contexts_s"] = round(time.perf_counter() - t0, 1)
             uniform_bytes = {}
@@ -143,9 +176,16 @@ def run_model(model: Path, args) -> dict:
                 candidates = {"optimizer": best, "optimizer-one-group": one_group, "uniform": Plan.uniform(bits, group)}
                 kls = holdout_kls(model, candidates, check_windows, gptq)
                 chosen = min(kls, key=kls.get)
-                measure("optimizer+check", label, group, candidates[chosen], gptq,
-                        note=f"held-out calibration KL: " + ", ".join(f"{k} {v:.5f}" for k, v in kls.items())
-                        + f" -> {chosen}")
+                measure(
+                    "optimizer+check",
+                    label,
+                    group,
+                    candidates[chosen],
+                    gptq,
+                    note="held-out calibration KL: "
+                    + ", ".join(f"{k} {v:.5f}" for k, v in kls.items())
+                    + f" -> {chosen}",
+                )
             for bpw in BUDGETS if group in args.full_groups else ():
                 budget = Budget(nbytes=int(bpw * total_weights / 8))
                 every = group in args.strategy_groups and bpw in args.strategy_budgets
@@ -162,11 +202,24 @@ def run_model(model: Path, args) -> dict:
     finally:
         bar.close()
         shutil.rmtree(work, ignore_errors=True)
-    cli = measure_cli(model, calib_path, next(r["bytes"] for r in rows if r["strategy"] == "uniform-gptq"
-                                              and r["budget"] == "3-bit")) if args.cli_timing else None
-    meta = {"model": str(model.relative_to(REPO)) if model.is_relative_to(REPO) else str(model),
-            "calibration": str(calib_path), "heldout": str(heldout_path), "heldout_tokens": int(windows.ids.numel()),
-            "quantize_cli_at_uniform3_bytes": cli, **timings, "wall_s": round(time.perf_counter() - started, 1)}
+    cli = (
+        measure_cli(
+            model,
+            calib_path,
+            next(r["bytes"] for r in rows if r["strategy"] == "uniform-gptq" and r["budget"] == "3-bit"),
+        )
+        if args.cli_timing
+        else None
+    )
+    meta = {
+        "model": str(model.relative_to(REPO)) if model.is_relative_to(REPO) else str(model),
+        "calibration": str(calib_path),
+        "heldout": str(heldout_path),
+        "heldout_tokens": int(windows.ids.numel()),
+        "quantize_cli_at_uniform3_bytes": cli,
+        **timings,
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
     return {"meta": meta, "rows": rows}
 
 
@@ -188,8 +241,11 @@ def llamacpp_rows(model_name: str) -> list[dict]:
     rows = []
     for path in (LLAMACPP, LLAMACPP_THIRD):
         if path.exists():
-            rows += [r for r in json.loads(path.read_text())["quality"]
-                     if r["model"] == model_name and r["engine"] == "llama.cpp"]
+            rows += [
+                r
+                for r in json.loads(path.read_text())["quality"]
+                if r["model"] == model_name and r["engine"] == "llama.cpp"
+            ]
     return rows
 
 
@@ -199,15 +255,33 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=[str(m) for m in default_models])
     parser.add_argument("--group-sizes", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--strategies", nargs="+", default=sorted(STRATEGIES))
-    parser.add_argument("--full-groups", type=int, nargs="+", default=[128],
-                        help="group sizes that also get RTN, the b/w budgets and llama.cpp's bytes (others: uniform "
-                             "GPTQ and the optimizer at uniform bytes, issue 13's first target)")
-    parser.add_argument("--cli-timing", action="store_true",
-                        help="also time `moemix quantize` (planning + GPTQ from scratch, peak RSS) per model")
-    parser.add_argument("--strategy-groups", type=int, nargs="+", default=[128],
-                        help="group sizes at which every strategy runs (others: the optimizer only)")
-    parser.add_argument("--strategy-budgets", type=float, nargs="+", default=[3.05],
-                        help="b/w budgets at which every strategy runs (others: the optimizer only)")
+    parser.add_argument(
+        "--full-groups",
+        type=int,
+        nargs="+",
+        default=[128],
+        help="group sizes that also get RTN, the b/w budgets and llama.cpp's bytes (others: uniform "
+        "GPTQ and the optimizer at uniform bytes, issue 13's first target)",
+    )
+    parser.add_argument(
+        "--cli-timing",
+        action="store_true",
+        help="also time `moemix quantize` (planning + GPTQ from scratch, peak RSS) per model",
+    )
+    parser.add_argument(
+        "--strategy-groups",
+        type=int,
+        nargs="+",
+        default=[128],
+        help="group sizes at which every strategy runs (others: the optimizer only)",
+    )
+    parser.add_argument(
+        "--strategy-budgets",
+        type=float,
+        nargs="+",
+        default=[3.05],
+        help="b/w budgets at which every strategy runs (others: the optimizer only)",
+    )
     parser.add_argument("--windows", type=int, default=16, help="held-out windows of 256 tokens (llama.cpp's too)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (this runs on shared 2-core machines)")
     parser.add_argument("--out", default=str(REPO / "docs" / "quality"))
@@ -222,8 +296,10 @@ def main() -> None:
     results = {}
     for model in map(Path, args.models):
         if not model.exists():
-            console.print(f"[yellow]{model} missing[/]: the third model is built by `scripts/train_tiny_moe.py "
-                          "--corpus python-src --only tiny-mixtral --out models/pysrc` (then renamed, TRAINING.md)")
+            console.print(
+                f"[yellow]{model} missing[/]: the third model is built by `scripts/train_tiny_moe.py "
+                "--corpus python-src --only tiny-mixtral --out models/pysrc` (then renamed, TRAINING.md)"
+            )
             continue
         result = run_model(model.resolve(), args)
         results[model.name] = result
@@ -232,9 +308,11 @@ def main() -> None:
         plot(out / f"{model.name}.png", model.name, result["rows"], args.group_sizes)
     for path in sorted(out.glob("*.json")):  # models measured by earlier (or parallel) runs too
         results.setdefault(path.stem, json.loads(path.read_text()))
-    current = {name: r for name, r in results.items()  # this benchmark's format, not an older one's
-               if any(row.get("strategy") == "optimizer+check" and row.get("budget") == "uniform-2 bytes"
-                      for row in r["rows"])}
+    current = {
+        name: r
+        for name, r in results.items()  # this benchmark's format, not an older one's
+        if any(row.get("strategy") == "optimizer+check" and row.get("budget") == "uniform-2 bytes" for row in r["rows"])
+    }
     table = summary(current)
     (out / "summary.md").write_text(table + "\n")
     console.print(table)
@@ -242,18 +320,29 @@ def main() -> None:
 
 def markdown(name: str, result: dict) -> str:
     meta, rows = result["meta"], result["rows"]
-    lines = [f"# {name}: bit allocation at equal bytes", "",
-             f"Held-out: {meta['heldout_tokens']:,} tokens of `{Path(meta['heldout']).name}` next to the model "
-             f"(calibration: `{Path(meta['calibration']).name}`). b/w = bits per weight of the quantizable linears "
-             "including fp16 scales and uint8 zeros. KL = mean KL(bf16 || quantized) per token (nats), top-1 = "
-             "argmax agreement with bf16, ppl from transformers on the dequantized weights.", "",
-             timing_line(meta), ""]
+    lines = [
+        f"# {name}: bit allocation at equal bytes",
+        "",
+        f"Held-out: {meta['heldout_tokens']:,} tokens of `{Path(meta['heldout']).name}` next to the model "
+        f"(calibration: `{Path(meta['calibration']).name}`). b/w = bits per weight of the quantizable linears "
+        "including fp16 scales and uint8 zeros. KL = mean KL(bf16 || quantized) per token (nats), top-1 = "
+        "argmax agreement with bf16, ppl from transformers on the dequantized weights.",
+        "",
+        timing_line(meta),
+        "",
+    ]
     for group in sorted({r["group"] for r in rows}):
-        lines += [f"## group {group}", "", "| strategy | budget | b/w | KL | top-1 | ppl | note |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## group {group}",
+            "",
+            "| strategy | budget | b/w | KL | top-1 | ppl | note |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in (r for r in rows if r["group"] == group):
-            lines.append(f"| {r['strategy']} | {r['budget']} | {r['bpw']:.3f} | {r['kl']:.5f} | {r['top1']:.3f} | "
-                         f"{r['ppl']:.2f} | {r['note']} |")
+            lines.append(
+                f"| {r['strategy']} | {r['budget']} | {r['bpw']:.3f} | {r['kl']:.5f} | {r['top1']:.3f} | "
+                f"{r['ppl']:.2f} | {r['note']} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -263,19 +352,24 @@ def timing_line(meta: dict) -> str:
     contexts = ", ".join(f"{k.split('_')[0]} {v} s" for k, v in meta.items() if k.endswith("_contexts_s"))
     line = f"Calibration + error tables of both optimizer contexts per group (this benchmark): {contexts}."
     if cli:
-        line += (f" `moemix quantize --budget-bytes` at uniform 3-bit bytes (planning + GPTQ from scratch, fresh "
-                 f"process): {cli['wall_s']} s, peak RSS {cli['peak_rss_mib']} MiB.")
+        line += (
+            f" `moemix quantize --budget-bytes` at uniform 3-bit bytes (planning + GPTQ from scratch, fresh "
+            f"process): {cli['wall_s']} s, peak RSS {cli['peak_rss_mib']} MiB."
+        )
     return line
 
 
 def summary(results: dict) -> str:
     """Issue 13's targets per model and group."""
-    lines = ["| model | group | uniform | uniform GPTQ KL | optimizer KL | ratio | optimizer+check KL | ratio | "
-             "target 0.75 (optimizer / +check) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | group | uniform | uniform GPTQ KL | optimizer KL | ratio | optimizer+check KL | ratio | "
+        "target 0.75 (optimizer / +check) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, result in results.items():
         rows = result["rows"]
 
-        def kl(group, strategy, budget):
+        def kl(group, strategy, budget, rows=rows):
             return next(r["kl"] for r in rows if (r["group"], r["strategy"], r["budget"]) == (group, strategy, budget))
 
         for group in sorted({r["group"] for r in rows}):
@@ -283,18 +377,27 @@ def summary(results: dict) -> str:
                 base = kl(group, "uniform-gptq", f"{bits}-bit")
                 opt, checked = [kl(group, s, f"uniform-{bits} bytes") for s in ("optimizer", "optimizer+check")]
                 verdicts = " / ".join("holds" if v / base <= TARGET_RATIO else "misses" for v in (opt, checked))
-                lines.append(f"| {name} | {group} | {bits}-bit | {base:.5f} | {opt:.5f} | {opt / base:.2f} | "
-                             f"{checked:.5f} | {checked / base:.2f} | {verdicts} |")
-    lines += ["", "| model | llama.cpp mix | its KL | optimizer at Q2_K / Q3_K_S bytes | KL | target |", "|---|---|---|---|---|---|"]
+                lines.append(
+                    f"| {name} | {group} | {bits}-bit | {base:.5f} | {opt:.5f} | {opt / base:.2f} | "
+                    f"{checked:.5f} | {checked / base:.2f} | {verdicts} |"
+                )
+    lines += [
+        "",
+        "| model | llama.cpp mix | its KL | optimizer at Q2_K / Q3_K_S bytes | KL | target |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, result in results.items():
         llama = {r["config"].split()[0]: r for r in llamacpp_rows(name)}
         for at, reach in (("Q2_K", "Q3_K_S"), ("Q3_K_S", "Q4_K_M")):
-            opt = next((r for r in result["rows"] if r["strategy"] == "optimizer" and r["budget"] == f"{at} bytes"),
-                       None)
+            opt = next(
+                (r for r in result["rows"] if r["strategy"] == "optimizer" and r["budget"] == f"{at} bytes"), None
+            )
             if opt is None or reach not in llama:
                 continue
-            lines.append(f"| {name} | {reach} | {llama[reach]['kl']:.5f} | {at} bytes ({opt['bpw']:.2f} b/w) | "
-                         f"{opt['kl']:.5f} | {'holds' if opt['kl'] <= llama[reach]['kl'] else 'misses'} |")
+            lines.append(
+                f"| {name} | {reach} | {llama[reach]['kl']:.5f} | {at} bytes ({opt['bpw']:.2f} b/w) | "
+                f"{opt['kl']:.5f} | {'holds' if opt['kl'] <= llama[reach]['kl'] else 'misses'} |"
+            )
     return "\n".join(lines)
 
 
@@ -317,8 +420,12 @@ def plot(path: Path, name: str, rows: list[dict], groups: list[int]) -> None:
             ax.plot([p[0] for p in llama], [p[1] for p in llama], "D:", color="tab:red", label="llama.cpp (imatrix)")
             for x, y, mix in llama:
                 ax.annotate(mix, (x, y), fontsize=7, color="tab:red")
-        ax.set(title=f"{name}, group {group}", xlabel="bits per weight (linears, incl. scales/zeros)",
-               ylabel="KL(bf16 || quantized), nats/token", yscale="log")
+        ax.set(
+            title=f"{name}, group {group}",
+            xlabel="bits per weight (linears, incl. scales/zeros)",
+            ylabel="KL(bf16 || quantized), nats/token",
+            yscale="log",
+        )
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()

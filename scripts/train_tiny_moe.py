@@ -26,10 +26,13 @@ import torch
 from tqdm import tqdm
 
 CORPORA = {  # name -> (root, file pattern, description, Debian package)
-    "python-doc": (Path("/usr/share/doc/python3.11/html/_sources"), "*.rst.txt", "Python's documentation",
-                   "python3.11-doc"),
-    "python-src": (Path("/usr/lib/python3.11"), "*.py", "the Python standard library's source",
-                   "libpython3.11-stdlib"),
+    "python-doc": (
+        Path("/usr/share/doc/python3.11/html/_sources"),
+        "*.rst.txt",
+        "Python's documentation",
+        "python3.11-doc",
+    ),
+    "python-src": (Path("/usr/lib/python3.11"), "*.py", "the Python standard library's source", "libpython3.11-stdlib"),
 }
 HELDOUT_EVERY = 33
 VOCAB = 4096
@@ -59,11 +62,18 @@ def train_tokenizer(texts: list[str]):
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>", model_max_length=1024)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        model_max_length=1024,
+    )
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
@@ -79,18 +89,41 @@ def encode(tokenizer, texts: list[str]) -> torch.Tensor:
 def model_configs(tokenizer) -> dict:
     from transformers import MixtralConfig, Qwen2MoeConfig
 
-    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-               pad_token_id=tokenizer.pad_token_id)
-    common = dict(vocab_size=VOCAB, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
-                  rope_theta=10000.0, **ids)
+    ids = dict(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        rope_theta=10000.0,
+        **ids,
+    )
     return {
-        "tiny-mixtral": MixtralConfig(intermediate_size=256, num_local_experts=8, num_experts_per_tok=2,
-                                      head_dim=64, router_aux_loss_coef=0.01, **common),
-        "tiny-qwen2moe": Qwen2MoeConfig(moe_intermediate_size=256, shared_expert_intermediate_size=256,
-                                        intermediate_size=256, num_experts=8, num_experts_per_tok=2,
-                                        decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=False,
-                                        router_aux_loss_coef=0.01, **common),
+        "tiny-mixtral": MixtralConfig(
+            intermediate_size=256,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            head_dim=64,
+            router_aux_loss_coef=0.01,
+            **common,
+        ),
+        "tiny-qwen2moe": Qwen2MoeConfig(
+            moe_intermediate_size=256,
+            shared_expert_intermediate_size=256,
+            intermediate_size=256,
+            num_experts=8,
+            num_experts_per_tok=2,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            norm_topk_prob=False,
+            router_aux_loss_coef=0.01,
+            **common,
+        ),
     }
 
 
@@ -137,9 +170,15 @@ def train(name: str, config, train_ids: torch.Tensor, held_ids: torch.Tensor, ar
     bar.close()
     model.config.output_router_logits = False
     held = evaluate(model, held_ids)
-    return {"model": model, "steps": step, "tokens_seen": step * args.batch * SEQ, "train_loss": round(loss_ema, 4),
-            "heldout_loss": round(held, 4), "heldout_ppl": round(math.exp(held), 2),
-            "wall_s": round(time.time() - start, 1)}
+    return {
+        "model": model,
+        "steps": step,
+        "tokens_seen": step * args.batch * SEQ,
+        "train_loss": round(loss_ema, 4),
+        "heldout_loss": round(held, 4),
+        "heldout_ppl": round(math.exp(held), 2),
+        "wall_s": round(time.time() - start, 1),
+    }
 
 
 def main() -> None:
@@ -164,8 +203,10 @@ def main() -> None:
     (out / "calib.txt").write_text("\n\n".join(train_texts[::7])[:100_000])
     tokenizer = train_tokenizer(train_texts)
     train_ids, held_ids = encode(tokenizer, train_texts), encode(tokenizer, held_texts)
-    print(f"corpus: {len(train_texts)} train files ({len(train_ids):,} tokens), {len(held_texts)} held out "
-          f"({len(held_ids):,} tokens)")
+    print(
+        f"corpus: {len(train_texts)} train files ({len(train_ids):,} tokens), {len(held_texts)} held out "
+        f"({len(held_ids):,} tokens)"
+    )
 
     for name, config in model_configs(tokenizer).items():
         if args.only and name != args.only:
@@ -175,14 +216,22 @@ def main() -> None:
         target = out / name
         model.to(torch.bfloat16).save_pretrained(target, safe_serialization=True)
         tokenizer.save_pretrained(target)
-        record = {"command": " ".join(sys.argv), "seed": args.seed, "batch": args.batch, "seq_len": SEQ,
-                  "threads": args.threads, "corpus": f"{root} ({package}), 1 file in {HELDOUT_EVERY} held out",
-                  **result}
+        record = {
+            "command": " ".join(sys.argv),
+            "seed": args.seed,
+            "batch": args.batch,
+            "seq_len": SEQ,
+            "threads": args.threads,
+            "corpus": f"{root} ({package}), 1 file in {HELDOUT_EVERY} held out",
+            **result,
+        }
         (target / "training.json").write_text(json.dumps(record, indent=2) + "\n")
         (target / "TRAINING.md").write_text(
             f"# {name}\n\nTrained by `scripts/train_tiny_moe.py` on {description} (Debian {package}), "
             f"byte-level BPE vocab {VOCAB}, sequence length {SEQ}.\n\n"
-            + "\n".join(f"- {k}: {v}" for k, v in record.items()) + "\n")
+            + "\n".join(f"- {k}: {v}" for k, v in record.items())
+            + "\n"
+        )
         print(name, json.dumps(record))
 
 

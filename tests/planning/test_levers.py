@@ -6,13 +6,13 @@ import torch
 
 from vllm_moemix.calibration.layerwise import LayerwiseModel, calibration_samples, iterate_layers
 from vllm_moemix.config.plan import Plan
+from vllm_moemix.config.spec import SUPPORTED_BITS, QuantSpec, native_cpu_refusal
 from vllm_moemix.planning import strategies
 from vllm_moemix.planning.pipeline import build_context, plan_model
 from vllm_moemix.planning.units import Budget
-from vllm_moemix.report.validate import Validation, holdout_windows, validate_against_uniform
 from vllm_moemix.quant.gptq import HessianAccumulator, gptq_quantize
 from vllm_moemix.quant.rtn import _fake_quantize, group_params, quantize_rtn
-from vllm_moemix.config.spec import SUPPORTED_BITS, QuantSpec, native_cpu_refusal
+from vllm_moemix.report.validate import Validation, holdout_windows, validate_against_uniform
 
 
 @pytest.mark.parametrize("bits", SUPPORTED_BITS)
@@ -85,13 +85,15 @@ def test_byte_budget_chooses_groups_only_among_kernel_supported_pairs(context, r
     # a pair the kernels refused would never be offered:
     monkeypatch.setattr(strategies, "native_cpu_refusal", lambda s: "refused" if s.group_size == 32 else None)
     resolved = plan_model(random_qwen2moe, "optimizer", Budget(nbytes=uniform3), context=context).plan.resolve(
-        context.linears)
+        context.linears
+    )
     assert all(s.group_size != 32 for s in resolved.values() if s is not None)
 
 
 def test_average_bits_budget_keeps_the_context_group(context, random_qwen2moe):
     resolved = plan_model(random_qwen2moe, "optimizer", Budget(avg_bits=3.0), context=context).plan.resolve(
-        context.linears)
+        context.linears
+    )
     assert {s.group_size for s in resolved.values() if s is not None} == {64}
 
 
@@ -134,7 +136,7 @@ def test_validation_falls_back_to_uniform_when_uniform_is_better(random_qwen2moe
     from transformers import AutoTokenizer
 
     from vllm_moemix.calibration.layerwise import DEFAULT_CALIB
-    from vllm_moemix.checkpoint.writer import RTNQuantizer
+    from vllm_moemix.quant.quantizers import RTNQuantizer
 
     windows = holdout_windows(AutoTokenizer.from_pretrained(random_qwen2moe), [DEFAULT_CALIB], 8, 32, num_windows=2)
     bad, good = Plan.uniform(2, 32), Plan.uniform(8, 32)
@@ -149,7 +151,23 @@ def test_quantize_validate_reports_the_check(random_qwen2moe, tmp_path, capsys):
     from vllm_moemix.calibration.layerwise import DEFAULT_CALIB
     from vllm_moemix.cli import main
 
-    main(["quantize", str(random_qwen2moe), "--budget", "3", "--group-size", "32", "--calib", str(DEFAULT_CALIB),
-          "--calib-samples", "4", "--validate", "--quiet", "-o", str(tmp_path / "out")])
+    main(
+        [
+            "quantize",
+            str(random_qwen2moe),
+            "--budget",
+            "3",
+            "--group-size",
+            "32",
+            "--calib",
+            str(DEFAULT_CALIB),
+            "--calib-samples",
+            "4",
+            "--validate",
+            "--quiet",
+            "-o",
+            str(tmp_path / "out"),
+        ]
+    )
     out = capsys.readouterr().out
     assert "held-out calibration check: plan KL" in out and (tmp_path / "out" / "config.json").exists()

@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from vllm_moemix.calibration.layerwise import LayerwiseModel, iterate_layers
+from vllm_moemix.config.spec import PlanError, QuantSpec
 from vllm_moemix.planning import knapsack, scores
 from vllm_moemix.planning.pipeline import build_context, pins_from_modules, plan_model
 from vllm_moemix.planning.strategies import STRATEGIES
 from vllm_moemix.planning.units import Budget, planning_units
-from vllm_moemix.config.spec import PlanError, QuantSpec
-
 
 # ---- scorers ---------------------------------------------------------------------------------
+
 
 def test_outlier_score_finds_the_spiky_column():
     w = torch.ones(8, 4)
@@ -63,6 +63,7 @@ def test_heuristic_levels():
 
 # ---- knapsack ------------------------------------------------------------------------------------
 
+
 def test_knapsack_matches_brute_force():
     gen = torch.Generator().manual_seed(0)
     options = {}
@@ -87,6 +88,7 @@ def test_knapsack_impossible_budget():
 
 
 # ---- strategies on a small random model ------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def data_context(random_qwen2moe):
@@ -127,6 +129,7 @@ def test_optimizer_beats_uniform_on_its_own_objective(data_context, random_qwen2
         result = plan_model(random_qwen2moe, strategy, Budget(avg_bits=3.0), context=data_context)
         resolved = result.plan.resolve(data_context.linears)
         return sum(data_context.errors[u][resolved[u.names[0]]] for u in data_context.units)
+
     assert total_error("optimizer") < total_error("uniform")
 
 
@@ -175,22 +178,36 @@ def test_units_group_fused_linears(data_context):
     assert "model.layers.0.mlp.experts.2.down_proj" in keys
 
 
-
 def test_serving_usage_profile_drives_frequent_experts(random_qwen2moe, tmp_path):
     import json
 
     from vllm_moemix.config.routing_profile import load_profile, merge
 
-    per_rank = [[{"layer": "model.layers.0.mlp.experts", "experts": [0, 1, 2, 3], "tokens": [1, 2, 90, 3],
-                  "bits": [2, 2, 4, 2]}],
-                [{"layer": "model.layers.1.mlp.experts", "experts": [0, 1, 2, 3], "tokens": [50, 1, 1, 1],
-                  "bits": [2, 2, 2, 2]}]]
+    per_rank = [
+        [
+            {
+                "layer": "model.layers.0.mlp.experts",
+                "experts": [0, 1, 2, 3],
+                "tokens": [1, 2, 90, 3],
+                "bits": [2, 2, 4, 2],
+            }
+        ],
+        [
+            {
+                "layer": "model.layers.1.mlp.experts",
+                "experts": [0, 1, 2, 3],
+                "tokens": [50, 1, 1, 1],
+                "bits": [2, 2, 2, 2],
+            }
+        ],
+    ]
     path = tmp_path / "routing.json"
     path.write_text(json.dumps(merge(per_rank)))
     usage = load_profile(path)
     assert usage[0][2] == 90 and usage[1][0] == 50  # merged across ranks
-    result = plan_model(random_qwen2moe, "frequent-experts", Budget(avg_bits=2.3), group_size=32, usage=usage,
-                        progress=False)
+    result = plan_model(
+        random_qwen2moe, "frequent-experts", Budget(avg_bits=2.3), group_size=32, usage=usage, progress=False
+    )
     resolved = result.plan.resolve(quantizable_linears_of(random_qwen2moe))
     assert resolved["model.layers.0.mlp.experts.2.gate_proj"].bits == 4
     assert resolved["model.layers.0.mlp.experts.0.gate_proj"].bits == 2

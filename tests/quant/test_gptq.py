@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from vllm_moemix.config.spec import QuantSpec
 from vllm_moemix.quant.gptq import HessianAccumulator, gptq_quantize
 from vllm_moemix.quant.rtn import quantize_rtn
-from vllm_moemix.config.spec import QuantSpec
 
 
 def _correlated_inputs(n, k, seed=0):
@@ -55,7 +55,9 @@ def test_reference_dynamic_groups_still_available():
     spec = QuantSpec(4, 32)
     dynamic = gptq_quantize(w, acc.H, spec, static_groups=False)
     assert not torch.equal(dynamic.scales, gptq_quantize(w, acc.H, spec).scales)
-    assert ((x @ (w - dynamic.dequantize()).t()) ** 2).mean() < ((x @ (w - quantize_rtn(w, spec).dequantize()).t()) ** 2).mean()
+    assert ((x @ (w - dynamic.dequantize()).t()) ** 2).mean() < (
+        (x @ (w - quantize_rtn(w, spec).dequantize()).t()) ** 2
+    ).mean()
 
 
 def test_dead_inputs_are_rounded_not_dropped():

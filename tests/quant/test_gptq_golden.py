@@ -44,7 +44,9 @@ def reference_gptq(weight: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp:
     codes = torch.zeros(n, k, dtype=torch.int64)
     for col in range(k):
         if col % g == 0:
-            scale, zero = fixed[col // g] if static_groups else reference_params(W[:, col : col + g], spec.bits, spec.sym)
+            scale, zero = (
+                fixed[col // g] if static_groups else reference_params(W[:, col : col + g], spec.bits, spec.sym)
+            )
         q = torch.clamp(torch.round(W[:, col] / scale) + zero, 0, max_q)
         codes[:, col] = q.long()
         err = (W[:, col] - (q - zero) * scale) / U[col, col]
@@ -83,7 +85,10 @@ def test_gptq_matches_the_reference_algorithm(spec, static_groups):
         return ((x @ (weight - w).t()) ** 2).sum()
 
     scale = ours.scales.float().t().repeat_interleave(spec.group_size, 1)
-    zero = (ours.qzeros.float().t() if ours.qzeros is not None
-            else torch.full_like(scale[:, :: spec.group_size], 2 ** (spec.bits - 1))).repeat_interleave(spec.group_size, 1)
+    zero = (
+        ours.qzeros.float().t()
+        if ours.qzeros is not None
+        else torch.full_like(scale[:, :: spec.group_size], 2 ** (spec.bits - 1))
+    ).repeat_interleave(spec.group_size, 1)
     golden_w = (golden.float() - zero) * scale
     torch.testing.assert_close(out_error(ours.dequantize()), out_error(golden_w), rtol=1e-3, atol=0)

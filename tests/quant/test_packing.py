@@ -5,8 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_moemix.quant.packing import pack, packed_rows, unpack
 from vllm_moemix.config.spec import SUPPORTED_BITS
+from vllm_moemix.quant.packing import pack, packed_rows, unpack
 
 
 @settings(max_examples=60, deadline=None)

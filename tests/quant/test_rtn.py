@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from vllm_moemix.config.spec import SUPPORTED_BITS, PlanError, QuantSpec
 from vllm_moemix.quant.rtn import quantize_rtn
 from vllm_moemix.quant.tensors import dequantize_kn
-from vllm_moemix.config.spec import SUPPORTED_BITS, PlanError, QuantSpec
 
 
 @pytest.mark.parametrize("bits", SUPPORTED_BITS)
@@ -19,7 +19,11 @@ def test_error_within_half_step(bits, sym):
     assert qw.scales.shape == (3, 24) and qw.scales.dtype == torch.float16
     assert (qw.qzeros is None) == sym
     step = qw.scales.float().t().repeat_interleave(64, dim=1)  # [N, K]
-    zero = (torch.full_like(qw.scales.float(), 1 << (bits - 1)) if sym else qw.qzeros.float()).t().repeat_interleave(64, dim=1)
+    zero = (
+        (torch.full_like(qw.scales.float(), 1 << (bits - 1)) if sym else qw.qzeros.float())
+        .t()
+        .repeat_interleave(64, dim=1)
+    )
     lo, hi = -zero * step, (spec.max_q - zero) * step  # the representable range of each group
     err = (qw.dequantize() - w).abs()
     inside = (w >= lo) & (w <= hi)
@@ -43,8 +47,12 @@ def test_zero_group_and_dequant_leading_dims():
     qw = quantize_rtn(w, QuantSpec(3, group_size=32))
     deq = qw.dequantize()
     assert torch.isfinite(deq).all() and torch.equal(deq[:, :32], w[:, :32])
-    stacked = dequantize_kn(qw.qweight.unsqueeze(0).repeat(2, 1, 1), qw.scales.unsqueeze(0).repeat(2, 1, 1),
-                            qw.qzeros.unsqueeze(0).repeat(2, 1, 1), 3)
+    stacked = dequantize_kn(
+        qw.qweight.unsqueeze(0).repeat(2, 1, 1),
+        qw.scales.unsqueeze(0).repeat(2, 1, 1),
+        qw.qzeros.unsqueeze(0).repeat(2, 1, 1),
+        3,
+    )
     assert torch.equal(stacked[1].t(), deq)
 
 

@@ -36,10 +36,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from vllm_moemix.config.arch import ROLE_EXPERT, architecture_for, quantizable_linears
 from vllm_moemix.checkpoint.source import SafetensorsSource
-from vllm_moemix.quant.gptq import HessianAccumulator
+from vllm_moemix.config.arch import ROLE_EXPERT, architecture_for, quantizable_linears
 from vllm_moemix.config.spec import PlanError
+from vllm_moemix.quant.gptq import HessianAccumulator
 
 ALL_TOKEN_PRIOR = 64.0
 USAGE_FLOOR = 0.25
@@ -61,8 +61,10 @@ def calibration_samples(tokenizer, text_paths: list[Path], num_samples: int = 32
     text = "\n\n".join(Path(p).read_text(errors="replace") for p in text_paths)
     ids = torch.tensor(tokenizer(text).input_ids, dtype=torch.int64)
     if len(ids) < seq_len + 1:
-        raise PlanError(f"calibration text {', '.join(map(str, text_paths))} has {len(ids)} tokens; "
-                        f"need at least {seq_len + 1} (give more or longer --calib files)")
+        raise PlanError(
+            f"calibration text {', '.join(map(str, text_paths))} has {len(ids)} tokens; "
+            f"need at least {seq_len + 1} (give more or longer --calib files)"
+        )
     starts = torch.linspace(0, len(ids) - seq_len - 1, num_samples).long()
     return torch.stack([ids[s : s + seq_len] for s in starts])
 
@@ -99,8 +101,14 @@ class LayerwiseModel:
                 base = prefix + experts.prefix
                 for e in range(param.shape[0]):
                     if name.endswith("gate_up_proj"):
-                        param.data[e].copy_(torch.cat([self.source.get(f"{base}.{e}.{experts.gate}.weight"),
-                                                       self.source.get(f"{base}.{e}.{experts.up}.weight")]))
+                        param.data[e].copy_(
+                            torch.cat(
+                                [
+                                    self.source.get(f"{base}.{e}.{experts.gate}.weight"),
+                                    self.source.get(f"{base}.{e}.{experts.up}.weight"),
+                                ]
+                            )
+                        )
                     else:
                         param.data[e].copy_(self.source.get(f"{base}.{e}.{experts.down}.weight"))
             else:
@@ -135,21 +143,30 @@ def _hook_linears(layer: torch.nn.Module, index: int, model: LayerwiseModel, sta
     return handles, finish
 
 
-def _hook_experts(layer: torch.nn.Module, index: int, model: LayerwiseModel, stats: LayerStats,
-                  usage_floor: float) -> list:
+def _hook_experts(
+    layer: torch.nn.Module, index: int, model: LayerwiseModel, stats: LayerStats, usage_floor: float
+) -> list:
     """Per-expert statistics from the experts module's inputs: (hidden, top_k_index, top_k_weights)."""
     arch = model.arch
     experts_module = layer.get_submodule(arch.hf_path(arch.experts.prefix))
     num_experts = arch.num_experts(model.config)
     hidden = model.config.hidden_size
     inter = arch.experts.intermediate(model.config)
-    names = {e: [f"model.layers.{index}.{arch.experts.prefix}.{e}.{n}" for n in (arch.experts.gate, arch.experts.up,
-                                                                                     arch.experts.down)]
-             for e in range(num_experts)}
+    names = {
+        e: [
+            f"model.layers.{index}.{arch.experts.prefix}.{e}.{n}"
+            for n in (arch.experts.gate, arch.experts.up, arch.experts.down)
+        ]
+        for e in range(num_experts)
+    }
     sums = {"tokens": torch.zeros(num_experts), "mass": torch.zeros(num_experts), "mass2": torch.zeros(num_experts)}
     acc = {
-        e: {"r13": torch.zeros(hidden, hidden, dtype=torch.float32), "r2": torch.zeros(inter, inter, dtype=torch.float32),
-            "w13": torch.zeros(hidden, hidden, dtype=torch.float32), "w2": torch.zeros(inter, inter, dtype=torch.float32)}
+        e: {
+            "r13": torch.zeros(hidden, hidden, dtype=torch.float32),
+            "r2": torch.zeros(inter, inter, dtype=torch.float32),
+            "w13": torch.zeros(hidden, hidden, dtype=torch.float32),
+            "w2": torch.zeros(inter, inter, dtype=torch.float32),
+        }
         for e in range(num_experts)
     }
     all13 = torch.zeros(hidden, hidden, dtype=torch.float32)
@@ -197,8 +214,13 @@ def _hook_experts(layer: torch.nn.Module, index: int, model: LayerwiseModel, sta
     return [handle], finish
 
 
-def iterate_layers(model: LayerwiseModel, samples: torch.Tensor, batch_size: int = 8, progress: bool = True,
-                   usage_floor: float = USAGE_FLOOR) -> Iterator[tuple[int, torch.nn.Module, LayerStats]]:
+def iterate_layers(
+    model: LayerwiseModel,
+    samples: torch.Tensor,
+    batch_size: int = 8,
+    progress: bool = True,
+    usage_floor: float = USAGE_FLOOR,
+) -> Iterator[tuple[int, torch.nn.Module, LayerStats]]:
     """Yield (index, float layer, stats) in order; the layer is freed when the caller moves on."""
     with torch.no_grad():
         hidden = [model.embed(samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,26 +25,11 @@ from vllm_moemix.checkpoint.source import INDEX, SafetensorsSource
 from vllm_moemix.config.arch import LinearInfo, quantizable_linears
 from vllm_moemix.config.footprint import Footprint, footprint
 from vllm_moemix.config.plan import Plan, Resolved, resolved_to_config
-from vllm_moemix.config.spec import PlanError, QuantSpec
-from vllm_moemix.quant.rtn import quantize_rtn
-from vllm_moemix.quant.tensors import QuantizedWeight
-
-Quantizer = Callable[[str, torch.Tensor, QuantSpec], QuantizedWeight]
-"""(linear name, float weight [N, K], spec) -> stored form. Called in decoder-layer order,
-so calibrated quantizers (calibration/gptq.py) can run one layer at a time."""
+from vllm_moemix.config.spec import PlanError
+from vllm_moemix.quant.quantizers import Quantizer, RTNQuantizer
 
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", INDEX, "pytorch_model.bin.index.json")
 DEFAULT_SHARD_BYTES = 2 * 1024**3
-
-
-class RTNQuantizer:
-    name = "rtn"
-
-    def __init__(self, clip_search: bool = False):
-        self.clip_search = clip_search
-
-    def __call__(self, name: str, weight: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
-        return quantize_rtn(weight, spec, clip_search=self.clip_search)
 
 
 def _layer_order(names: list[str]) -> list[str]:

@@ -26,8 +26,9 @@ def _bits(value: str) -> int | str:
     except ValueError:
         bits = None
     if bits not in SUPPORTED_BITS:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a width: use one of {', '.join(map(str, SUPPORTED_BITS))} "
-                                         f"or {UNQUANTIZED}")
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a width: use one of {', '.join(map(str, SUPPORTED_BITS))} or {UNQUANTIZED}"
+        )
     return bits
 
 
@@ -71,8 +72,9 @@ def _pins(args: argparse.Namespace) -> dict:
             bits = _bits(value)
         except argparse.ArgumentTypeError as err:
             raise PlanError(f"--pin {pin!r}: {err}") from None
-        pins[module] = QuantSpec.from_value(bits, QuantSpec(4, args.group_size or DEFAULT_GROUP_SIZE, args.sym),
-                                            where=module)
+        pins[module] = QuantSpec.from_value(
+            bits, QuantSpec(4, args.group_size or DEFAULT_GROUP_SIZE, args.sym), where=module
+        )
     return pins
 
 
@@ -100,11 +102,22 @@ def _plan_from_strategy(args: argparse.Namespace):
         from vllm_moemix.config.routing_profile import load_profile
 
         usage = load_profile(args.usage)
-    result = plan_model(args.model, args.strategy, _budget(args), _calibration(args), group_size=args.group_size or DEFAULT_GROUP_SIZE,
-                        sym=args.sym, pins=_pins(args), progress=not args.quiet, usage=usage,
-                        group_choices=() if args.group_size else GROUP_CHOICES)
-    print(f"{args.strategy} under {result.budget.describe()}: {result.footprint.avg_payload_bits:.3f} bits "
-          f"({result.footprint.avg_bits:.3f} with scales/zeros), {result.footprint.nbytes / 2**20:.2f} MiB")
+    result = plan_model(
+        args.model,
+        args.strategy,
+        _budget(args),
+        _calibration(args),
+        group_size=args.group_size or DEFAULT_GROUP_SIZE,
+        sym=args.sym,
+        pins=_pins(args),
+        progress=not args.quiet,
+        usage=usage,
+        group_choices=() if args.group_size else GROUP_CHOICES,
+    )
+    print(
+        f"{args.strategy} under {result.budget.describe()}: {result.footprint.avg_payload_bits:.3f} bits "
+        f"({result.footprint.avg_bits:.3f} with scales/zeros), {result.footprint.nbytes / 2**20:.2f} MiB"
+    )
     return result.plan
 
 
@@ -135,8 +148,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         from vllm_moemix.calibration.gptq import CalibratedGPTQ
 
         calib = _calibration(args)
-        quantizer = CalibratedGPTQ(args.model, calib.texts, calib.num_samples, act_order=args.act_order,
-                                   progress=not args.quiet)
+        quantizer = CalibratedGPTQ(
+            args.model, calib.texts, calib.num_samples, act_order=args.act_order, progress=not args.quiet
+        )
     fp = quantize_checkpoint(args.model, plan, args.output, quantizer=quantizer, progress=not args.quiet)
     print(
         f"wrote {args.output}: quantizable linears {fp.nbytes / 2**20:.2f} MiB (bf16 {fp.bf16_bytes / 2**20:.2f} MiB), "
@@ -149,19 +163,27 @@ def _validated(args: argparse.Namespace, plan):
     the quantizer both were made with, reused for the checkpoint)."""
     from transformers import AutoTokenizer
 
-    from vllm_moemix.checkpoint.writer import RTNQuantizer
+    from vllm_moemix.calibration.gptq import collect_hessians
     from vllm_moemix.planning.pipeline import plan_model
+    from vllm_moemix.quant.quantizers import RTNQuantizer
     from vllm_moemix.report.validate import holdout_windows, validate_against_uniform
-    from vllm_moemix.calibration.gptq import HessianGPTQ
 
     calib = _calibration(args)
     if _quantizer(args) == "gptq":
-        quantizer = HessianGPTQ.collect(args.model, calib.texts, calib.num_samples, act_order=args.act_order,
-                                        progress=not args.quiet)
+        quantizer = collect_hessians(
+            args.model, calib.texts, calib.num_samples, act_order=args.act_order, progress=not args.quiet
+        )
     else:
         quantizer = RTNQuantizer()
-    uniform = plan_model(args.model, "uniform", _budget(args), group_size=args.group_size or DEFAULT_GROUP_SIZE,
-                         sym=args.sym, pins=_pins(args), progress=False).plan
+    uniform = plan_model(
+        args.model,
+        "uniform",
+        _budget(args),
+        group_size=args.group_size or DEFAULT_GROUP_SIZE,
+        sym=args.sym,
+        pins=_pins(args),
+        progress=False,
+    ).plan
     windows = holdout_windows(AutoTokenizer.from_pretrained(args.model), calib.texts, calib.num_samples)
     check = validate_against_uniform(args.model, plan, uniform, windows, quantizer)
     print(check.describe())
@@ -171,11 +193,11 @@ def _validated(args: argparse.Namespace, plan):
 def cmd_inspect(args: argparse.Namespace) -> None:
     from transformers import AutoConfig
 
-    from vllm_moemix.config.arch import quantizable_linears
     from vllm_moemix.checkpoint.reader import read_plan
+    from vllm_moemix.config.arch import quantizable_linears
     from vllm_moemix.config.footprint import footprint
-    from vllm_moemix.report.tables import print_report
     from vllm_moemix.config.plan import Plan
+    from vllm_moemix.report.tables import print_report
 
     path = Path(args.path)
     if args.plan:  # preview a plan against a float model before quantizing
@@ -185,8 +207,8 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         resolved = read_plan(path)
         linears = quantizable_linears(AutoConfig.from_pretrained(path))
     print_report(resolved, linears, footprint(resolved, linears))
-    from vllm_moemix.report.tables import predicted_kernels
     from vllm_moemix.layers.introspect import describe_served, reference_fallback_reason
+    from vllm_moemix.report.tables import predicted_kernels
 
     served = predicted_kernels(resolved, linears)
     print(f"kernels on this machine's CPU: {describe_served(served)}")
@@ -206,8 +228,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from vllm_moemix.report.evaluate import Windows, compare_to_reference, perplexity_vllm, reference_logprobs
 
     windows = Windows.from_text(AutoTokenizer.from_pretrained(args.model), args.text, max_windows=args.max_windows)
-    print(f"{args.model}: perplexity through vLLM on {args.text} ({windows.ids.numel():,} tokens): "
-          f"{perplexity_vllm(args.model, windows):.3f}")
+    print(
+        f"{args.model}: perplexity through vLLM on {args.text} ({windows.ids.numel():,} tokens): "
+        f"{perplexity_vllm(args.model, windows):.3f}"
+    )
     if args.reference:
         cmp = compare_to_reference(args.model, windows, reference_logprobs(args.reference, windows))
         print(f"vs {args.reference}: KL {cmp.kl:.5f} nats/token, top-1 agreement {cmp.top1:.2%}")
@@ -227,22 +251,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     def planning_args(p: argparse.ArgumentParser, default_strategy: str) -> None:
         from vllm_moemix.planning.strategies import STRATEGIES
+        from vllm_moemix.quant.quantizers import QUANTIZERS
 
-        p.add_argument("--strategy", default=default_strategy, choices=sorted(STRATEGIES),
-                       help="bit-allocation strategy (docs/planning.md)")
-        p.add_argument("--budget", type=_positive(float),
-                       help="average integer bits per weight over the quantizable linears")
-        p.add_argument("--budget-bytes", type=_positive(int),
-                       help="or: bytes of the quantizable linears incl. scales/zeros")
+        p.add_argument(
+            "--strategy",
+            default=default_strategy,
+            choices=sorted(STRATEGIES),
+            help="bit-allocation strategy (docs/planning.md)",
+        )
+        p.add_argument(
+            "--budget", type=_positive(float), help="average integer bits per weight over the quantizable linears"
+        )
+        p.add_argument(
+            "--budget-bytes", type=_positive(int), help="or: bytes of the quantizable linears incl. scales/zeros"
+        )
         p.add_argument("--pin", action="append", help="fix a width, e.g. 'model.layers.*.self_attn=8' (repeatable)")
         p.add_argument("--calib", nargs="+", help="calibration text file(s) (default: models/calib.txt)")
-        p.add_argument("--usage", help="routing profile saved from a server (GET /v1/moemix/routing, one model's "
-                                       "entry): expert frequencies for --strategy frequent-experts")
+        p.add_argument(
+            "--usage",
+            help="routing profile saved from a server (GET /v1/moemix/routing, one model's "
+            "entry): expert frequencies for --strategy frequent-experts",
+        )
         p.add_argument("--calib-samples", type=_positive(int), default=32, help="windows of 256 tokens")
-        p.add_argument("--quantizer", choices=["gptq", "rtn"],
-                       help="default: gptq when a strategy plans or --calib is given, else rtn")
-        p.add_argument("--group-size", type=_group_size, default=None, help="group size along K (default 128; with a --budget-bytes "
-                       "the optimizer then picks 32, 64, 128 or 256 per module)")
+        p.add_argument(
+            "--quantizer", choices=QUANTIZERS, help="default: gptq when a strategy plans or --calib is given, else rtn"
+        )
+        p.add_argument(
+            "--group-size",
+            type=_group_size,
+            default=None,
+            help="group size along K (default 128; with a --budget-bytes "
+            "the optimizer then picks 32, 64, 128 or 256 per module)",
+        )
         p.add_argument("--sym", action="store_true", help="symmetric (no zero points)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -251,9 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--plan", help="plan JSON (module -> bits); see docs/checkpoint-format.md")
     q.add_argument("--bits", type=_bits, help="uniform shortcut: 2, 3, 4, 8 or bf16 for every quantizable linear")
     q.add_argument("--act-order", action="store_true", help="GPTQ: visit columns by decreasing Hessian diagonal")
-    q.add_argument("--validate", action="store_true",
-                   help="quantize the planned mix and uniform at the same budget, score both on calibration text "
-                        "the planner did not see, keep the better (says so when uniform wins)")
+    q.add_argument(
+        "--validate",
+        action="store_true",
+        help="quantize the planned mix and uniform at the same budget, score both on calibration text "
+        "the planner did not see, keep the better (says so when uniform wins)",
+    )
     q.add_argument("-o", "--output", required=True, help="output directory (must not hold a checkpoint)")
     planning_args(q, "optimizer")
     q.set_defaults(func=cmd_quantize)

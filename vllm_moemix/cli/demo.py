@@ -54,8 +54,14 @@ def measure_engine(name: str, model: Path, dtype: str = "bfloat16") -> EngineRun
     from vllm_moemix.layers.introspect import EXTENSION
 
     start = time.perf_counter()
-    llm = LLM(model=str(model), dtype=dtype, max_model_len=512, max_num_seqs=len(PROMPTS), seed=0,
-              worker_extension_cls=EXTENSION)
+    llm = LLM(
+        model=str(model),
+        dtype=dtype,
+        max_model_len=512,
+        max_num_seqs=len(PROMPTS),
+        seed=0,
+        worker_extension_cls=EXTENSION,
+    )
     load_s = time.perf_counter() - start
     kernels = llm.collective_rpc("moemix_kernels")[0]
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
@@ -69,18 +75,20 @@ def measure_engine(name: str, model: Path, dtype: str = "bfloat16") -> EngineRun
 
     batch1, _ = tok_s(PROMPTS[:1])
     batch8, texts = tok_s(PROMPTS)
-    return EngineRun(name, load_s, batch1, batch8, texts, kernels)  # the engine shuts down with `llm` going out of scope
+    return EngineRun(
+        name, load_s, batch1, batch8, texts, kernels
+    )  # the engine shuts down with `llm` going out of scope
 
 
 def run_demo(model: str | Path, plan_path: Path, workdir: Path, calib: Path, baseline: bool = True) -> None:
     from transformers import AutoConfig
 
-    from vllm_moemix.config.arch import quantizable_linears
-    from vllm_moemix.checkpoint.writer import quantize_checkpoint
-    from vllm_moemix.config.plan import Plan
     from vllm_moemix.calibration.gptq import CalibratedGPTQ
-    from vllm_moemix.report.tables import print_report
+    from vllm_moemix.checkpoint.writer import quantize_checkpoint
+    from vllm_moemix.config.arch import quantizable_linears
+    from vllm_moemix.config.plan import Plan
     from vllm_moemix.layers.introspect import describe_served, reference_fallback_reason
+    from vllm_moemix.report.tables import print_report
 
     console = Console()
     model = Path(model)

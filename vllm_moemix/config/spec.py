@@ -87,8 +87,9 @@ class QuantSpec:
         return {"bits": self.bits, "group_size": self.group_size, "sym": self.sym}
 
     @classmethod
-    def from_value(cls, value: Any, default: QuantSpec | None = None, where: str = "",
-                   complete: bool = False) -> QuantSpec | None:
+    def from_value(
+        cls, value: Any, default: QuantSpec | None = None, where: str = "", complete: bool = False
+    ) -> QuantSpec | None:
         """Parse a plan value: 4, "bf16", or {"bits": 4, "group_size": 64, "sym": true}.
 
         Returns None for "bf16" (unquantized). Missing dict keys come from `default` in a plan; with
@@ -102,7 +103,7 @@ class QuantSpec:
         if isinstance(value, (bool, float)):
             raise PlanError(f"{prefix}bits must be an integer, got {value!r}")
         if complete and not isinstance(value, dict):
-            raise PlanError(f"{prefix}expected {{\"bits\", \"group_size\", \"sym\"}} or '{UNQUANTIZED}', got {value!r}")
+            raise PlanError(f'{prefix}expected {{"bits", "group_size", "sym"}} or \'{UNQUANTIZED}\', got {value!r}')
         if type(value) is int:
             value = {"bits": value}
         if not isinstance(value, dict):

@@ -16,15 +16,21 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from vllm_moemix.calibration.layerwise import DEFAULT_CALIB, USAGE_FLOOR, LayerStats, LayerwiseModel, calibration_samples, iterate_layers
+from vllm_moemix.calibration.layerwise import (
+    DEFAULT_CALIB,
+    USAGE_FLOOR,
+    LayerStats,
+    LayerwiseModel,
+    calibration_samples,
+    iterate_layers,
+)
 from vllm_moemix.config.footprint import Footprint, footprint
 from vllm_moemix.config.plan import Plan
+from vllm_moemix.config.spec import SUPPORTED_BITS, PlanError, QuantSpec
 from vllm_moemix.planning import scores
 from vllm_moemix.planning.strategies import GROUP_CHOICES, STRATEGIES, Assignment, PlanningContext
 from vllm_moemix.planning.units import Budget, Unit, assignment_to_plan, planning_units
-from vllm_moemix.quant.gptq import gptq_quantize
-from vllm_moemix.quant.rtn import quantize_rtn
-from vllm_moemix.config.spec import SUPPORTED_BITS, PlanError, QuantSpec
+from vllm_moemix.quant.quantizers import make_quantizer
 
 
 @dataclass
@@ -39,15 +45,6 @@ class CalibrationConfig:
     @classmethod
     def default(cls) -> CalibrationConfig:
         return cls(texts=[DEFAULT_CALIB])
-
-
-def quantize_weight(quantizer: str, weight: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | None,
-                    clip_search: bool = True):
-    if quantizer == "rtn":
-        return quantize_rtn(weight, spec)
-    if quantizer == "gptq":
-        return gptq_quantize(weight, hessian, spec, clip_search=clip_search)
-    raise PlanError(f"unknown quantizer {quantizer!r}; choose rtn or gptq")
 
 
 def pins_from_modules(modules: dict[str, QuantSpec | None], units: list[Unit]) -> Assignment:
@@ -66,10 +63,18 @@ def pins_from_modules(modules: dict[str, QuantSpec | None], units: list[Unit]) -
     return pins
 
 
-def build_context(model_dir: str | Path, strategy: str, calib: CalibrationConfig | None, group_size: int, sym: bool,
-                  pins: dict[str, QuantSpec | None], progress: bool = True,
-                  usage: dict[int, dict[int, int]] | None = None,
-                  group_choices: tuple[int, ...] = GROUP_CHOICES, quantizer=None) -> PlanningContext:
+def build_context(
+    model_dir: str | Path,
+    strategy: str,
+    calib: CalibrationConfig | None,
+    group_size: int,
+    sym: bool,
+    pins: dict[str, QuantSpec | None],
+    progress: bool = True,
+    usage: dict[int, dict[int, int]] | None = None,
+    group_choices: tuple[int, ...] = GROUP_CHOICES,
+    quantizer=None,
+) -> PlanningContext:
     """`usage` (layer -> expert -> routed tokens, e.g. a profile saved while serving) replaces
     calibration as the source of expert frequencies for `frequent-experts`. `group_choices`: group
     sizes besides `group_size` the optimizer may pick under a byte budget (() to keep one). `quantizer`
@@ -81,15 +86,22 @@ def build_context(model_dir: str | Path, strategy: str, calib: CalibrationConfig
     units = planning_units(model.linears)
     for unit in units:
         if unit.in_features % group_size:
-            raise PlanError(f"{unit.key}: group_size {group_size} does not divide its input dimension {unit.in_features}")
+            raise PlanError(
+                f"{unit.key}: group_size {group_size} does not divide its input dimension {unit.in_features}"
+            )
 
     def weight(name: str) -> torch.Tensor:
         return model.source.get(name + ".weight" if name in model.linears else name).float()
 
     ctx = PlanningContext(
-        linears=model.linears, units=units, weight=weight, group_size=group_size, sym=sym,
+        linears=model.linears,
+        units=units,
+        weight=weight,
+        group_size=group_size,
+        sym=sym,
         router_name=lambda layer: f"model.layers.{layer}.{model.arch.router}.weight",
-        pins=pins_from_modules(pins, units), group_choices=tuple(group_choices),
+        pins=pins_from_modules(pins, units),
+        group_choices=tuple(group_choices),
     )
     if usage is not None and strategy == "frequent-experts":
         num_experts = model.arch.num_experts(model.config)
@@ -103,21 +115,24 @@ def build_context(model_dir: str | Path, strategy: str, calib: CalibrationConfig
     calib = calib or CalibrationConfig.default()
     from transformers import AutoTokenizer
 
-    samples = calibration_samples(AutoTokenizer.from_pretrained(model_dir), calib.texts, calib.num_samples, calib.seq_len)
+    samples = calibration_samples(
+        AutoTokenizer.from_pretrained(model_dir), calib.texts, calib.num_samples, calib.seq_len
+    )
     ctx.layer_stats, ctx.errors = {}, {}
     by_layer: dict[int, list[Unit]] = {}
     for unit in units:
         by_layer.setdefault(unit.layer, []).append(unit)
     for index, _layer, stats in iterate_layers(model, samples, progress=progress, usage_floor=calib.usage_floor):
         if strategy == "optimizer":
+            layer_quantizer = quantizer or make_quantizer(
+                calib.quantizer, stats.gptq_hessians, clip_search=calib.clip_search
+            )
             for unit in tqdm(by_layer.get(index, []), desc=f"errors layer {index}", leave=False, disable=not progress):
                 ctx.errors[unit] = {
                     spec: sum(
                         scores.hessian_error(
                             weight(n),
-                            (quantizer(n, weight(n), spec) if quantizer is not None else
-                             quantize_weight(calib.quantizer, weight(n), spec, stats.gptq_hessians[n],
-                                             calib.clip_search)).dequantize(),
+                            layer_quantizer(n, weight(n), spec).dequantize(),
                             stats.loss_hessians[n],
                         )
                         for n in unit.names
@@ -137,15 +152,26 @@ class PlanResult:
     budget: Budget
 
 
-def plan_model(model_dir: str | Path, strategy: str, budget: Budget, calib: CalibrationConfig | None = None,
-               group_size: int = 128, sym: bool = False, pins: dict[str, QuantSpec | None] | None = None,
-               progress: bool = True, context: PlanningContext | None = None,
-               usage: dict[int, dict[int, int]] | None = None,
-               group_choices: tuple[int, ...] = GROUP_CHOICES) -> PlanResult:
+def plan_model(
+    model_dir: str | Path,
+    strategy: str,
+    budget: Budget,
+    calib: CalibrationConfig | None = None,
+    group_size: int = 128,
+    sym: bool = False,
+    pins: dict[str, QuantSpec | None] | None = None,
+    progress: bool = True,
+    context: PlanningContext | None = None,
+    usage: dict[int, dict[int, int]] | None = None,
+    group_choices: tuple[int, ...] = GROUP_CHOICES,
+) -> PlanResult:
     """Run `strategy` under `budget`; pass a `context` to reuse one calibration across strategies."""
-    ctx = context or build_context(model_dir, strategy, calib, group_size, sym, pins or {}, progress, usage,
-                                   group_choices)
-    if STRATEGIES[strategy].needs_data and (ctx.layer_stats is None or (strategy == "optimizer" and ctx.errors is None)):
+    ctx = context or build_context(
+        model_dir, strategy, calib, group_size, sym, pins or {}, progress, usage, group_choices
+    )
+    if STRATEGIES[strategy].needs_data and (
+        ctx.layer_stats is None or (strategy == "optimizer" and ctx.errors is None)
+    ):
         raise PlanError(f"strategy {strategy!r} needs calibration data; build the context with it")
     assignment = STRATEGIES[strategy].run(ctx, budget)
     plan = assignment_to_plan(assignment, default=ctx.spec(max(SUPPORTED_BITS)))

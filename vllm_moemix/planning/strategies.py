@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vllm_moemix.config.arch import ROLE_ATTENTION, ROLE_EXPERT, ROLE_SHARED, LinearInfo
 from vllm_moemix.calibration.layerwise import LayerStats
+from vllm_moemix.config.arch import ROLE_ATTENTION, ROLE_EXPERT, ROLE_SHARED, LinearInfo
+from vllm_moemix.config.spec import SUPPORTED_BITS, PlanError, QuantSpec, native_cpu_refusal
 from vllm_moemix.planning import knapsack, scores
 from vllm_moemix.planning.units import Budget, Unit
-from vllm_moemix.config.spec import SUPPORTED_BITS, PlanError, QuantSpec, native_cpu_refusal
 
 Assignment = dict[Unit, QuantSpec | None]
 GROUP_CHOICES = (32, 64, 128, 256)
@@ -105,6 +105,7 @@ def _roles_first(roles: tuple[str, ...]) -> Callable[[PlanningContext, Budget], 
     def run(ctx: PlanningContext, budget: Budget) -> Assignment:
         first = [u for u in ctx.units if u.role in roles]
         return promote_by_priority(ctx, budget, first + [u for u in ctx.units if u.role not in roles])
+
     return run
 
 
@@ -112,6 +113,7 @@ def _blocks(order: str) -> Callable[[PlanningContext, Budget], Assignment]:
     def run(ctx: PlanningContext, budget: Budget) -> Assignment:
         key = (lambda u: u.layer) if order == "first" else (lambda u: -u.layer)
         return promote_by_priority(ctx, budget, sorted(ctx.units, key=key))
+
     return run
 
 
@@ -141,6 +143,7 @@ def frequent_experts(ctx: PlanningContext, budget: Budget) -> Assignment:
     def rank(layer: int, experts: list[int]) -> list[int]:
         tokens = ctx.layer_stats[layer].expert_tokens
         return sorted(experts, key=lambda e: -float(tokens[e]))
+
     return promote_by_priority(ctx, budget, _experts_ranked(ctx, rank))
 
 
@@ -154,12 +157,14 @@ def router_norm(ctx: PlanningContext, budget: Budget) -> Assignment:
         gate_of = {u.expert: u.names[0] for u in arch_units if u.layer == layer and len(u.names) > 1}
         maxvar = {e: scores.max_intra_neuron_variance(ctx.weight(gate_of[e])) for e in experts}
         return scores.apply_maxvar(order, maxvar)
+
     return promote_by_priority(ctx, budget, _experts_ranked(ctx, rank))
 
 
 def _by_unit_score(score: Callable[[PlanningContext, Unit], float]) -> Callable[[PlanningContext, Budget], Assignment]:
     def run(ctx: PlanningContext, budget: Budget) -> Assignment:
         return promote_by_priority(ctx, budget, sorted(ctx.units, key=lambda u: -score(ctx, u)))
+
     return run
 
 
@@ -198,15 +203,27 @@ STRATEGIES: dict[str, Strategy] = {
         Strategy("optimizer", "ours: knapsack over Hessian-weighted error x usage", True, optimizer),
         Strategy("uniform", "one width everywhere (GPTQ/RTN baseline)", False, uniform),
         Strategy("attn-higher", "QuantMoE-Bench: attention above experts", False, _roles_first((ROLE_ATTENTION,))),
-        Strategy("shared-higher", "QuantMoE-Bench: shared experts above routed ones", False, _roles_first((ROLE_SHARED,))),
+        Strategy(
+            "shared-higher", "QuantMoE-Bench: shared experts above routed ones", False, _roles_first((ROLE_SHARED,))
+        ),
         Strategy("first-k", "QuantMoE-Bench: earlier MoE blocks higher", False, _blocks("first")),
         Strategy("last-k", "QuantMoE-Bench: later MoE blocks higher", False, _blocks("last")),
         Strategy("frequent-experts", "QuantMoE-Bench: most-routed experts per layer higher", True, frequent_experts),
-        Strategy("outlier", "QuantMoE-Bench: outlier-aware linear scorer (max_j max_i|W|/mean_i|W|)", False,
-                 _by_unit_score(_outlier)),
-        Strategy("block-importance", "QuantMoE-Bench: blocks that change their input most (1 - cos)", True,
-                 _by_unit_score(_block)),
+        Strategy(
+            "outlier",
+            "QuantMoE-Bench: outlier-aware linear scorer (max_j max_i|W|/mean_i|W|)",
+            False,
+            _by_unit_score(_outlier),
+        ),
+        Strategy(
+            "block-importance",
+            "QuantMoE-Bench: blocks that change their input most (1 - cos)",
+            True,
+            _by_unit_score(_block),
+        ),
         Strategy("router-norm", "arXiv 2604.06515: least-changed router rows + MaxVar (zeta=3)", False, router_norm),
-        Strategy("kurtosis", "DynaMINT-style data-free: heavier-tailed weights higher", False, _by_unit_score(_kurtosis)),
+        Strategy(
+            "kurtosis", "DynaMINT-style data-free: heavier-tailed weights higher", False, _by_unit_score(_kurtosis)
+        ),
     )
 }

@@ -8,11 +8,10 @@ and costs are counted over units.
 from __future__ import annotations
 
 import math
-
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from vllm_moemix.config.arch import ROLE_EXPERT, LinearInfo
+from vllm_moemix.config.arch import LinearInfo
 from vllm_moemix.config.plan import Plan, Resolved
 from vllm_moemix.config.spec import PlanError, QuantSpec
 
@@ -54,8 +53,16 @@ def planning_units(linears: dict[str, LinearInfo]) -> list[Unit]:
             continue
         seen.add(group)
         members = [linears[n] for n in group]
-        units.append(Unit(tuple(group), info.role, info.layer, info.expert,
-                          sum(m.out_features * m.in_features for m in members), info.in_features))
+        units.append(
+            Unit(
+                tuple(group),
+                info.role,
+                info.layer,
+                info.expert,
+                sum(m.out_features * m.in_features for m in members),
+                info.in_features,
+            )
+        )
     return units
 
 
@@ -105,4 +112,3 @@ def assignment_to_plan(assignment: dict[Unit, QuantSpec | None], default: QuantS
     if default is not None:
         modules = {k: v for k, v in modules.items() if v != default}
     return Plan(default=default, modules=modules)
-

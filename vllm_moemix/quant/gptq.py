@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import torch
 
+from vllm_moemix.config.spec import QuantSpec
 from vllm_moemix.quant import packing
 from vllm_moemix.quant.rtn import group_params
 from vllm_moemix.quant.tensors import SCALE_DTYPE, QuantizedWeight
-from vllm_moemix.config.spec import QuantSpec
 
 
 class HessianAccumulator:
@@ -64,8 +64,9 @@ def gptq_quantize(
     return _gptq(weight, hessian, spec, damp, act_order, static_groups, block_size, clip_search)
 
 
-def _better_rows(weight: torch.Tensor, hessian: torch.Tensor | None, a: QuantizedWeight,
-                 b: QuantizedWeight) -> QuantizedWeight:
+def _better_rows(
+    weight: torch.Tensor, hessian: torch.Tensor | None, a: QuantizedWeight, b: QuantizedWeight
+) -> QuantizedWeight:
     """Per output row, the quantization with the lower dW H dW^T (rows are independent in GPTQ)."""
     H = torch.eye(weight.shape[1]) if hessian is None else hessian.float()
     w = weight.float()
@@ -75,7 +76,9 @@ def _better_rows(weight: torch.Tensor, hessian: torch.Tensor | None, a: Quantize
         return ((delta @ H) * delta).sum(1)
 
     take_b = row_error(b) < row_error(a)  # [N]
-    unpacked = torch.where(take_b.unsqueeze(0), packing.unpack(b.qweight, a.spec.bits), packing.unpack(a.qweight, a.spec.bits))
+    unpacked = torch.where(
+        take_b.unsqueeze(0), packing.unpack(b.qweight, a.spec.bits), packing.unpack(a.qweight, a.spec.bits)
+    )
     return QuantizedWeight(
         qweight=packing.pack(unpacked.contiguous(), a.spec.bits),
         scales=torch.where(take_b.unsqueeze(0), b.scales, a.scales),
@@ -84,8 +87,16 @@ def _better_rows(weight: torch.Tensor, hessian: torch.Tensor | None, a: Quantize
     )
 
 
-def _gptq(weight: torch.Tensor, hessian: torch.Tensor | None, spec: QuantSpec, damp: float, act_order: bool,
-          static_groups: bool, block_size: int, clip_search: bool) -> QuantizedWeight:
+def _gptq(
+    weight: torch.Tensor,
+    hessian: torch.Tensor | None,
+    spec: QuantSpec,
+    damp: float,
+    act_order: bool,
+    static_groups: bool,
+    block_size: int,
+    clip_search: bool,
+) -> QuantizedWeight:
     static_groups = static_groups or act_order
     n, k = weight.shape
     spec.check_input_dim(k, "weight")
@@ -100,8 +111,16 @@ def _gptq(weight: torch.Tensor, hessian: torch.Tensor | None, spec: QuantSpec, d
     scale = torch.empty(n, groups)
     zero = torch.empty(n, groups)
     if static_groups:  # parameters from the original weights, before any error feedback
-        blocks = torch.stack([H[g * spec.group_size : (g + 1) * spec.group_size, g * spec.group_size : (g + 1)
-                                * spec.group_size] for g in range(groups)]) if clip_search else None
+        blocks = (
+            torch.stack(
+                [
+                    H[g * spec.group_size : (g + 1) * spec.group_size, g * spec.group_size : (g + 1) * spec.group_size]
+                    for g in range(groups)
+                ]
+            )
+            if clip_search
+            else None
+        )
         s, z = group_params(W.reshape(n, groups, spec.group_size), spec, blocks, clip_search)
         scale.copy_(s)
         zero.copy_(z)

@@ -18,16 +18,17 @@ from __future__ import annotations
 
 import torch
 
+from vllm_moemix.config.spec import QuantSpec
 from vllm_moemix.quant import packing
 from vllm_moemix.quant.tensors import SCALE_DTYPE, QuantizedWeight
-from vllm_moemix.config.spec import QuantSpec
 
 _MIN_SCALE = 1e-7  # keeps all-zero groups finite; fp16 represents it as a subnormal
 CLIP_FACTORS = tuple(1.0 - 0.03 * i for i in range(16))  # 1.0 down to 0.55
 
 
-def group_params(w_groups: torch.Tensor, spec: QuantSpec, hessian_blocks: torch.Tensor | None = None,
-                 clip_search: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def group_params(
+    w_groups: torch.Tensor, spec: QuantSpec, hessian_blocks: torch.Tensor | None = None, clip_search: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero per group for float32 weights shaped [N, G, group_size]; `hessian_blocks`
     [G, group_size, group_size] weight the clipping search's error."""
     if not clip_search:

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_moemix.quant import packing
 from vllm_moemix.config.spec import QuantSpec
+from vllm_moemix.quant import packing
 
 SCALE_DTYPE = torch.float16
 

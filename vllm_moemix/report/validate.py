@@ -32,20 +32,22 @@ class Validation:
 
     def describe(self) -> str:
         verdict = "uniform wins: keeping the uniform plan" if self.uniform_wins else "the plan wins"
-        return (f"held-out calibration check: plan KL {self.plan_kl:.5f}, uniform KL {self.uniform_kl:.5f} "
-                f"({verdict})")
+        return f"held-out calibration check: plan KL {self.plan_kl:.5f}, uniform KL {self.uniform_kl:.5f} ({verdict})"
 
 
-def holdout_windows(tokenizer, text_paths: list[Path], num_samples: int = 32, seq_len: int = 256,
-                    num_windows: int = 8) -> torch.Tensor:
+def holdout_windows(
+    tokenizer, text_paths: list[Path], num_samples: int = 32, seq_len: int = 256, num_windows: int = 8
+) -> torch.Tensor:
     """`num_windows` windows of the calibration text that overlap none of `calibration_samples`' windows:
     each starts half-way between two calibration window starts."""
     text = "\n\n".join(Path(p).read_text(errors="replace") for p in text_paths)
     ids = torch.tensor(tokenizer(text).input_ids, dtype=torch.int64)
     spacing = (len(ids) - seq_len - 1) / max(num_samples - 1, 1)
     if spacing < 2 * seq_len:
-        raise PlanError(f"calibration text has {len(ids)} tokens: too few to hold out windows between "
-                        f"{num_samples} calibration windows of {seq_len}; give more text or fewer --calib-samples")
+        raise PlanError(
+            f"calibration text has {len(ids)} tokens: too few to hold out windows between "
+            f"{num_samples} calibration windows of {seq_len}; give more text or fewer --calib-samples"
+        )
     gaps = torch.linspace(0, num_samples - 2, min(num_windows, num_samples - 1)).round().long()
     starts = (gaps.double() * spacing + spacing / 2).long()
     return torch.stack([ids[s : s + seq_len] for s in starts])
@@ -70,8 +72,9 @@ def holdout_kls(model_dir: str | Path, plans: dict[str, Plan], windows: torch.Te
     return kls
 
 
-def validate_against_uniform(model_dir: str | Path, plan: Plan, uniform: Plan, windows: torch.Tensor,
-                             quantizer) -> Validation:
+def validate_against_uniform(
+    model_dir: str | Path, plan: Plan, uniform: Plan, windows: torch.Tensor, quantizer
+) -> Validation:
     """Quantize `plan` and `uniform` with `quantizer` and score both against the float model on `windows`."""
     kls = holdout_kls(model_dir, {"plan": plan, "uniform": uniform}, windows, quantizer)
     return Validation(kls["plan"], kls["uniform"], uniform)
