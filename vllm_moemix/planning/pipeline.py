@@ -85,10 +85,7 @@ def build_context(
     model = LayerwiseModel(model_dir)
     units = planning_units(model.linears)
     for unit in units:
-        if unit.in_features % group_size:
-            raise PlanError(
-                f"{unit.key}: group_size {group_size} does not divide its input dimension {unit.in_features}"
-            )
+        QuantSpec(SUPPORTED_BITS[0], group_size, sym).check_input_dim(unit.in_features, unit.key)
 
     def weight(name: str) -> torch.Tensor:
         return model.source.get(name + ".weight" if name in model.linears else name).float()
