@@ -195,6 +195,32 @@ class LlamaCpp:
         del llm
         return torch.stack(out)
 
+    def check_round_trip(self, hf_dir: Path, heldout: Path, work: Path) -> str:
+        """The whole path once on a tiny model, right after building: convert (GPT-2 pre-tokenizer told), quantize
+        keeping embeddings/output bf16, count linear bytes, score the same token ids. Raises naming what broke."""
+        from transformers import AutoTokenizer
+
+        from vllm_moemix.report.evaluate import Windows, compare_logprobs
+
+        work.mkdir(parents=True, exist_ok=True)
+        bf16 = self.convert(hf_dir, work / "check-bf16.gguf")
+        q4 = self.quantize(bf16, "Q4_K_M", work / "check-q4.gguf", threads=2)
+        (bf16_bytes, weights), (q4_bytes, q4_weights) = self.linear_bytes(bf16), self.linear_bytes(q4)
+        bits = 8 * q4_bytes / weights
+        if weights != q4_weights or bf16_bytes != 2 * weights or not 4 < bits < 6:
+            raise RuntimeError(
+                f"llama.cpp byte count is off: bf16 {bf16_bytes} B / {weights} weights, Q4_K_M "
+                f"{q4_bytes} B / {q4_weights} weights ({bits:.2f} b/w)"
+            )
+        windows = Windows.from_text(AutoTokenizer.from_pretrained(hf_dir), heldout, max_windows=1)
+        cmp = compare_logprobs(self.logprobs(q4, windows, 2), self.logprobs(bf16, windows, 2), windows.ids)
+        if not (0 < cmp.kl < 0.1 and cmp.top1 > 0.8 and cmp.perplexity < 200):
+            raise RuntimeError(
+                f"llama.cpp Q4_K_M scores implausibly: KL {cmp.kl:.4f}, top-1 {cmp.top1:.1%}, "
+                f"ppl {cmp.perplexity:.1f} (tokenizer or id feeding broken?)"
+            )
+        return f"Q4_K_M {bits:.2f} b/w, KL {cmp.kl:.4f}, top-1 {cmp.top1:.1%} on {hf_dir.name}"
+
     def load(self, model: Path, threads: int, n_ctx: int):
         os.environ["LLAMA_CPP_LIB_PATH"] = str(self.bin)
         from llama_cpp import Llama
@@ -513,7 +539,10 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args()
     if args.command == "setup":
-        print(f"llama.cpp tools in {LlamaCpp.setup(Path(args.work)).bin}")
+        llama = LlamaCpp.setup(Path(args.work))
+        print(f"llama.cpp tools in {llama.bin}")
+        hf_dir = Path(args.models[0])
+        print("round trip:", llama.check_round_trip(hf_dir, Path(args.heldout), Path(args.work) / "check"))
         return
     llama = LlamaCpp.find(Path(args.work))
     if llama is None:

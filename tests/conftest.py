@@ -100,6 +100,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch_server(args: list[str], workdir: Path) -> tuple[subprocess.Popen, int, Path]:
+    """`python -m server serve ARGS` on a free loopback port, its output in workdir/server.log (not waited for)."""
+    port = free_port()
+    log = workdir / "server.log"
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", PYTHONUNBUFFERED="1")
+    argv = [sys.executable, "-m", "server", "serve", *args, "--host", "127.0.0.1", "--port", str(port)]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    return proc, port, log
+
+
 @pytest.fixture(scope="session")
 def demo_server(tmp_path_factory):
     """`python -m server serve` on a free loopback port: tiny-mixtral quantized with the demo plan (RTN).
@@ -111,34 +122,8 @@ def demo_server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("demo-server")
     ckpt = tmp / "tiny-moemix"
     quantize_checkpoint(TRAINED_MIXTRAL, Plan.load(REPO / "plans" / "tiny-mixtral-mixed.json"), ckpt, progress=False)
-    port = free_port()
-    log = tmp / "server.log"
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", PYTHONUNBUFFERED="1")
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "server",
-                "serve",
-                f"tiny-moemix={ckpt}",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--max-model-len",
-                "256",
-                "--max-num-seqs",
-                "4",
-                "--max-queue",
-                "8",
-                "--enforce-eager",
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=f,
-            stderr=subprocess.STDOUT,
-        )
+    args = [f"tiny-moemix={ckpt}", "--max-model-len", "256", "--max-num-seqs", "4", "--max-queue", "8"]
+    proc, port, log = launch_server([*args, "--enforce-eager"], tmp)
     url = f"http://127.0.0.1:{port}"
     wait_healthy(proc, url, log, timeout=240)
     yield url, port

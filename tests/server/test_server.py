@@ -9,7 +9,6 @@ it and therefore runs last.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -21,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import REPO, TRAINED_MIXTRAL, free_port, stop_server, wait_healthy
+from tests.conftest import REPO, TRAINED_MIXTRAL, free_port, launch_server, stop_server, wait_healthy
 
 pytestmark = pytest.mark.vllm
 
@@ -131,30 +130,7 @@ def server(moemix_ckpt, tmp_path_factory):
     )
     key_file = tmp / "api-key"
     key_file.write_text(API_KEY + "\n")
-    port = free_port()
-    log = tmp / "server.log"
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", PYTHONUNBUFFERED="1")
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "server",
-                "serve",
-                "--config",
-                str(config),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--api-key-file",
-                str(key_file),
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    proc, port, log = launch_server(["--config", str(config), "--api-key-file", str(key_file)], tmp)
     srv = Server(proc, port, log)
     wait_healthy(proc, srv.url, log, timeout=300)
     yield srv
@@ -1234,27 +1210,7 @@ def test_sigterm_during_engine_start_up_leaves_no_process(tmp_path):
     finished starting) and the whole process tree is gone within START_UP_STOP_S; the exit is clean."""
     import psutil
 
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", PYTHONUNBUFFERED="1")
-    log = tmp_path / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "server",
-                "serve",
-                str(TRAINED_MIXTRAL),
-                "--port",
-                str(free_port()),
-                "--enforce-eager",
-                "--max-model-len",
-                "256",
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    proc, _, log = launch_server([str(TRAINED_MIXTRAL), "--enforce-eager", "--max-model-len", "256"], tmp_path)
     root = psutil.Process(proc.pid)
     tree = {proc.pid: root}
 
