@@ -20,7 +20,7 @@ def test_hessian_accumulator_is_running_mean():
     acc = HessianAccumulator(16)
     acc.add(x[:30])
     acc.add(x[30:].reshape(7, 10, 16))
-    torch.testing.assert_close(acc.H, 2 / 100 * x.double().t() @ x.double())
+    torch.testing.assert_close(acc.H.double(), 2 / 100 * x.double().t() @ x.double(), rtol=1e-5, atol=1e-5)
     assert acc.count == 100
 
 

@@ -29,8 +29,8 @@ CLIP_FACTORS = tuple(1.0 - 0.03 * i for i in range(16))  # 1.0 down to 0.55
 def group_params(
     w_groups: torch.Tensor, spec: QuantSpec, hessian_blocks: torch.Tensor | None = None, clip_search: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero per group for float32 weights shaped [N, G, group_size]; `hessian_blocks`
-    [G, group_size, group_size] weight the clipping search's error."""
+    """Scale and zero per group for float32 weights shaped [..., N, G, group_size]; `hessian_blocks`
+    [..., G, group_size, group_size] weight the clipping search's error (leading dims: a batch of weights)."""
     if not clip_search:
         return _minmax_params(w_groups, spec)
 
@@ -38,7 +38,7 @@ def group_params(
         delta = w_groups - _fake_quantize(w_groups, scale, zero, spec)
         if hessian_blocks is None:
             return delta.pow(2).sum(-1)
-        return torch.einsum("ngi,gij,ngj->ng", delta, hessian_blocks, delta)
+        return torch.einsum("...ngi,...gij,...ngj->...ng", delta, hessian_blocks, delta)
 
     best_scale, best_zero = _minmax_params(w_groups, spec)
     best_err = error(best_scale, best_zero)
