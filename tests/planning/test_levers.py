@@ -107,12 +107,13 @@ def test_usage_floor_credits_rarely_routed_experts(random_qwen2moe):
     samples = calibration_samples(AutoTokenizer.from_pretrained(random_qwen2moe), [DEFAULT_CALIB], 4, 32)
 
     def traces(floor):
-        _, _, stats = next(iterate_layers(model, samples, progress=False, usage_floor=floor))
+        layer = next(iterate_layers(model, samples, progress=False, usage_floor=floor))
         mass2 = {}
-        for name, h in stats.loss_hessians.items():
-            if ".experts." in name and name.endswith("down_proj"):
-                mass2[int(name.split(".experts.")[1].split(".")[0])] = float(torch.trace(h))
-        return stats.expert_tokens, mass2
+        for batch in layer.hessian_batches(with_loss=True):
+            for (name, *_), h in zip(batch.units, batch.loss):
+                if ".experts." in name and name.endswith("down_proj"):
+                    mass2[int(name.split(".experts.")[1].split(".")[0])] = float(torch.trace(h))
+        return layer.stats.expert_tokens, mass2
 
     tokens, without = traces(0.0)
     _, with_floor = traces(1.0)  # everyone topped up to the mean

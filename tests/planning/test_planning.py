@@ -105,13 +105,17 @@ def test_calibrated_layers_match_full_forward(fixture, request):
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     ref.config._attn_implementation = "sdpa"
     hidden = ref(samples, output_hidden_states=True).hidden_states
-    for index, _, stats in iterate_layers(model, samples, batch_size=2, progress=False):
+    for layer in iterate_layers(model, samples, batch_size=2, progress=False):
+        index, stats = layer.index, layer.stats
         if index + 1 < len(hidden) - 1:  # the last hidden state is after the final norm
             want = torch.nn.functional.cosine_similarity(hidden[index], hidden[index + 1], dim=-1).mean()
             assert stats.block_cosine == pytest.approx(float(want), abs=1e-4)
         if stats.expert_tokens is not None:
             assert stats.expert_tokens.sum() == samples.numel() * 2  # top-2
-            assert len(stats.gptq_hessians) == len(stats.loss_hessians) > 0
+        batches = list(layer.hessian_batches(with_loss=True))
+        units = [unit for batch in batches for unit in batch.units]
+        want_units = {info.fused_with or (name,) for name, info in model.linears.items() if info.layer == index}
+        assert sorted(units) == sorted(want_units)  # every unit once, one Hessian per distinct input
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))

@@ -1,35 +1,38 @@
-"""Calibration: run the float model over text one decoder layer at a time and record
-what planners and GPTQ need.
+"""Calibration: run the float model over text one decoder layer at a time and hand out
+what planners and GPTQ need, one input at a time.
 
-Memory stays near one decoder layer plus the calibration activations: the
-Hugging Face model is built on the meta device and each layer is materialized
-from the safetensors shards, run, measured and freed before the next.
+Memory is bounded by design, independent of the number of experts: the Hugging Face
+model is built on the meta device; each layer is materialized from the safetensors
+shards, run over the calibration activations and freed *before* any expert statistics
+are built. The MoE block's input (hidden states, routed ids, routing weights) is kept,
+and `CalibratedLayer.hessian_batches` then builds the Hessians of a few experts at a
+time from it, reading those experts' weights from the shards, and drops them when the
+consumer (GPTQ, the planner's error table) moves on.
 
-Per layer we record
-  - tokens and routing-weight mass per expert (usage),
-  - input second moments per linear: `gptq` Hessians (mean x x^T) and `loss`
-    Hessians (sum of w^2 x x^T over calibration tokens, w the routing weight for
-    experts, 1 otherwise) whose trace-form tr(dW H dW^T) is the module's summed
-    squared output error: directly comparable across modules,
-  - the block's input/output cosine similarity (block importance).
+One Hessian per distinct input, i.e. per planning unit: gate and up (and q/k/v) read the
+same input and share it. Two kinds, both [K, K] float32:
+  - `gptq`: mean 2 x x^T, what GPTQ minimizes against,
+  - `loss` (when asked for): sum of w^2 x x^T over calibration tokens, w the routing weight
+    for experts, 1 otherwise, whose trace-form tr(dW H dW^T) is the unit's summed squared
+    output error: directly comparable across units.
 
-Experts that few calibration tokens reach still get a usable GPTQ Hessian: each
-expert also sees *all* tokens (as llm-compressor's MoE calibration context and
-MoEQuant's balanced sampling do), and its Hessian is the routed one blended with
-the all-token one: (n_e H_routed + a H_all) / (n_e + a), a = ALL_TOKEN_PRIOR.
-Their loss Hessians (what the planner's error estimates weigh) get a usage floor: an expert
-whose routed mass sum w^2 is below USAGE_FLOOR x the layer's average is topped up with the
-all-token statistics, so an expert that calibration rarely reaches but serving may route to
-is not starved to 2 bits for free.
-
-Memory per MoE layer beyond the layer's float32 weights and the activations:
-float32 accumulators of 2 H^2 + 3 I^2 per expert (H hidden, I expert intermediate).
+Experts that few calibration tokens reach still get a usable GPTQ Hessian: each expert
+also sees *all* tokens (as llm-compressor's MoE calibration context and MoEQuant's
+balanced sampling do), and its Hessian is the routed one blended with the all-token one:
+(n_e H_routed + a H_all) / (n_e + a), a = ALL_TOKEN_PRIOR. For the down projection the
+all-token statistics come from an evenly spaced sample of PRIOR_SAMPLE tokens (a prior of
+weight a = 64 needs no more; all tokens would cost T x I^2 per expert). Loss Hessians get a
+usage floor: an expert whose routed mass sum w^2 is below USAGE_FLOOR x the layer's average
+is topped up with the all-token statistics, so an expert that calibration rarely reaches but
+serving may route to is not starved to 2 bits for free.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,18 +45,41 @@ from vllm_moemix.config.spec import PlanError
 from vllm_moemix.quant.gptq import HessianAccumulator
 
 ALL_TOKEN_PRIOR = 64.0
+PRIOR_SAMPLE = 1024
 USAGE_FLOOR = 0.25
+HESSIAN_BATCH_BYTES = 1 << 30
+"""Bytes a batch of expert units may need for its Hessians and GPTQ's working copies (a batch holds at least
+one unit): this bounds the quantization step's memory, whatever the number of experts."""
 DEFAULT_CALIB = Path(__file__).resolve().parents[2] / "models" / "calib.txt"
+
+
+def unit_working_bytes(in_features: int, out_features: int, with_loss: bool) -> int:
+    """Peak bytes of one unit in a batch: its Hessians (GPTQ's, the loss one, the damped copy and H^-1 factor)
+    and GPTQ's weight copies (min/max and clip-searched runs, codes, the float input: ~18 bytes per weight)."""
+    return 4 * in_features * in_features * (3 + with_loss) + 18 * out_features * in_features
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @dataclass
 class LayerStats:
+    """What a layer's calibration leaves behind once its Hessians are gone: usage and similarity."""
+
     layer: int
     block_cosine: float = 1.0
     expert_tokens: torch.Tensor | None = None  # [E] tokens routed to each expert
     expert_mass: torch.Tensor | None = None  # [E] sum of routing weights
-    gptq_hessians: dict[str, torch.Tensor] = field(default_factory=dict)  # linear -> H for GPTQ
-    loss_hessians: dict[str, torch.Tensor] = field(default_factory=dict)  # linear -> H for error estimates
+
+
+@dataclass
+class HessianBatch:
+    """B units with inputs of one width: `units[b]` are the linears reading input b."""
+
+    units: list[tuple[str, ...]]
+    gptq: torch.Tensor  # [B, K, K]
+    loss: torch.Tensor | None  # [B, K, K], when asked for
 
 
 def calibration_samples(tokenizer, text_paths: list[Path], num_samples: int = 32, seq_len: int = 256) -> torch.Tensor:
@@ -70,12 +96,13 @@ def calibration_samples(tokenizer, text_paths: list[Path], num_samples: int = 32
 
 
 class LayerwiseModel:
-    """The float model, one decoder layer in memory at a time."""
+    """The float model, one decoder layer in memory at a time (on `device`)."""
 
-    def __init__(self, model_dir: str | Path):
+    def __init__(self, model_dir: str | Path, device: str | torch.device | None = None):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.dir = Path(model_dir)
+        self.device = torch.device(device or default_device())
         self.config = AutoConfig.from_pretrained(self.dir)
         self.config._attn_implementation = "sdpa"  # mask=None is then causal
         self.arch = architecture_for(self.config)
@@ -84,12 +111,16 @@ class LayerwiseModel:
         with torch.device("meta"):
             self.skeleton = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32)
         inner = self.skeleton.model
-        self.rotary = type(inner.rotary_emb)(config=self.config)
+        self.rotary = type(inner.rotary_emb)(config=self.config).to(self.device)
         self.embed = torch.nn.Embedding.from_pretrained(self.source.get("model.embed_tokens.weight").float())
+
+    def weight(self, name: str) -> torch.Tensor:
+        """A linear's float32 weight [N, K] on the calibration device, read from the shards."""
+        return self.source.get(f"{name}.weight").to(device=self.device, dtype=torch.float32)
 
     def load_layer(self, index: int) -> torch.nn.Module:
         layer = self.skeleton.model.layers[index]
-        layer.to_empty(device="cpu")
+        layer.to_empty(device=self.device)
         prefix = f"model.layers.{index}."
         experts = self.arch.experts
         from_hf = {self.arch.hf_path(n): n for n in self.source.names() if n.startswith(prefix)}
@@ -101,14 +132,8 @@ class LayerwiseModel:
                 base = prefix + experts.prefix
                 for e in range(param.shape[0]):
                     if name.endswith("gate_up_proj"):
-                        param.data[e].copy_(
-                            torch.cat(
-                                [
-                                    self.source.get(f"{base}.{e}.{experts.gate}.weight"),
-                                    self.source.get(f"{base}.{e}.{experts.up}.weight"),
-                                ]
-                            )
-                        )
+                        param.data[e, : param.shape[1] // 2].copy_(self.source.get(f"{base}.{e}.{experts.gate}.weight"))
+                        param.data[e, param.shape[1] // 2 :].copy_(self.source.get(f"{base}.{e}.{experts.up}.weight"))
                     else:
                         param.data[e].copy_(self.source.get(f"{base}.{e}.{experts.down}.weight"))
             else:
@@ -122,96 +147,180 @@ class LayerwiseModel:
         self.skeleton.model.layers[index].to("meta")
 
 
-def _hook_linears(layer: torch.nn.Module, index: int, model: LayerwiseModel, stats: LayerStats):
-    """Pre-hooks on the nn.Linear modules of attention / shared experts / dense MLPs (one per fused group)."""
-    handles, groups = [], {}
+class CalibratedLayer:
+    """One decoder layer after its calibration forward: usage statistics now, Hessians on demand."""
+
+    def __init__(self, model: LayerwiseModel, index: int, stats: LayerStats):
+        self.model, self.index, self.stats = model, index, stats
+        self.accumulators: dict[tuple[str, ...], HessianAccumulator] = {}  # attention / shared / dense units
+        self.moe_input: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # x [T, H], ids, weights
+        self.usage_floor = USAGE_FLOOR
+
+    def units(self) -> list[tuple[str, ...]]:
+        """Every unit (linears sharing one input) of this layer, in a fixed order."""
+        units = list(self.accumulators)
+        if self.moe_input is not None:
+            for e in range(self.model.arch.num_experts(self.model.config)):
+                gate, up, down = self._expert_names(e)
+                units += [(gate, up), (down,)]
+        return units
+
+    def hessian_batches(
+        self,
+        wanted: Callable[[tuple[str, ...]], bool] = lambda unit: True,
+        with_loss: bool = True,
+        max_bytes: int = HESSIAN_BATCH_BYTES,
+    ) -> Iterator[HessianBatch]:
+        """Hessians of the `wanted` units, a few at a time (each batch one input width, at most `max_bytes`
+        of Hessians unless a single unit needs more); nothing is kept after a batch is consumed."""
+        for unit, acc in self.accumulators.items():
+            if wanted(unit):
+                loss = acc.H * (acc.count / 2) if with_loss else None  # mean 2 x x^T -> sum x x^T
+                yield HessianBatch([unit], acc.H.unsqueeze(0), None if loss is None else loss.unsqueeze(0))
+        if self.moe_input is None:
+            return
+        num_experts = self.model.arch.num_experts(self.model.config)
+        hidden = self.model.config.hidden_size
+        inter = self.model.arch.experts.intermediate(self.model.config)
+        moe = _MoeStatistics(self.moe_input, num_experts, self.usage_floor)
+        for width, rows, projection in ((hidden, 2 * inter, "gate_up"), (inter, hidden, "down")):
+            chunk = max(1, max_bytes // unit_working_bytes(width, rows, with_loss))
+            experts = [e for e in range(num_experts) if wanted(self._expert_unit(e, projection))]
+            for start in range(0, len(experts), chunk):
+                group = experts[start : start + chunk]
+                pairs = [self._expert_hessians(moe, e, projection, with_loss) for e in group]
+                yield HessianBatch(
+                    [self._expert_unit(e, projection) for e in group],
+                    torch.stack([p[0] for p in pairs]),
+                    torch.stack([p[1] for p in pairs]) if with_loss else None,
+                )
+                del pairs
+
+    def _expert_names(self, e: int) -> tuple[str, str, str]:
+        experts = self.model.arch.experts
+        base = f"model.layers.{self.index}.{experts.prefix}.{e}"
+        return f"{base}.{experts.gate}", f"{base}.{experts.up}", f"{base}.{experts.down}"
+
+    def _expert_unit(self, e: int, projection: str) -> tuple[str, ...]:
+        gate, up, down = self._expert_names(e)
+        return (gate, up) if projection == "gate_up" else (down,)
+
+    def _expert_hessians(
+        self, moe: _MoeStatistics, e: int, projection: str, with_loss: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        rows, w = moe.routed(e)
+        x_all, x_prior = moe.x, moe.x_prior
+        if projection == "gate_up":
+            x_e, prior = x_all[rows], moe.all_hidden  # prior: mean x x^T over all tokens
+        else:
+            from transformers.activations import ACT2FN
+
+            gate, up, _ = self._expert_names(e)
+            w_gate, w_up = self.model.weight(gate), self.model.weight(up)
+            act = ACT2FN[self.model.config.hidden_act]
+
+            def expert_act(x: torch.Tensor) -> torch.Tensor:
+                return act(x @ w_gate.t()) * (x @ w_up.t())
+
+            x_e, sample = expert_act(x_all[rows]), expert_act(x_prior)
+            prior = sample.t() @ sample / sample.shape[0]
+            del w_gate, w_up, sample
+        n_e = float(rows.numel())
+        routed = x_e.t() @ x_e
+        gptq = 2 * (routed + ALL_TOKEN_PRIOR * prior) / (n_e + ALL_TOKEN_PRIOR)
+        del routed
+        if not with_loss:
+            return gptq, None
+        xw = x_e * w.unsqueeze(1)
+        loss = xw.t() @ xw
+        loss.add_(prior, alpha=moe.top_up(e))
+        return gptq, loss
+
+
+class _MoeStatistics:
+    """Routing of one MoE block's calibration tokens, and what every expert's Hessians share."""
+
+    def __init__(self, moe_input: tuple[torch.Tensor, torch.Tensor, torch.Tensor], num_experts: int, floor: float):
+        self.x, self.ids, self.weights = moe_input
+        t = self.x.shape[0]
+        self.all_hidden = self.x.t() @ self.x / max(t, 1)
+        self.x_prior = self.x[torch.linspace(0, t - 1, min(PRIOR_SAMPLE, t), device=self.x.device).long()]
+        mass2 = torch.zeros(num_experts, device=self.x.device)
+        mass2.index_add_(0, self.ids.flatten(), self.weights.flatten().pow(2))
+        self.mass2, self.floor = mass2, floor * float(mass2.mean())
+
+    def routed(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, slots = torch.where(self.ids == e)
+        return rows, self.weights[rows, slots]
+
+    def top_up(self, e: int) -> float:
+        """All-token mass (a multiple of the mean x x^T) lifting expert e's loss Hessian to the usage floor."""
+        return max(0.0, self.floor - float(self.mass2[e]))
+
+
+def _hook_linears(layer: torch.nn.Module, calibrated: CalibratedLayer) -> list:
+    """Pre-hooks on the nn.Linear modules of attention / shared experts / dense MLPs (one per unit)."""
+    model, index = calibrated.model, calibrated.index
+    handles = []
     prefix = f"model.layers.{index}."
     for name, info in model.linears.items():
-        group = info.fused_with or (name,)
-        if info.layer != index or info.role == ROLE_EXPERT or group in groups:
+        unit = info.fused_with or (name,)
+        if info.layer != index or info.role == ROLE_EXPERT or unit in calibrated.accumulators:
             continue
-        acc = groups[group] = HessianAccumulator(info.in_features)
+        acc = calibrated.accumulators[unit] = HessianAccumulator(info.in_features, model.device)
         module = layer.get_submodule(model.arch.hf_path(name).removeprefix(prefix))
         handles.append(module.register_forward_pre_hook(lambda _m, args, acc=acc: acc.add(args[0])))
-
-    def finish() -> None:
-        for group, acc in groups.items():
-            for member in group:
-                stats.gptq_hessians[member] = acc.H
-                stats.loss_hessians[member] = acc.H * (acc.count / 2)  # mean 2 x x^T -> sum x x^T
-
-    return handles, finish
+    return handles
 
 
-def _hook_experts(
-    layer: torch.nn.Module, index: int, model: LayerwiseModel, stats: LayerStats, usage_floor: float
-) -> list:
-    """Per-expert statistics from the experts module's inputs: (hidden, top_k_index, top_k_weights)."""
-    arch = model.arch
-    experts_module = layer.get_submodule(arch.hf_path(arch.experts.prefix))
-    num_experts = arch.num_experts(model.config)
+def _hook_experts(layer: torch.nn.Module, calibrated: CalibratedLayer) -> tuple[list, Callable[[], None]]:
+    """Keeps the experts module's inputs (hidden, top_k_index, top_k_weights); statistics come later."""
+    model = calibrated.model
+    experts_module = layer.get_submodule(model.arch.hf_path(model.arch.experts.prefix))
+    num_experts = model.arch.num_experts(model.config)
     hidden = model.config.hidden_size
-    inter = arch.experts.intermediate(model.config)
-    names = {
-        e: [
-            f"model.layers.{index}.{arch.experts.prefix}.{e}.{n}"
-            for n in (arch.experts.gate, arch.experts.up, arch.experts.down)
-        ]
-        for e in range(num_experts)
-    }
-    sums = {"tokens": torch.zeros(num_experts), "mass": torch.zeros(num_experts), "mass2": torch.zeros(num_experts)}
-    acc = {
-        e: {
-            "r13": torch.zeros(hidden, hidden, dtype=torch.float32),
-            "r2": torch.zeros(inter, inter, dtype=torch.float32),
-            "w13": torch.zeros(hidden, hidden, dtype=torch.float32),
-            "w2": torch.zeros(inter, inter, dtype=torch.float32),
-        }
-        for e in range(num_experts)
-    }
-    all13 = torch.zeros(hidden, hidden, dtype=torch.float32)
-    all2 = {e: torch.zeros(inter, inter, dtype=torch.float32) for e in range(num_experts)}
-    total = {"n": 0}
+    seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
-    def hook(module, args):
-        x, top_k_index, top_k_weights = args[0].reshape(-1, hidden).float(), args[1], args[2].float()
-        all13.add_(x.t() @ x)
-        total["n"] += x.shape[0]
-        for e in range(num_experts):
-            gate_up = x @ module.gate_up_proj[e].t()
-            act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-            all2[e].add_(act.t() @ act)
-            rows, slots = torch.where(top_k_index == e)
-            if rows.numel() == 0:
-                continue
-            w = top_k_weights[rows, slots].unsqueeze(1)
-            xe, ae = x[rows], act[rows]
-            sums["tokens"][e] += rows.numel()
-            sums["mass"][e] += w.sum().item()
-            sums["mass2"][e] += w.pow(2).sum().item()
-            acc[e]["r13"].add_(xe.t() @ xe)
-            acc[e]["r2"].add_(ae.t() @ ae)
-            acc[e]["w13"].add_((xe * w).t() @ (xe * w))
-            acc[e]["w2"].add_((ae * w).t() @ (ae * w))
+    def hook(_module, args):
+        ids, weights = args[1], args[2]
+        seen.append((args[0].reshape(-1, hidden).float(), ids.reshape(-1, ids.shape[-1]), weights.float()))
 
     def finish() -> None:
-        n = max(total["n"], 1)
-        stats.expert_tokens, stats.expert_mass = sums["tokens"].clone(), sums["mass"].clone()
-        floor = usage_floor * float(sums["mass2"].mean())
-        for e in range(num_experts):
-            top_up = max(0.0, floor - float(sums["mass2"][e])) / n  # per all-token second moment
-            n_e = float(sums["tokens"][e])
-            blend13 = (acc[e]["r13"] + ALL_TOKEN_PRIOR * all13 / n) / (n_e + ALL_TOKEN_PRIOR)
-            blend2 = (acc[e]["r2"] + ALL_TOKEN_PRIOR * all2[e] / n) / (n_e + ALL_TOKEN_PRIOR)
-            gate, up, down = names[e]
-            for linear in (gate, up):
-                stats.gptq_hessians[linear] = 2 * blend13
-                stats.loss_hessians[linear] = acc[e]["w13"] + top_up * all13
-            stats.gptq_hessians[down] = 2 * blend2
-            stats.loss_hessians[down] = acc[e]["w2"] + top_up * all2[e]
+        x, ids, weights = (torch.cat(parts) for parts in zip(*seen))
+        seen.clear()
+        ids = ids.long()
+        calibrated.moe_input = (x, ids, weights.reshape(ids.shape))
+        calibrated.stats.expert_tokens = torch.bincount(ids.flatten().cpu(), minlength=num_experts).float()
+        calibrated.stats.expert_mass = torch.zeros(num_experts).index_add_(
+            0, ids.flatten().cpu(), weights.flatten().cpu()
+        )
 
-    handle = experts_module.register_forward_pre_hook(hook)
-    return [handle], finish
+    return [experts_module.register_forward_pre_hook(hook)], finish
+
+
+class HiddenStates:
+    """The calibration activations between layers: in memory, or spilled to `spill_dir` when they do not fit."""
+
+    def __init__(self, spill_dir: Path | None):
+        self.spill_dir, self.parts = spill_dir, []
+
+    def append(self, h: torch.Tensor) -> None:
+        if self.spill_dir is None:
+            self.parts.append(h)
+            return
+        path = self.spill_dir / f"hidden-{id(self)}-{len(self.parts)}.pt"
+        torch.save(h.cpu(), path)
+        self.parts.append(path)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for part in self.parts:
+            yield part if isinstance(part, torch.Tensor) else torch.load(part)
+
+    def release(self) -> None:
+        for part in self.parts:
+            if isinstance(part, Path):
+                part.unlink(missing_ok=True)
+        self.parts = []
 
 
 def iterate_layers(
@@ -220,32 +329,123 @@ def iterate_layers(
     batch_size: int = 8,
     progress: bool = True,
     usage_floor: float = USAGE_FLOOR,
-) -> Iterator[tuple[int, torch.nn.Module, LayerStats]]:
-    """Yield (index, float layer, stats) in order; the layer is freed when the caller moves on."""
+    spill_dir: Path | None = None,
+    stage: str = "calibrate",
+    on_first_layer: Callable[[float], None] | None = None,
+    last_layer: int | None = None,
+) -> Iterator[CalibratedLayer]:
+    """Yield each decoder layer calibrated, in order, up to `last_layer`; its float weights are already freed,
+    its statistics go when the caller moves on. `on_first_layer(seconds)` is called once the first layer is
+    done (forward and the caller's work), for projections."""
+    last = model.config.num_hidden_layers - 1 if last_layer is None else last_layer
     with torch.no_grad():
-        hidden = [model.embed(samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]
-        positions = torch.arange(samples.shape[1]).unsqueeze(0)
-        cos_sin = model.rotary(hidden[0], positions)
-        for index in tqdm(range(model.config.num_hidden_layers), desc="calibrate", unit="layer", disable=not progress):
+        hidden = HiddenStates(spill_dir)
+        for i in range(0, len(samples), batch_size):
+            hidden.append(model.embed(samples[i : i + batch_size]).to(model.device))
+        positions = torch.arange(samples.shape[1], device=model.device).unsqueeze(0)
+        cos_sin = model.rotary(next(iter(hidden)), positions)
+        bar = tqdm(total=last + 1, desc=stage, unit="layer", disable=not progress)
+        for index in range(last + 1):
+            started = time.perf_counter()
             layer = model.load_layer(index)
-            stats = LayerStats(index)
-            handles, finish_linears = _hook_linears(layer, index, model, stats)
-            finishers = [finish_linears]
+            calibrated = CalibratedLayer(model, index, LayerStats(index))
+            calibrated.usage_floor = usage_floor
+            handles = _hook_linears(layer, calibrated)
+            finish_experts = None
             if model.arch.is_moe_layer(model.config, index):
-                more, finish_experts = _hook_experts(layer, index, model, stats, usage_floor)
+                more, finish_experts = _hook_experts(layer, calibrated)
                 handles += more
-                finishers.append(finish_experts)
-            outputs, cosines = [], []
+            outputs, cosines = HiddenStates(spill_dir), []
             for h in hidden:
+                h = h.to(model.device)
                 out = layer(h, position_embeddings=cos_sin, attention_mask=None, position_ids=positions)
                 out = out[0] if isinstance(out, tuple) else out
                 cosines.append(F.cosine_similarity(h, out, dim=-1).flatten())
                 outputs.append(out)
             for handle in handles:
                 handle.remove()
-            for finish in finishers:
-                finish()
-            stats.block_cosine = float(torch.cat(cosines).mean())
-            yield index, layer, stats
-            model.unload_layer(index)
+            model.unload_layer(index)  # float weights go before any expert statistics are built
+            if finish_experts is not None:
+                finish_experts()
+            calibrated.stats.block_cosine = float(torch.cat(cosines).mean())
+            hidden.release()
             hidden = outputs
+            yield calibrated
+            del calibrated
+            bar.update()
+            if index == 0 and on_first_layer is not None:
+                on_first_layer(time.perf_counter() - started)
+        bar.close()
+        hidden.release()
+
+
+def describe_projection(stage: str, first_layer_s: float, layers: int) -> str:
+    """'time: ...' line the CLI prints after the first layer, so a user can plan by it."""
+    total = first_layer_s * layers
+    hours = f"{total / 3600:.1f} h" if total >= 3600 else f"{total / 60:.1f} min"
+    return f"time: {stage}: first layer took {first_layer_s:.1f} s; ~{hours} projected for {layers} layers"
+
+
+def layer_memory_estimate(model: LayerwiseModel, num_tokens: int) -> dict[str, int]:
+    """Bytes one layer of calibration + GPTQ needs at its peak, by part (what `check_memory` compares)."""
+    config, linears = model.config, model.linears
+    hidden = config.hidden_size
+    per_layer: dict[int, int] = {}
+    for info in linears.values():
+        per_layer[info.layer] = per_layer.get(info.layer, 0) + info.out_features * info.in_features
+    weights_f32 = 4 * max(per_layer.values(), default=0)
+    activations = 4 * num_tokens * hidden * 3  # layer input, output, MoE input
+    unit_bytes = max(
+        (
+            unit_working_bytes(info.in_features, info.out_features * len(info.fused_with or (1,)), True)
+            for info in linears.values()
+        ),
+        default=0,
+    )
+    cholesky = 4 * max((info.in_features for info in linears.values()), default=0) ** 2  # its workspace
+    return {
+        "float layer": weights_f32,
+        "activations": activations,
+        "hessians + gptq": max(unit_bytes, HESSIAN_BATCH_BYTES) + cholesky,
+    }
+
+
+def available_memory() -> int:
+    """Bytes this process may still allocate: MemAvailable, capped by a cgroup limit if there is one."""
+    available = math.inf
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
+        try:
+            limit = Path(limit_file).read_text().strip()
+            if limit != "max" and int(limit) < 1 << 60:
+                available = min(available, int(limit) - int(Path(usage_file).read_text()))
+        except (OSError, ValueError):
+            continue
+    return int(available) if available != math.inf else 1 << 62
+
+
+def check_memory(model: LayerwiseModel, num_tokens: int) -> str:
+    """Refuse before starting, with the numbers, when one layer cannot fit; else the 'memory:' line to print."""
+    parts = layer_memory_estimate(model, num_tokens)
+    # The float layer is freed before Hessians and GPTQ: the peak is the larger of the two phases.
+    peak = parts["activations"] + max(parts["float layer"], parts["hessians + gptq"])
+    available = available_memory()
+    detail = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in parts.items())
+    line = (
+        f"memory: one layer needs ~{peak / 2**30:.1f} GiB at peak ({detail} GiB); {available / 2**30:.1f} GiB available"
+    )
+    if model.device.type == "cpu" and peak > available:
+        raise PlanError(
+            f"not enough memory to calibrate one layer of {model.dir}: ~{peak / 2**30:.1f} GiB needed "
+            f"({detail} GiB), {available / 2**30:.1f} GiB available; use a machine with more memory, fewer "
+            "--calib-samples, or --device cuda"
+        )
+    return line

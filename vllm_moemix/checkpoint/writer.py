@@ -151,6 +151,8 @@ def quantize_checkpoint(
     fp = footprint(resolved, linears)
     config_json = json.loads((model_dir / "config.json").read_text())
     quantizer_name = getattr(quantizer, "name", type(quantizer).__name__)
+    if hasattr(quantizer, "begin"):  # streaming quantizers plan their calibration pass from the whole plan
+        quantizer.begin(resolved, linears)
     config_json["quantization_config"] = quantization_config(plan, resolved, fp, quantizer_name)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -7,8 +7,11 @@ message and exit code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import shutil
 import sys
+import tempfile
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -82,7 +85,7 @@ def _calibration(args: argparse.Namespace):
     from vllm_moemix.planning.pipeline import CalibrationConfig
 
     config = CalibrationConfig.default() if not args.calib else CalibrationConfig(texts=[Path(p) for p in args.calib])
-    config.num_samples, config.quantizer = args.calib_samples, _quantizer(args)
+    config.num_samples, config.quantizer, config.device = args.calib_samples, _quantizer(args), args.device
     return config
 
 
@@ -93,7 +96,7 @@ def _quantizer(args: argparse.Namespace) -> str:
     return "gptq" if uses_strategy or args.calib else "rtn"
 
 
-def _plan_from_strategy(args: argparse.Namespace):
+def _plan_from_strategy(args: argparse.Namespace, stash=None):
     from vllm_moemix.planning.pipeline import plan_model
     from vllm_moemix.planning.strategies import GROUP_CHOICES
 
@@ -113,6 +116,7 @@ def _plan_from_strategy(args: argparse.Namespace):
         progress=not args.quiet,
         usage=usage,
         group_choices=() if args.group_size else GROUP_CHOICES,
+        stash=stash,
     )
     print(
         f"{args.strategy} under {result.budget.describe()}: {result.footprint.avg_payload_bits:.3f} bits "
@@ -133,29 +137,50 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
     if args.plan is not None and args.bits is not None:
         raise PlanError("give at most one of --plan PLAN.json or --bits N")
-    if args.plan:
-        plan = Plan.load(args.plan)
-    elif args.bits is not None:
-        plan = Plan.uniform(args.bits, args.group_size, args.sym)
-    else:
-        plan = _plan_from_strategy(args)
-    quantizer = None
-    if args.validate:
-        if args.plan or args.bits is not None:
-            raise PlanError("--validate checks a planned (--strategy/--budget) plan against uniform; not --plan/--bits")
-        plan, quantizer = _validated(args, plan)
-    elif _quantizer(args) == "gptq":
-        from vllm_moemix.calibration.gptq import CalibratedGPTQ
+    if args.validate and (args.plan or args.bits is not None):
+        raise PlanError("--validate checks a planned (--strategy/--budget) plan against uniform; not --plan/--bits")
+    with _stash_beside(Path(args.output)) as stash:  # the planner's quantizations, reused by the writer
+        if args.plan:
+            plan = Plan.load(args.plan)
+        elif args.bits is not None:
+            plan = Plan.uniform(args.bits, args.group_size, args.sym)
+        else:
+            reusable = _quantizer(args) == "gptq" and not args.act_order
+            plan = _plan_from_strategy(args, stash=stash if reusable else None)
+        quantizer = None
+        if args.validate:
+            plan, quantizer = _validated(args, plan)
+        elif _quantizer(args) == "gptq":
+            from vllm_moemix.calibration.gptq import CalibratedGPTQ
 
-        calib = _calibration(args)
-        quantizer = CalibratedGPTQ(
-            args.model, calib.texts, calib.num_samples, act_order=args.act_order, progress=not args.quiet
-        )
-    fp = quantize_checkpoint(args.model, plan, args.output, quantizer=quantizer, progress=not args.quiet)
+            calib = _calibration(args)
+            quantizer = CalibratedGPTQ(
+                args.model,
+                calib.texts,
+                calib.num_samples,
+                act_order=args.act_order,
+                progress=not args.quiet,
+                device=args.device,
+                reuse=stash if len(stash) else None,
+            )
+        fp = quantize_checkpoint(args.model, plan, args.output, quantizer=quantizer, progress=not args.quiet)
     print(
         f"wrote {args.output}: quantizable linears {fp.nbytes / 2**20:.2f} MiB (bf16 {fp.bf16_bytes / 2**20:.2f} MiB), "
         f"average {fp.avg_payload_bits:.3f} bits ({fp.avg_bits:.3f} with scales/zeros)"
     )
+
+
+@contextlib.contextmanager
+def _stash_beside(output: Path):
+    """A scratch directory next to the output (same disk), removed however the command ends (Ctrl-C too)."""
+    from vllm_moemix.quant.quantizers import QuantStash
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.stash-", dir=output.parent))
+    try:
+        yield QuantStash(scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _validated(args: argparse.Namespace, plan):
@@ -284,6 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
             "the optimizer then picks 32, 64, 128 or 256 per module)",
         )
         p.add_argument("--sym", action="store_true", help="symmetric (no zero points)")
+        p.add_argument(
+            "--device",
+            help="where calibration, Hessians and GPTQ run, e.g. cuda or cpu (default: cuda if available)",
+        )
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     q = sub.add_parser("quantize", help="quantize a safetensors MoE checkpoint per a plan, --bits, or a strategy")

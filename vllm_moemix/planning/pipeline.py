@@ -1,10 +1,10 @@
 """plan_model: model + strategy + budget (+ calibration text, pins) -> Plan.
 
 Data-driven strategies get one calibration pass over the float model, one
-decoder layer at a time; the optimizer additionally quantizes every unit at
-every width with the chosen quantizer and measures tr(dW H dW^T) on the
-layer's loss Hessians before they are dropped (every width, and every group size in
-`group_choices` for byte budgets).
+decoder layer at a time; the optimizer additionally fills its error table
+(planning/errors.py: each unit quantized once at the reference width the budget
+is nearest to, every other (bits, group) candidate estimated from it) from the
+layer's Hessians, a few units at a time, before they are dropped.
 """
 
 from __future__ import annotations
@@ -14,23 +14,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
+from vllm_moemix.calibration.gptq import GPTQOptions
 from vllm_moemix.calibration.layerwise import (
     DEFAULT_CALIB,
     USAGE_FLOOR,
     LayerStats,
     LayerwiseModel,
     calibration_samples,
+    check_memory,
+    describe_projection,
     iterate_layers,
 )
 from vllm_moemix.config.footprint import Footprint, footprint
 from vllm_moemix.config.plan import Plan
 from vllm_moemix.config.spec import SUPPORTED_BITS, PlanError, QuantSpec
-from vllm_moemix.planning import scores
+from vllm_moemix.planning.errors import ERROR_MODELS, batch_errors
 from vllm_moemix.planning.strategies import GROUP_CHOICES, STRATEGIES, Assignment, PlanningContext
 from vllm_moemix.planning.units import Budget, Unit, assignment_to_plan, planning_units
-from vllm_moemix.quant.quantizers import make_quantizer
+from vllm_moemix.quant.quantizers import QuantStash
 
 
 @dataclass
@@ -41,6 +43,7 @@ class CalibrationConfig:
     quantizer: str = "gptq"  # used for the optimizer's error table and for quantizing
     clip_search: bool = True  # GPTQ searches each group's clipping range (quant/rtn.py)
     usage_floor: float = USAGE_FLOOR  # experts' error weight floor, a share of the layer's mean usage
+    device: str | None = None  # calibration forward, Hessians and GPTQ (default: CUDA if available, else CPU)
 
     @classmethod
     def default(cls) -> CalibrationConfig:
@@ -73,16 +76,21 @@ def build_context(
     progress: bool = True,
     usage: dict[int, dict[int, int]] | None = None,
     group_choices: tuple[int, ...] = GROUP_CHOICES,
-    quantizer=None,
+    budget: Budget | None = None,
+    error_model: str = "estimate",
+    stash: QuantStash | None = None,
 ) -> PlanningContext:
     """`usage` (layer -> expert -> routed tokens, e.g. a profile saved while serving) replaces
     calibration as the source of expert frequencies for `frequent-experts`. `group_choices`: group
-    sizes besides `group_size` the optimizer may pick under a byte budget (() to keep one). `quantizer`
-    ((name, weight, spec) -> QuantizedWeight, e.g. a memoizing HessianGPTQ also used to write checkpoints)
-    replaces `calib.quantizer` for the error table, so each (linear, spec) is quantized once."""
+    sizes besides `group_size` the optimizer may pick under a byte budget (() to keep one).
+    The error table quantizes each unit for real at the width `budget` is nearest to (3 bits without one;
+    planning/errors.py) and keeps those quantizations in `stash` for the writer when one is given."""
     if strategy not in STRATEGIES:
         raise PlanError(f"unknown strategy {strategy!r}; choose one of {sorted(STRATEGIES)}")
-    model = LayerwiseModel(model_dir)
+    if error_model not in ERROR_MODELS:
+        raise PlanError(f"unknown error model {error_model!r}; choose one of {', '.join(ERROR_MODELS)}")
+    calib = calib or CalibrationConfig.default()
+    model = LayerwiseModel(model_dir, calib.device)
     units = planning_units(model.linears)
     for unit in units:
         QuantSpec(SUPPORTED_BITS[0], group_size, sym).check_input_dim(unit.in_features, unit.key)
@@ -109,35 +117,46 @@ def build_context(
         return ctx
     if not STRATEGIES[strategy].needs_data:
         return ctx
-    calib = calib or CalibrationConfig.default()
     from transformers import AutoTokenizer
 
     samples = calibration_samples(
         AutoTokenizer.from_pretrained(model_dir), calib.texts, calib.num_samples, calib.seq_len
     )
+    memory = check_memory(model, samples.numel())  # refuses before any work when one layer cannot fit
+    if progress:
+        print(memory)
     ctx.layer_stats, ctx.errors = {}, {}
-    by_layer: dict[int, list[Unit]] = {}
-    for unit in units:
-        by_layer.setdefault(unit.layer, []).append(unit)
-    for index, _layer, stats in iterate_layers(model, samples, progress=progress, usage_floor=calib.usage_floor):
+    by_names = {unit.names: unit for unit in units}
+    reference_bits = budget.reference_bits(units, group_size, sym) if budget is not None else 3
+    options = GPTQOptions(clip_search=calib.clip_search)
+
+    def reference(names: tuple[str, ...]) -> QuantSpec:
+        unit = by_names[names]
+        specs = ctx.candidate_specs(unit)
+        return min(specs, key=lambda s: (abs(s.bits - reference_bits), s.group_size != group_size, s.bits))
+
+    def project(seconds: float) -> None:
+        if progress:
+            print(describe_projection("plan", seconds, model.config.num_hidden_layers))
+
+    layers = iterate_layers(
+        model, samples, progress=progress, usage_floor=calib.usage_floor, stage="plan", on_first_layer=project
+    )
+    for layer in layers:
         if strategy == "optimizer":
-            layer_quantizer = quantizer or make_quantizer(
-                calib.quantizer, stats.gptq_hessians, clip_search=calib.clip_search
-            )
-            for unit in tqdm(by_layer.get(index, []), desc=f"errors layer {index}", leave=False, disable=not progress):
-                ctx.errors[unit] = {
-                    spec: sum(
-                        scores.hessian_error(
-                            weight(n),
-                            layer_quantizer(n, weight(n), spec).dequantize(),
-                            stats.loss_hessians[n],
-                        )
-                        for n in unit.names
-                    )
-                    for spec in ctx.candidate_specs(unit)
-                }
-        stats.gptq_hessians, stats.loss_hessians = {}, {}  # keep usage and similarity only
-        ctx.layer_stats[index] = stats
+            for batch in layer.hessian_batches(with_loss=True):
+                errors = batch_errors(
+                    model,
+                    batch,
+                    lambda names: ctx.candidate_specs(by_names[names]),
+                    reference,
+                    calib.quantizer,
+                    options,
+                    error_model,
+                    stash,
+                )
+                ctx.errors.update({by_names[names]: table for names, table in errors.items()})
+        ctx.layer_stats[layer.index] = layer.stats
     return ctx
 
 
@@ -161,10 +180,22 @@ def plan_model(
     context: PlanningContext | None = None,
     usage: dict[int, dict[int, int]] | None = None,
     group_choices: tuple[int, ...] = GROUP_CHOICES,
+    stash: QuantStash | None = None,
 ) -> PlanResult:
-    """Run `strategy` under `budget`; pass a `context` to reuse one calibration across strategies."""
+    """Run `strategy` under `budget`; pass a `context` to reuse one calibration across strategies, a `stash`
+    to keep the error table's quantizations for the writer."""
     ctx = context or build_context(
-        model_dir, strategy, calib, group_size, sym, pins or {}, progress, usage, group_choices
+        model_dir,
+        strategy,
+        calib,
+        group_size,
+        sym,
+        pins or {},
+        progress,
+        usage,
+        group_choices,
+        budget=budget,
+        stash=stash,
     )
     if STRATEGIES[strategy].needs_data and (
         ctx.layer_stats is None or (strategy == "optimizer" and ctx.errors is None)

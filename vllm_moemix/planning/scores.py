@@ -58,8 +58,8 @@ def block_importance(block_cosine: float) -> float:
 
 def hessian_error(weight: torch.Tensor, dequantized: torch.Tensor, hessian: torch.Tensor) -> float:
     """tr(dW H dW^T): summed squared output error over the calibration tokens H was built from."""
-    delta = (weight.float() - dequantized.float()).double()
-    return float(torch.einsum("nk,kl,nl->", delta, hessian.double(), delta))
+    delta = weight.float() - dequantized.to(weight.device, torch.float32)
+    return float(((delta @ hessian.float()) * delta).sum(dtype=torch.float64))
 
 
 def heuristic_levels(avg_bits: float) -> tuple[int, int]:

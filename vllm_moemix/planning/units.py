@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from vllm_moemix.config.arch import LinearInfo
 from vllm_moemix.config.plan import Plan, Resolved
-from vllm_moemix.config.spec import PlanError, QuantSpec
+from vllm_moemix.config.spec import SUPPORTED_BITS, PlanError, QuantSpec
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,15 @@ class Budget:
         if self.avg_bits is not None:
             return self.avg_bits * sum(u.weights for u in units)
         return float(self.nbytes)
+
+    def reference_bits(self, units: list[Unit], group_size: int, sym: bool) -> int:
+        """The supported width nearest to what the budget affords per weight (bytes: less the scales' share)."""
+        if self.avg_bits is not None:
+            bits = self.avg_bits
+        else:
+            weights = sum(u.weights for u in units) or 1
+            bits = 8 * self.nbytes / weights - (16 + (0 if sym else 8)) / group_size
+        return min(SUPPORTED_BITS, key=lambda b: (abs(b - bits), -b))
 
     def describe(self) -> str:
         return f"{self.avg_bits} average bits" if self.avg_bits is not None else f"{self.nbytes:,} bytes"

@@ -11,7 +11,8 @@ checkpoint format is unchanged.
 Batched: `gptq_batched` quantizes B same-shaped weights (the experts of a MoE layer) in one pass, so
 the sequential per-column loop runs once per column for all of them, not once per expert. It also
 returns each row's error dW H dW^T for free: the optimal-brain-surgeon losses of the columns sum to it
-exactly (under the damped H; the damping's share is taken off), which lets clip search and the planner compare rows without a K x K product.
+exactly (under the damped H; the damping's share is taken off), which lets clip search compare rows
+without a K x K product.
 """
 
 from __future__ import annotations

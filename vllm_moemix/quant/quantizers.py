@@ -8,6 +8,7 @@ calibration pass alongside, one layer at a time. `make_quantizer` turns the CLI'
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -60,6 +61,30 @@ class HessianGPTQ:
         return gptq_quantize(
             weight, self.hessian(name), spec, damp=self.damp, act_order=self.act_order, clip_search=self.clip_search
         )
+
+
+class QuantStash:
+    """Quantized linears kept on disk between planning and writing: the planner quantizes every unit once at
+    its reference width, and the writer takes those it kept instead of quantizing them again."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._specs: dict[str, QuantSpec] = {}
+
+    def put(self, name: str, quantized: QuantizedWeight) -> None:
+        torch.save(quantized.tensors("w"), self.dir / f"{name}.pt")
+        self._specs[name] = quantized.spec
+
+    def has(self, name: str, spec: QuantSpec) -> bool:
+        return self._specs.get(name) == spec
+
+    def get(self, name: str, spec: QuantSpec) -> QuantizedWeight:
+        tensors = torch.load(self.dir / f"{name}.pt")
+        return QuantizedWeight(tensors["w.qweight"], tensors["w.scales"], tensors.get("w.qzeros"), spec)
+
+    def __len__(self) -> int:
+        return len(self._specs)
 
 
 def make_quantizer(name: str, hessians: Mapping[str, torch.Tensor] | None = None, **gptq_options) -> Quantizer:

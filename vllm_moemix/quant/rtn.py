@@ -72,6 +72,14 @@ def _minmax_params(w_groups: torch.Tensor, spec: QuantSpec, factor: float = 1.0)
     return scale.to(SCALE_DTYPE).to(torch.float32).clamp_min(_MIN_SCALE), zero
 
 
+def fake_quantize_rtn(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Round-to-nearest with min/max ranges, dequantized right away: weights [..., N, K] float32."""
+    *lead, n, k = weight.shape
+    w = weight.reshape(*lead, n, k // spec.group_size, spec.group_size)
+    scale, zero = _minmax_params(w, spec)
+    return _fake_quantize(w, scale, zero, spec).reshape(weight.shape)
+
+
 def quantize_rtn(weight: torch.Tensor, spec: QuantSpec, clip_search: bool = False) -> QuantizedWeight:
     """Quantize an nn.Linear weight [N, K] to `spec` (clip_search: unweighted, there is no data)."""
     n, k = weight.shape

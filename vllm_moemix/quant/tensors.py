@@ -33,6 +33,22 @@ class QuantizedWeight:
             out[f"{prefix}.qzeros"] = self.qzeros
         return out
 
+    def split_rows(self, sizes: list[int]) -> list[QuantizedWeight]:
+        """Output rows [0, sizes[0]), ... as separate linears (GPTQ quantizes fused gate/up as one weight)."""
+        parts, start = [], 0
+        for size in sizes:
+            cols = slice(start, start + size)
+            parts.append(
+                QuantizedWeight(
+                    qweight=self.qweight[:, cols].contiguous(),
+                    scales=self.scales[:, cols].contiguous(),
+                    qzeros=None if self.qzeros is None else self.qzeros[:, cols].contiguous(),
+                    spec=self.spec,
+                )
+            )
+            start += size
+        return parts
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Float weight in nn.Linear layout [N, K]."""
         return dequantize_kn(self.qweight, self.scales, self.qzeros, self.spec.bits).t().to(dtype)
