@@ -169,10 +169,12 @@ class CalibratedLayer:
         self,
         wanted: Callable[[tuple[str, ...]], bool] = lambda unit: True,
         with_loss: bool = True,
-        max_bytes: int = HESSIAN_BATCH_BYTES,
+        max_bytes: int | None = None,
     ) -> Iterator[HessianBatch]:
         """Hessians of the `wanted` units, a few at a time (each batch one input width, at most `max_bytes`
-        of Hessians unless a single unit needs more); nothing is kept after a batch is consumed."""
+        of Hessians and GPTQ working set, default HESSIAN_BATCH_BYTES, unless a single unit needs more); nothing
+        is kept after a batch is consumed."""
+        max_bytes = max_bytes or HESSIAN_BATCH_BYTES
         for unit, acc in self.accumulators.items():
             if wanted(unit):
                 loss = acc.H * (acc.count / 2) if with_loss else None  # mean 2 x x^T -> sum x x^T
