@@ -150,9 +150,8 @@ def run_model(model: Path, args) -> dict:
                     {},
                     progress=False,
                     group_choices=(),
-                    quantizer=gptq_minmax,
                 ),
-                "optimizer": build_context(model, "optimizer", calib, group, False, {}, progress=False, quantizer=gptq),
+                "optimizer": build_context(model, "optimizer", calib, group, False, {}, progress=False),
             }
             timings[f"g{group}_contexts_s"] = round(time.perf_counter() - t0, 1)
             uniform_bytes = {}

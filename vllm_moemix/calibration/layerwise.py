@@ -29,7 +29,9 @@ serving may route to is not starved to 2 bits for free.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -331,16 +333,20 @@ def iterate_layers(
     batch_size: int = 8,
     progress: bool = True,
     usage_floor: float = USAGE_FLOOR,
-    spill_dir: Path | None = None,
     stage: str = "calibrate",
     on_first_layer: Callable[[float], None] | None = None,
     last_layer: int | None = None,
 ) -> Iterator[CalibratedLayer]:
     """Yield each decoder layer calibrated, in order, up to `last_layer`; its float weights are already freed,
     its statistics go when the caller moves on. `on_first_layer(seconds)` is called once the first layer is
-    done (forward and the caller's work), for projections."""
+    done (forward and the caller's work), for projections. The activations between layers go to a scratch
+    directory when they would take more than a quarter of the available memory."""
     last = model.config.num_hidden_layers - 1 if last_layer is None else last_layer
-    with torch.no_grad():
+    activation_bytes = 2 * 4 * samples.numel() * model.config.hidden_size  # a layer's input and output
+    with contextlib.ExitStack() as scratch, torch.no_grad():
+        spill_dir = None
+        if activation_bytes > available_memory() // 4:
+            spill_dir = Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix="moemix-activations-")))
         hidden = HiddenStates(spill_dir)
         for i in range(0, len(samples), batch_size):
             hidden.append(model.embed(samples[i : i + batch_size]).to(model.device))
@@ -439,15 +445,15 @@ def check_memory(model: LayerwiseModel, num_tokens: int) -> str:
     parts = layer_memory_estimate(model, num_tokens)
     # The float layer is freed before Hessians and GPTQ: the peak is the larger of the two phases.
     peak = parts["activations"] + max(parts["float layer"], parts["hessians + gptq"])
-    available = available_memory()
+    available = available_memory() if model.device.type == "cpu" else torch.cuda.mem_get_info(model.device)[0]
     detail = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in parts.items())
     line = (
         f"memory: one layer needs ~{peak / 2**30:.1f} GiB at peak ({detail} GiB); {available / 2**30:.1f} GiB available"
     )
-    if model.device.type == "cpu" and peak > available:
+    if peak > available:
         raise PlanError(
-            f"not enough memory to calibrate one layer of {model.dir}: ~{peak / 2**30:.1f} GiB needed "
-            f"({detail} GiB), {available / 2**30:.1f} GiB available; use a machine with more memory, fewer "
-            "--calib-samples, or --device cuda"
+            f"not enough {model.device.type} memory to calibrate one layer of {model.dir}: ~{peak / 2**30:.1f} GiB "
+            f"needed ({detail} GiB), {available / 2**30:.1f} GiB available; use a machine with more memory or "
+            "fewer --calib-samples"
         )
     return line
