@@ -26,6 +26,8 @@ from vllm_moemix.quant import packing
 from vllm_moemix.quant.rtn import group_params
 from vllm_moemix.quant.tensors import SCALE_DTYPE, QuantizedWeight
 
+SUB_BLOCK = 16  # columns per rank-1 sub-block (GPTQ's blocks are `block_size`)
+
 
 class HessianAccumulator:
     """Running H = 2/n * sum x x^T over calibration inputs of one linear (float32: a running mean keeps the
@@ -99,24 +101,26 @@ def gptq_batched(
     groups = k // spec.group_size
     w_groups = W.reshape(b, n, groups, spec.group_size)
     if not static_groups:
-        return _gptq(W, H, spec, damp, act_order, None, None, block_size)
+        weights, errors = _gptq(W.unsqueeze(0), H, spec, damp, act_order, None, None, block_size)
+        return GPTQResult(weights[0], errors[0])
     scale, zero = group_params(w_groups, spec)  # [B, N, G]
     if not (clip_search and spec.bits < 8):
-        return _gptq(W, H, spec, damp, act_order, scale, zero, block_size)
+        weights, errors = _gptq(W.unsqueeze(0), H, spec, damp, act_order, scale[None], zero[None], block_size)
+        return GPTQResult(weights[0], errors[0])
     g = spec.group_size
     blocks = torch.stack([H[:, i * g : (i + 1) * g, i * g : (i + 1) * g] for i in range(groups)], 1)  # [B, G, g, g]
     c_scale, c_zero = group_params(w_groups, spec, blocks, clip_search=True)
-    both = _gptq(
-        torch.cat([W, W]),
-        torch.cat([H, H]),
+    weights, errors = _gptq(
+        W.expand(2, b, n, k),
+        H,
         spec,
         damp,
         act_order,
-        torch.cat([scale, c_scale]),
-        torch.cat([zero, c_zero]),
+        torch.stack([scale, c_scale]),
+        torch.stack([zero, c_zero]),
         block_size,
     )
-    return _better_rows(both, b)
+    return _better_rows(weights, errors)
 
 
 def _prepared_hessians(hessians: torch.Tensor | None, b: int, k: int, device: torch.device) -> torch.Tensor:
@@ -130,12 +134,12 @@ def _prepared_hessians(hessians: torch.Tensor | None, b: int, k: int, device: to
     return H
 
 
-def _better_rows(both: GPTQResult, b: int) -> GPTQResult:
+def _better_rows(weights: list[list[QuantizedWeight]], row_errors: torch.Tensor) -> GPTQResult:
     """Per output row, the run (min/max or clip-searched ranges) with the lower dW H dW^T."""
-    plain, clipped = both.weights[:b], both.weights[b:]
-    take = both.row_errors[b:] < both.row_errors[:b]  # [B, N]
+    plain, clipped = weights
+    take = row_errors[1] < row_errors[0]  # [B, N]
     chosen = []
-    for i in range(b):
+    for i in range(len(plain)):
         a, c, t = plain[i], clipped[i], take[i].unsqueeze(0)
         unpacked = torch.where(t, packing.unpack(c.qweight, a.spec.bits), packing.unpack(a.qweight, a.spec.bits))
         chosen.append(
@@ -146,7 +150,7 @@ def _better_rows(both: GPTQResult, b: int) -> GPTQResult:
                 spec=a.spec,
             )
         )
-    return GPTQResult(chosen, torch.minimum(both.row_errors[:b], both.row_errors[b:]))
+    return GPTQResult(chosen, torch.minimum(row_errors[0], row_errors[1]))
 
 
 def inverse_hessian_factor(H: torch.Tensor) -> torch.Tensor:
@@ -173,67 +177,86 @@ def _gptq(
     zero: torch.Tensor | None,
     block_size: int,
 ) -> GPTQResult:
-    """The column loop over B weights at once. `scale`/`zero` [B, N, G] fixed (static groups) or None
-    (dynamic: each group's parameters from the error-updated weights when the loop reaches it)."""
-    b, n, k = W.shape
+    """The column loop over V x B weights at once: W [V, B, N, K] are V variants (min/max and clip-searched
+    ranges) of B weights sharing the B Hessians H [B, K, K], so one H^-1 factor serves all variants.
+    `scale`/`zero` [V, B, N, G] are fixed (static groups) or None (dynamic: each group's parameters from the
+    error-updated weights when the loop reaches it). Two-level blocking: rank-1 updates stay inside
+    sub-blocks of SUB_BLOCK columns, everything further right is updated by matrix products."""
+    v, b, n, k = W.shape
     g = spec.group_size
     device = W.device
-    if act_order:
-        perm = torch.argsort(torch.diagonal(H, dim1=-2, dim2=-1), dim=-1, descending=True)  # [B, K]
-    else:
-        perm = torch.arange(k, device=device).expand(b, k)
-    W0 = torch.gather(W, 2, perm.unsqueeze(1).expand(b, n, k))
-    W = W0.clone()
-    H = torch.gather(torch.gather(H, 1, perm.unsqueeze(2).expand(b, k, k)), 2, perm.unsqueeze(1).expand(b, k, k))
+    original = W
     dynamic = scale is None
     if dynamic:
-        scale_k, zero_k = torch.empty(b, n, k, device=device), torch.empty(b, n, k, device=device)
-    else:  # each (permuted) column's group parameters
-        scale_k = torch.gather(scale.repeat_interleave(g, -1), 2, perm.unsqueeze(1).expand(b, n, k))
-        zero_k = torch.gather(zero.repeat_interleave(g, -1), 2, perm.unsqueeze(1).expand(b, n, k))
+        scale = torch.empty(v, b, n, k // g, device=device)
+        zero = torch.empty(v, b, n, k // g, device=device)
+    group_of = torch.arange(k, device=device) // g
+    perm = None
+    if act_order:  # columns by decreasing H diagonal, per weight; groups stay tied to the original columns
+        perm = torch.argsort(torch.diagonal(H, dim1=-2, dim2=-1), dim=-1, descending=True)  # [B, K]
+        W = torch.gather(W, 3, perm.view(1, b, 1, k).expand(v, b, n, k))
+        H = torch.gather(torch.gather(H, 1, perm.unsqueeze(2).expand(b, k, k)), 2, perm.unsqueeze(1).expand(b, k, k))
+        group_of = group_of[perm]  # [B, K]
+    else:
+        W = W.clone()
+        H = H.clone()
 
     damping = damp * torch.diagonal(H, dim1=-2, dim2=-1).mean(-1)  # [B]
     H.diagonal(dim1=-2, dim2=-1).add_(damping.unsqueeze(-1))
     Hinv = inverse_hessian_factor(H)
     del H
 
-    Q = torch.zeros(b, n, k, dtype=torch.int32, device=device)
-    row_errors = torch.zeros(b, n, device=device)
+    def column_params(col: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if perm is None:
+            return scale[..., col // g], zero[..., col // g]
+        index = group_of[:, col].view(1, b, 1, 1).expand(v, b, n, 1)
+        return scale.gather(3, index).squeeze(3), zero.gather(3, index).squeeze(3)
+
+    Q = torch.empty(v, b, n, k, dtype=torch.uint8, device=device)
+    row_errors = torch.zeros(v, b, n, device=device)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
-        W1 = W[:, :, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
+        W1 = W[..., i1:i2].clone()
+        Err1 = torch.empty_like(W1)
         Hinv1 = Hinv[:, i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if dynamic and col % g == 0:  # group starts: parameters from the error-updated weights
-                upcoming = torch.cat([W1[:, :, i:], W[:, :, i2:]], 2)[:, :, :g].unsqueeze(2)
-                s, z = group_params(upcoming, spec)
-                scale_k[:, :, col : col + g], zero_k[:, :, col : col + g] = s, z
-            w, s, z = W1[:, :, i], scale_k[:, :, col], zero_k[:, :, col]
-            q = torch.clamp(torch.round(w / s) + z, 0, spec.max_q)
-            Q[:, :, col] = q.to(torch.int32)
-            err = (w - (q - z) * s) / Hinv1[:, i, i].unsqueeze(1)  # [B, N]
-            row_errors += err * err
-            W1[:, :, i:] -= err.unsqueeze(2) * Hinv1[:, i, i:].unsqueeze(1)
-            Err1[:, :, i] = err
-        W[:, :, i2:] -= torch.bmm(Err1, Hinv[:, i1:i2, i2:])
+        for j1 in range(0, i2 - i1, SUB_BLOCK):
+            j2 = min(j1 + SUB_BLOCK, i2 - i1)
+            for i in range(j1, j2):
+                col = i1 + i
+                if dynamic and col % g == 0:  # group starts: parameters from the error-updated weights
+                    upcoming = torch.cat([W1[..., i:], W[..., i2:]], 3)[..., :g].unsqueeze(3)
+                    s, z = group_params(upcoming, spec)
+                    scale[..., col // g], zero[..., col // g] = s[..., 0], z[..., 0]
+                w = W1[..., i]
+                s, z = column_params(col)
+                q = torch.round(w / s).add_(z).clamp_(0, spec.max_q)
+                Q[..., col] = q.to(torch.uint8)
+                err = (w - (q - z) * s) / Hinv1[:, i, i].view(1, b, 1)  # [V, B, N]
+                row_errors.addcmul_(err, err)
+                W1[..., i:j2] -= err.unsqueeze(3) * Hinv1[:, i, i:j2].view(1, b, 1, j2 - i)
+                Err1[..., i] = err
+            if j2 < i2 - i1:
+                W1[..., j2:] -= torch.matmul(Err1[..., j1:j2], Hinv1[:, j1:j2, j2:])
+        if i2 < k:
+            W[..., i2:] -= torch.matmul(Err1, Hinv[:, i1:i2, i2:])
+    del W, Hinv
 
+    if perm is not None:
+        Q = torch.gather(Q, 3, torch.argsort(perm, dim=-1).view(1, b, 1, k).expand(v, b, n, k))
     # The column losses sum to dW (H + damping I) dW^T; report dW H dW^T.
-    row_errors -= damping.unsqueeze(1) * (W0 - (Q - zero_k) * scale_k).pow(2).sum(-1)
-    del W0, W
-    inv_perm = torch.argsort(perm, dim=-1)
-    Q = torch.gather(Q, 2, inv_perm.unsqueeze(1).expand(b, n, k))
-    scale_k = torch.gather(scale_k, 2, inv_perm.unsqueeze(1).expand(b, n, k))
-    zero_k = torch.gather(zero_k, 2, inv_perm.unsqueeze(1).expand(b, n, k))
-    scales, zeros = scale_k[:, :, ::g], zero_k[:, :, ::g]  # [B, N, G]
+    dequantized = (Q.view(v, b, n, k // g, g).float() - zero.unsqueeze(4)) * scale.unsqueeze(4)
+    row_errors -= damping.view(1, b, 1) * (original - dequantized.view(v, b, n, k)).pow(2).sum(-1)
+    del dequantized
     out = [
-        QuantizedWeight(
-            qweight=packing.pack(Q[i].t().contiguous().cpu(), spec.bits),
-            scales=scales[i].t().contiguous().to(SCALE_DTYPE).cpu(),
-            qzeros=None if spec.sym else zeros[i].t().contiguous().to(torch.uint8).cpu(),
-            spec=spec,
-        )
-        for i in range(b)
+        [
+            QuantizedWeight(
+                qweight=packing.pack(Q[i, j].t().to(torch.int32).cpu(), spec.bits),
+                scales=scale[i, j].t().contiguous().to(SCALE_DTYPE).cpu(),
+                qzeros=None if spec.sym else zero[i, j].t().contiguous().to(torch.uint8).cpu(),
+                spec=spec,
+            )
+            for j in range(b)
+        ]
+        for i in range(v)
     ]
-    return GPTQResult(out, row_errors.cpu())
+    return out, row_errors.cpu()

@@ -35,10 +35,11 @@ def group_params(
         return _minmax_params(w_groups, spec)
 
     def error(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-        delta = w_groups - _fake_quantize(w_groups, scale, zero, spec)
+        delta = _fake_quantize(w_groups, scale, zero, spec).sub_(w_groups)
         if hessian_blocks is None:
             return delta.pow(2).sum(-1)
-        return torch.einsum("...ngi,...gij,...ngj->...ng", delta, hessian_blocks, delta)
+        by_group = delta.transpose(-3, -2)  # [..., G, N, g]: one matrix product per group's Hessian block
+        return (torch.matmul(by_group, hessian_blocks) * by_group).sum(-1).transpose(-2, -1)
 
     best_scale, best_zero = _minmax_params(w_groups, spec)
     best_err = error(best_scale, best_zero)
@@ -52,8 +53,8 @@ def group_params(
 
 
 def _fake_quantize(w_groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    q = torch.clamp(torch.round(w_groups / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, spec.max_q)
-    return (q - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
+    scale, zero = scale.unsqueeze(-1), zero.unsqueeze(-1)
+    return (w_groups / scale).round_().add_(zero).clamp_(0, spec.max_q).sub_(zero).mul_(scale)
 
 
 def _minmax_params(w_groups: torch.Tensor, spec: QuantSpec, factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
