@@ -49,7 +49,7 @@ from vllm_moemix.quant.gptq import HessianAccumulator
 ALL_TOKEN_PRIOR = 64.0
 PRIOR_SAMPLE = 1024
 USAGE_FLOOR = 0.25
-HESSIAN_BATCH_BYTES = 1 << 30
+HESSIAN_BATCH_BYTES = 2 << 30
 """Bytes a batch of expert units may need for its Hessians and GPTQ's working copies (a batch holds at least
 one unit): this bounds the quantization step's memory, whatever the number of experts."""
 DEFAULT_CALIB = Path(__file__).resolve().parents[2] / "models" / "calib.txt"

@@ -101,16 +101,14 @@ def gptq_batched(
     groups = k // spec.group_size
     w_groups = W.reshape(b, n, groups, spec.group_size)
     if not static_groups:
-        weights, errors = _gptq(W.unsqueeze(0), H, spec, damp, act_order, None, None, block_size)
-        return GPTQResult(weights[0], errors[0])
+        return _stored(*_gptq(W.unsqueeze(0), H, spec, damp, act_order, None, None, block_size), spec)
     scale, zero = group_params(w_groups, spec)  # [B, N, G]
     if not (clip_search and spec.bits < 8):
-        weights, errors = _gptq(W.unsqueeze(0), H, spec, damp, act_order, scale[None], zero[None], block_size)
-        return GPTQResult(weights[0], errors[0])
+        return _stored(*_gptq(W.unsqueeze(0), H, spec, damp, act_order, scale[None], zero[None], block_size), spec)
     g = spec.group_size
     blocks = torch.stack([H[:, i * g : (i + 1) * g, i * g : (i + 1) * g] for i in range(groups)], 1)  # [B, G, g, g]
     c_scale, c_zero = group_params(w_groups, spec, blocks, clip_search=True)
-    weights, errors = _gptq(
+    both = _gptq(
         W.expand(2, b, n, k),
         H,
         spec,
@@ -120,7 +118,7 @@ def gptq_batched(
         torch.stack([zero, c_zero]),
         block_size,
     )
-    return _better_rows(weights, errors)
+    return _stored(*_better_rows(*both), spec)
 
 
 def _prepared_hessians(hessians: torch.Tensor | None, b: int, k: int, device: torch.device) -> torch.Tensor:
@@ -134,23 +132,33 @@ def _prepared_hessians(hessians: torch.Tensor | None, b: int, k: int, device: to
     return H
 
 
-def _better_rows(weights: list[list[QuantizedWeight]], row_errors: torch.Tensor) -> GPTQResult:
-    """Per output row, the run (min/max or clip-searched ranges) with the lower dW H dW^T."""
-    plain, clipped = weights
-    take = row_errors[1] < row_errors[0]  # [B, N]
-    chosen = []
-    for i in range(len(plain)):
-        a, c, t = plain[i], clipped[i], take[i].unsqueeze(0)
-        unpacked = torch.where(t, packing.unpack(c.qweight, a.spec.bits), packing.unpack(a.qweight, a.spec.bits))
-        chosen.append(
-            QuantizedWeight(
-                qweight=packing.pack(unpacked.contiguous(), a.spec.bits),
-                scales=torch.where(t, c.scales, a.scales),
-                qzeros=None if a.qzeros is None else torch.where(t, c.qzeros, a.qzeros),
-                spec=a.spec,
-            )
+def _better_rows(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, row_errors: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per output row, the run (min/max or clip-searched ranges, dim 0) with the lower dW H dW^T."""
+    take = (row_errors[1] < row_errors[0]).unsqueeze(-1)  # [B, N, 1]
+    return (
+        torch.where(take, codes[1], codes[0])[None],
+        torch.where(take, scale[1], scale[0])[None],
+        torch.where(take, zero[1], zero[0])[None],
+        torch.minimum(row_errors[0], row_errors[1])[None],
+    )
+
+
+def _stored(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, row_errors: torch.Tensor, spec: QuantSpec
+) -> GPTQResult:
+    """The stored form of a single-variant result (codes [1, B, N, K], scale/zero [1, B, N, G])."""
+    weights = [
+        QuantizedWeight(
+            qweight=packing.pack(codes[0, j].t().to(torch.int32).cpu(), spec.bits),
+            scales=scale[0, j].t().contiguous().to(SCALE_DTYPE).cpu(),
+            qzeros=None if spec.sym else zero[0, j].t().contiguous().to(torch.uint8).cpu(),
+            spec=spec,
         )
-    return GPTQResult(chosen, torch.minimum(row_errors[0], row_errors[1]))
+        for j in range(codes.shape[1])
+    ]
+    return GPTQResult(weights, row_errors[0].cpu())
 
 
 def inverse_hessian_factor(H: torch.Tensor) -> torch.Tensor:
@@ -176,12 +184,13 @@ def _gptq(
     scale: torch.Tensor | None,
     zero: torch.Tensor | None,
     block_size: int,
-) -> GPTQResult:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The column loop over V x B weights at once: W [V, B, N, K] are V variants (min/max and clip-searched
     ranges) of B weights sharing the B Hessians H [B, K, K], so one H^-1 factor serves all variants.
     `scale`/`zero` [V, B, N, G] are fixed (static groups) or None (dynamic: each group's parameters from the
     error-updated weights when the loop reaches it). Two-level blocking: rank-1 updates stay inside
-    sub-blocks of SUB_BLOCK columns, everything further right is updated by matrix products."""
+    sub-blocks of SUB_BLOCK columns, everything further right is updated by matrix products.
+    Returns codes [V, B, N, K] uint8, scales and zeros [V, B, N, G], row errors [V, B, N]."""
     v, b, n, k = W.shape
     g = spec.group_size
     device = W.device
@@ -247,16 +256,4 @@ def _gptq(
     dequantized = (Q.view(v, b, n, k // g, g).float() - zero.unsqueeze(4)) * scale.unsqueeze(4)
     row_errors -= damping.view(1, b, 1) * (original - dequantized.view(v, b, n, k)).pow(2).sum(-1)
     del dequantized
-    out = [
-        [
-            QuantizedWeight(
-                qweight=packing.pack(Q[i, j].t().to(torch.int32).cpu(), spec.bits),
-                scales=scale[i, j].t().contiguous().to(SCALE_DTYPE).cpu(),
-                qzeros=None if spec.sym else zero[i, j].t().contiguous().to(torch.uint8).cpu(),
-                spec=spec,
-            )
-            for j in range(b)
-        ]
-        for i in range(v)
-    ]
-    return out, row_errors.cpu()
+    return Q, scale, zero, row_errors
