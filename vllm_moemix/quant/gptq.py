@@ -136,7 +136,7 @@ def _better_rows(
     codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, row_errors: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per output row, the run (min/max or clip-searched ranges, dim 0) with the lower dW H dW^T."""
-    take = (row_errors[1] < row_errors[0]).unsqueeze(-1)  # [B, N, 1]
+    take = (row_errors[1] < row_errors[0]).unsqueeze(-2)  # [B, 1, N]
     return (
         torch.where(take, codes[1], codes[0])[None],
         torch.where(take, scale[1], scale[0])[None],
@@ -148,12 +148,12 @@ def _better_rows(
 def _stored(
     codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, row_errors: torch.Tensor, spec: QuantSpec
 ) -> GPTQResult:
-    """The stored form of a single-variant result (codes [1, B, N, K], scale/zero [1, B, N, G])."""
+    """The stored form of a single-variant result (codes [1, B, K, N], scale/zero [1, B, G, N])."""
     weights = [
         QuantizedWeight(
-            qweight=packing.pack(codes[0, j].t().to(torch.int32).cpu(), spec.bits),
-            scales=scale[0, j].t().contiguous().to(SCALE_DTYPE).cpu(),
-            qzeros=None if spec.sym else zero[0, j].t().contiguous().to(torch.uint8).cpu(),
+            qweight=packing.pack(codes[0, j].to(torch.int32).cpu(), spec.bits),
+            scales=scale[0, j].to(SCALE_DTYPE).cpu(),
+            qzeros=None if spec.sym else zero[0, j].to(torch.uint8).cpu(),
             spec=spec,
         )
         for j in range(codes.shape[1])
@@ -189,16 +189,21 @@ def _gptq(
     ranges) of B weights sharing the B Hessians H [B, K, K], so one H^-1 factor serves all variants.
     `scale`/`zero` [V, B, N, G] are fixed (static groups) or None (dynamic: each group's parameters from the
     error-updated weights when the loop reaches it). Two-level blocking: rank-1 updates stay inside
-    sub-blocks of SUB_BLOCK columns, everything further right is updated by matrix products.
-    Returns codes [V, B, N, K] uint8, scales and zeros [V, B, N, G], row errors [V, B, N]."""
+    sub-blocks of SUB_BLOCK columns, everything further right is updated by matrix products. The work is
+    done transposed, [.., K, N], so each column the loop touches is contiguous (and codes come out in the
+    packed layout's order).
+    Returns codes [V, B, K, N] uint8, scales and zeros [V, B, G, N], row errors [V, B, N]."""
     v, b, n, k = W.shape
     g = spec.group_size
     device = W.device
     original = W
-    dynamic = scale is None
-    if dynamic:
-        scale = torch.empty(v, b, n, k // g, device=device)
-        zero = torch.empty(v, b, n, k // g, device=device)
+    if scale is None:
+        dynamic = True
+        scale = torch.empty(v, b, k // g, n, device=device)
+        zero = torch.empty(v, b, k // g, n, device=device)
+    else:
+        dynamic = False
+        scale, zero = scale.transpose(-1, -2).contiguous(), zero.transpose(-1, -2).contiguous()
     group_of = torch.arange(k, device=device) // g
     perm = None
     if act_order:  # columns by decreasing H diagonal, per weight; groups stay tied to the original columns
@@ -207,8 +212,8 @@ def _gptq(
         H = torch.gather(torch.gather(H, 1, perm.unsqueeze(2).expand(b, k, k)), 2, perm.unsqueeze(1).expand(b, k, k))
         group_of = group_of[perm]  # [B, K]
     else:
-        W = W.clone()
         H = H.clone()
+    W = W.transpose(-1, -2).contiguous()  # [V, B, K, N]
 
     damping = damp * torch.diagonal(H, dim1=-2, dim2=-1).mean(-1)  # [B]
     H.diagonal(dim1=-2, dim2=-1).add_(damping.unsqueeze(-1))
@@ -217,15 +222,15 @@ def _gptq(
 
     def column_params(col: int) -> tuple[torch.Tensor, torch.Tensor]:
         if perm is None:
-            return scale[..., col // g], zero[..., col // g]
-        index = group_of[:, col].view(1, b, 1, 1).expand(v, b, n, 1)
-        return scale.gather(3, index).squeeze(3), zero.gather(3, index).squeeze(3)
+            return scale[..., col // g, :], zero[..., col // g, :]
+        index = group_of[:, col].view(1, b, 1, 1).expand(v, b, 1, n)
+        return scale.gather(2, index).squeeze(2), zero.gather(2, index).squeeze(2)
 
-    Q = torch.empty(v, b, n, k, dtype=torch.uint8, device=device)
+    Q = torch.empty(v, b, k, n, dtype=torch.uint8, device=device)
     row_errors = torch.zeros(v, b, n, device=device)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
-        W1 = W[..., i1:i2].clone()
+        W1 = W[..., i1:i2, :]  # a view: updated in place
         Err1 = torch.empty_like(W1)
         Hinv1 = Hinv[:, i1:i2, i1:i2]
         for j1 in range(0, i2 - i1, SUB_BLOCK):
@@ -233,27 +238,27 @@ def _gptq(
             for i in range(j1, j2):
                 col = i1 + i
                 if dynamic and col % g == 0:  # group starts: parameters from the error-updated weights
-                    upcoming = torch.cat([W1[..., i:], W[..., i2:]], 3)[..., :g].unsqueeze(3)
+                    upcoming = W[..., col : col + g, :].transpose(-1, -2).unsqueeze(3)  # [V, B, N, 1, g]
                     s, z = group_params(upcoming, spec)
-                    scale[..., col // g], zero[..., col // g] = s[..., 0], z[..., 0]
-                w = W1[..., i]
+                    scale[..., col // g, :], zero[..., col // g, :] = s[..., 0], z[..., 0]
+                w = W1[..., i, :]
                 s, z = column_params(col)
                 q = torch.round(w / s).add_(z).clamp_(0, spec.max_q)
-                Q[..., col] = q.to(torch.uint8)
-                err = (w - (q - z) * s) / Hinv1[:, i, i].view(1, b, 1)  # [V, B, N]
+                Q[..., col, :] = q
+                err = (w - (q - z) * s).div_(Hinv1[:, i, i].view(1, b, 1))  # [V, B, N]
                 row_errors.addcmul_(err, err)
-                W1[..., i:j2] -= err.unsqueeze(3) * Hinv1[:, i, i:j2].view(1, b, 1, j2 - i)
-                Err1[..., i] = err
+                W1[..., i:j2, :] -= Hinv1[:, i, i:j2].view(1, b, j2 - i, 1) * err.unsqueeze(2)
+                Err1[..., i, :] = err
             if j2 < i2 - i1:
-                W1[..., j2:] -= torch.matmul(Err1[..., j1:j2], Hinv1[:, j1:j2, j2:])
+                W1[..., j2:, :] -= torch.matmul(Hinv1[:, j1:j2, j2:].transpose(-1, -2), Err1[..., j1:j2, :])
         if i2 < k:
-            W[..., i2:] -= torch.matmul(Err1, Hinv[:, i1:i2, i2:])
+            W[..., i2:, :] -= torch.matmul(Hinv[:, i1:i2, i2:].transpose(-1, -2), Err1)
     del W, Hinv
 
     if perm is not None:
-        Q = torch.gather(Q, 3, torch.argsort(perm, dim=-1).view(1, b, 1, k).expand(v, b, n, k))
+        Q = torch.gather(Q, 2, torch.argsort(perm, dim=-1).view(1, b, k, 1).expand(v, b, k, n))
     # The column losses sum to dW (H + damping I) dW^T; report dW H dW^T.
-    dequantized = (Q.view(v, b, n, k // g, g).float() - zero.unsqueeze(4)) * scale.unsqueeze(4)
-    row_errors -= damping.view(1, b, 1) * (original - dequantized.view(v, b, n, k)).pow(2).sum(-1)
+    dequantized = (Q.view(v, b, k // g, g, n).float() - zero.unsqueeze(3)) * scale.unsqueeze(3)
+    row_errors -= damping.view(1, b, 1) * (original - dequantized.view(v, b, k, n).transpose(-1, -2)).pow(2).sum(-1)
     del dequantized
     return Q, scale, zero, row_errors
