@@ -548,7 +548,7 @@ def main() -> None:
                 target = work / "out" / name
                 shutil.rmtree(target, ignore_errors=True)
                 argv = [sys.executable, "-m", "vllm_moemix.cli", "quantize", str(model), *margs]
-                argv += ["-o", str(target), "--quiet", *extra]
+                argv += ["-o", str(target), *extra]  # not --quiet: the CLI's `memory:` and `time:` lines
                 print(f"{shape} {mode}{label}: {' '.join(argv[1:])}", flush=True)
                 log = logs / f"{name}.log"
                 row = run_measured(argv, cwd, env, limit, args.timeout, log)
