@@ -149,7 +149,9 @@ class CalibratedGPTQ:
         self._next_layer = 0
 
     def begin(self, resolved: Resolved, linears: dict) -> None:
-        """The plan to quantize: which units need GPTQ (those not already in `reuse`)."""
+        """The plan to quantize: which units need GPTQ (those not already in `reuse`). Each checkpoint written
+        starts a fresh calibration pass, so one quantizer serves several plans (the held-out check)."""
+        self._layers, self._done, self._next_layer = None, {}, 0
         specs = {}
         for name, spec in resolved.items():
             unit = linears[name].fused_with or (name,)

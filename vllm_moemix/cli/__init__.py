@@ -149,7 +149,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
             plan = _plan_from_strategy(args, stash=stash if reusable else None)
         quantizer = None
         if args.validate:
-            plan, quantizer = _validated(args, plan)
+            plan, quantizer = _validated(args, plan, stash if len(stash) else None)
         elif _quantizer(args) == "gptq":
             from vllm_moemix.calibration.gptq import CalibratedGPTQ
 
@@ -183,20 +183,26 @@ def _stash_beside(output: Path):
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _validated(args: argparse.Namespace, plan):
+def _validated(args: argparse.Namespace, plan, stash):
     """(plan or the uniform plan at the same budget, whichever scores better on held-out calibration text;
     the quantizer both were made with, reused for the checkpoint)."""
     from transformers import AutoTokenizer
 
-    from vllm_moemix.calibration.gptq import collect_hessians
+    from vllm_moemix.calibration.gptq import CalibratedGPTQ
     from vllm_moemix.planning.pipeline import plan_model
     from vllm_moemix.quant.quantizers import RTNQuantizer
     from vllm_moemix.report.validate import holdout_windows, validate_against_uniform
 
     calib = _calibration(args)
     if _quantizer(args) == "gptq":
-        quantizer = collect_hessians(
-            args.model, calib.texts, calib.num_samples, act_order=args.act_order, progress=not args.quiet
+        quantizer = CalibratedGPTQ(
+            args.model,
+            calib.texts,
+            calib.num_samples,
+            act_order=args.act_order,
+            progress=False,
+            device=args.device,
+            reuse=stash,
         )
     else:
         quantizer = RTNQuantizer()
