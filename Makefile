@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast lint bench bench-llamacpp models lock clean
+.PHONY: venv demo test test-fast lint bench bench-llamacpp bench-scale models lock clean
 
 venv: $(STAMP)
 
@@ -44,6 +44,11 @@ bench: venv
 bench-llamacpp: venv
 	$(PY) benchmarks/llamacpp.py setup
 	VLLM_CPU_KVCACHE_SPACE=1 $(PY) benchmarks/llamacpp.py
+
+# Planning + quantization at real shapes (one random-weight decoder layer of Qwen3-30B-A3B and of Mixtral-8x7B;
+# about an hour on 2 cores): seconds and peak memory per layer, projected to the whole model.
+bench-scale: venv
+	$(PY) benchmarks/scale.py
 
 # Rebuild the embedded trained models (about 20 minutes on 2 idle cores; they ship in models/). Needs Debian
 # python3.11-doc. Step counts as recorded in models/*/training.json (tiny-mixtral ran on a 10-minute clock).

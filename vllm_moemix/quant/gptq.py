@@ -257,8 +257,10 @@ def _gptq(
 
     if perm is not None:
         Q = torch.gather(Q, 2, torch.argsort(perm, dim=-1).view(1, b, k, 1).expand(v, b, k, n))
-    # The column losses sum to dW (H + damping I) dW^T; report dW H dW^T.
-    dequantized = (Q.view(v, b, k // g, g, n).float() - zero.unsqueeze(3)) * scale.unsqueeze(3)
-    row_errors -= damping.view(1, b, 1) * (original - dequantized.view(v, b, k, n).transpose(-1, -2)).pow(2).sum(-1)
-    del dequantized
+    # The column losses sum to dW (H + damping I) dW^T; report dW H dW^T (one variant at a time: memory).
+    for i in range(v):
+        delta = Q[i].view(b, k // g, g, n).float().sub_(zero[i].unsqueeze(2)).mul_(scale[i].unsqueeze(2))
+        delta = delta.view(b, k, n).sub_(original[i].transpose(-1, -2))
+        row_errors[i] -= damping.view(b, 1) * delta.pow_(2).sum(1)
+        del delta
     return Q, scale, zero, row_errors

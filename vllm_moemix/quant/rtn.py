@@ -40,7 +40,7 @@ def group_params(
         if hessian_blocks is None:
             return delta.pow(2).sum(-1)
         by_group = delta.transpose(-3, -2)  # [..., G, N, g]: one matrix product per group's Hessian block
-        return (torch.matmul(by_group, hessian_blocks) * by_group).sum(-1).transpose(-2, -1)
+        return torch.matmul(by_group, hessian_blocks).mul_(by_group).sum(-1).transpose(-2, -1)
 
     grid = torch.tensor(CLIP_FACTORS, device=w_groups.device)
     best_scale, best_zero = _minmax_params(w_groups, spec)
