@@ -1,5 +1,6 @@
 """Calibrated GPTQ holds one decoder layer plus a bounded batch of Hessians: its memory beyond the float layer
-does not grow with the number of experts."""
+does not grow with the number of experts. (The writer's shard buffer, bounded by max_shard_bytes, is set small
+here so that the output's size does not count.)"""
 
 import json
 import subprocess
@@ -8,7 +9,7 @@ import textwrap
 
 from tests.conftest import build_random_model
 
-HIDDEN, INTER = 256, 512
+HIDDEN, INTER = 384, 768
 
 
 def peak_growth_mib(tmp_path, experts: int) -> float:
@@ -38,7 +39,7 @@ def peak_growth_mib(tmp_path, experts: int) -> float:
         sampler.start()
         quantizer = CalibratedGPTQ({str(model)!r}, [{str(calib)!r}], num_samples=4, seq_len=64, progress=False)
         quantize_checkpoint({str(model)!r}, Plan.uniform(3, 64), {str(tmp_path / f"out{experts}")!r},
-                            quantizer=quantizer, progress=False)
+                            quantizer=quantizer, progress=False, max_shard_bytes=1 << 20)
         done.set()
         sampler.join()
         print(json.dumps({{"delta_mib": (peak[0] - before) / 2**20}}))
@@ -48,15 +49,17 @@ def peak_growth_mib(tmp_path, experts: int) -> float:
 
 
 def test_calibration_memory_does_not_grow_with_experts(tmp_path):
-    def float_layer_mib(experts: int) -> float:  # the layer the calibration forward must hold, in float32
-        return (experts * 3 * HIDDEN * INTER + 4 * HIDDEN * HIDDEN) * 4 / 2**20
+    def float_layer_mib(experts: int) -> float:
+        """The layer the calibration forward holds in float32, and its quantized form the writer is handed."""
+        weights = experts * 3 * HIDDEN * INTER + 4 * HIDDEN * HIDDEN
+        return weights * (4 + 3 / 8 + 3 / 64) / 2**20  # float32; 3-bit codes + fp16 scale and zero per 64
 
     few, many = peak_growth_mib(tmp_path, 8), peak_growth_mib(tmp_path, 64)
     beyond_few, beyond_many = few - float_layer_mib(8), many - float_layer_mib(64)
-    # Before batching, every expert's Hessians were alive at once: 64 x 2.5 MiB = 160 MiB at 64 experts.
+    # Before batching, every expert's Hessians were alive at once: 64 x 5.6 MiB = 360 MiB at 64 experts.
     all_hessians_64 = 64 * (2 * HIDDEN**2 + 2 * INTER**2) * 4 / 2**20
     print(
         f"peak growth 8 experts {few:.0f} MiB, 64 experts {many:.0f} MiB; beyond the float layer "
         f"{beyond_few:.0f} vs {beyond_many:.0f} MiB (all 64 experts' Hessians: {all_hessians_64:.0f} MiB)"
     )
-    assert beyond_many <= 1.5 * max(beyond_few, 16), (beyond_few, beyond_many)
+    assert beyond_many <= 1.5 * max(beyond_few, 64), (beyond_few, beyond_many)  # RSS noise: tens of MiB

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from vllm_moemix.checkpoint.source import SafetensorsSource
+from vllm_moemix.checkpoint.writer import DEFAULT_SHARD_BYTES
 from vllm_moemix.config.arch import ROLE_EXPERT, architecture_for, quantizable_linears
 from vllm_moemix.config.spec import PlanError
 from vllm_moemix.quant.gptq import HessianAccumulator
@@ -433,6 +434,7 @@ def layer_memory_estimate(model: LayerwiseModel, num_tokens: int) -> dict[str, i
         "float layer": weights_f32,
         "activations": activations,
         "hessians + gptq": max(unit_bytes, HESSIAN_BATCH_BYTES) + cholesky,
+        "output shard": DEFAULT_SHARD_BYTES,  # the checkpoint writer's buffer
     }
 
 
@@ -462,7 +464,7 @@ def check_memory(model: LayerwiseModel, num_tokens: int) -> str:
     """Refuse before starting, with the numbers, when one layer cannot fit; else the 'memory:' line to print."""
     parts = layer_memory_estimate(model, num_tokens)
     # The float layer is freed before Hessians and GPTQ: the peak is the larger of the two phases.
-    peak = parts["activations"] + max(parts["float layer"], parts["hessians + gptq"])
+    peak = parts["activations"] + parts["output shard"] + max(parts["float layer"], parts["hessians + gptq"])
     available = available_memory() if model.device.type == "cpu" else torch.cuda.mem_get_info(model.device)[0]
     detail = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in parts.items())
     line = (

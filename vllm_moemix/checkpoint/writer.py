@@ -29,7 +29,8 @@ from vllm_moemix.config.spec import PlanError
 from vllm_moemix.quant.quantizers import Quantizer, RTNQuantizer
 
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", INDEX, "pytorch_model.bin.index.json")
-DEFAULT_SHARD_BYTES = 2 * 1024**3
+DEFAULT_SHARD_BYTES = 1024**3
+"""A shard is buffered in memory until written: this bounds what the output adds to quantization's peak."""
 
 
 def _layer_order(names: list[str]) -> list[str]:
