@@ -62,4 +62,5 @@ def test_calibration_memory_does_not_grow_with_experts(tmp_path):
         f"peak growth 8 experts {few:.0f} MiB, 64 experts {many:.0f} MiB; beyond the float layer "
         f"{beyond_few:.0f} vs {beyond_many:.0f} MiB (all 64 experts' Hessians: {all_hessians_64:.0f} MiB)"
     )
-    assert beyond_many <= 1.5 * max(beyond_few, 64), (beyond_few, beyond_many)  # RSS noise: tens of MiB
+    # 8x the experts may add RSS noise (tens of MiB between runs), not what keeping every Hessian would cost.
+    assert beyond_many - beyond_few < 0.4 * all_hessians_64, (beyond_few, beyond_many)
