@@ -128,11 +128,13 @@ def build_context(
     ctx.layer_stats, ctx.errors = {}, {}
     by_names = {unit.names: unit for unit in units}
     reference_bits = budget.reference_bits(units, group_size, sym) if budget is not None else 3
+    # Under an average-bits budget the optimizer offers one group size: no other candidate needs an error.
+    groups_cost_bytes = budget is None or budget.nbytes is not None
     options = GPTQOptions(clip_search=calib.clip_search)
 
     def reference(names: tuple[str, ...]) -> QuantSpec:
         unit = by_names[names]
-        specs = ctx.candidate_specs(unit)
+        specs = ctx.candidate_specs(unit, groups_cost_bytes)
         return min(specs, key=lambda s: (abs(s.bits - reference_bits), s.group_size != group_size, s.bits))
 
     def project(seconds: float) -> None:
@@ -148,7 +150,7 @@ def build_context(
                 errors = batch_errors(
                     model,
                     batch,
-                    lambda names: ctx.candidate_specs(by_names[names]),
+                    lambda names: ctx.candidate_specs(by_names[names], groups_cost_bytes),
                     reference,
                     calib.quantizer,
                     options,
