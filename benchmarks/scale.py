@@ -520,6 +520,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per run")
     parser.add_argument("--work", default=str(REPO / "runs" / "scale"), help="models, baseline worktree, outputs")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--append", action="store_true", help="keep the rows of <out>/scale.json not measured now")
     args = parser.parse_args()
     extra = args.extra_args.split()
     if args.quick:
@@ -537,7 +538,22 @@ def main() -> None:
         tree = baseline_tree(args.baseline, work)
         trees.append((args.baseline, tree, baseline_env(tree)))
 
+    meta = {
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "mem_total_bytes": mem_total(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "layers": args.layers,
+        "mem_limit_bytes": limit,
+        "timeout_s": args.timeout,
+        "baseline": args.baseline,
+        "shapes": {s: {"full_layers": SHAPES[s].full_layers, **SHAPES[s].config} for s in args.shapes},
+    }
     rows = []
+    if args.append and (out / "scale.json").exists():  # rows of earlier runs stay unless measured again
+        earlier = json.loads((out / "scale.json").read_text())
+        rows = earlier["rows"]
+        meta["shapes"] = {**earlier.get("shapes", {}), **meta["shapes"]}
     for shape in args.shapes:
         print(f"building {shape} with {args.layers} layer(s) under {work / 'models'}", flush=True)
         model = build_real_shape(work / "models" / f"{shape}-L{args.layers}", shape, args.layers).resolve()
@@ -559,25 +575,16 @@ def main() -> None:
                     f"  {row['status']}: {row['seconds']:.1f} s, peak RSS {row['peak_rss_bytes'] / GB:.2f} GB",
                     flush=True,
                 )
-                rows.append(row)
+                rows = [r for r in rows if (r["shape"], r["mode"]) != (shape, row["mode"])] + [row]
+                write_results(meta, rows, out)  # after every run: a long benchmark stopped early keeps its rows
+    print(markdown(meta, rows))
+    print(f"CPU: {meta['cpu']}")
 
-    meta = {
-        "cpu": cpu_name(),
-        "cores": os.cpu_count(),
-        "mem_total_bytes": mem_total(),
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "layers": args.layers,
-        "mem_limit_bytes": limit,
-        "timeout_s": args.timeout,
-        "baseline": args.baseline,
-        "shapes": {s: {"full_layers": SHAPES[s].full_layers, **SHAPES[s].config} for s in args.shapes},
-    }
-    table = markdown(meta, rows)
-    (out / "scale.md").write_text(table + "\n")
+
+def write_results(meta: dict, rows: list[dict], out: Path) -> None:
+    (out / "scale.md").write_text(markdown(meta, rows) + "\n")
     (out / "scale.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
     plot(rows, out / "scale.png")
-    print(table)
-    print(f"CPU: {meta['cpu']}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from vllm_moemix.calibration.layerwise import (
     CalibratedLayer,
@@ -201,6 +202,11 @@ class CalibratedGPTQ:
 
     def _quantize_layer(self, layer: CalibratedLayer) -> None:
         wanted = self._specs
-        for batch in layer.hessian_batches(lambda unit: unit in wanted, with_loss=False):
-            for done in quantize_batch(self._model, batch, wanted.__getitem__, self.options):
-                self._done.update(done.weights)
+        units = [u for u in layer.units() if u in wanted]
+        with tqdm(
+            total=len(units), desc=f"layer {layer.index}", unit="unit", leave=False, disable=not self.progress
+        ) as bar:
+            for batch in layer.hessian_batches(lambda unit: unit in wanted, with_loss=False):
+                for done in quantize_batch(self._model, batch, wanted.__getitem__, self.options):
+                    self._done.update(done.weights)
+                    bar.update()

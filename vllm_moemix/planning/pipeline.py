@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from vllm_moemix.calibration.gptq import GPTQOptions
 from vllm_moemix.calibration.layerwise import (
@@ -146,6 +147,9 @@ def build_context(
     )
     for layer in layers:
         if strategy == "optimizer":
+            bar = tqdm(
+                total=len(layer.units()), desc=f"layer {layer.index}", unit="unit", leave=False, disable=not progress
+            )
             for batch in layer.hessian_batches(with_loss=True):
                 errors = batch_errors(
                     model,
@@ -158,6 +162,8 @@ def build_context(
                     stash,
                 )
                 ctx.errors.update({by_names[names]: table for names, table in errors.items()})
+                bar.update(len(batch.units))
+            bar.close()
         ctx.layer_stats[layer.index] = layer.stats
     return ctx
 
