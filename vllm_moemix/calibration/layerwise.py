@@ -429,7 +429,9 @@ def layer_memory_estimate(model: LayerwiseModel, num_tokens: int) -> dict[str, i
         ),
         default=0,
     )
-    cholesky = 4 * max((info.in_features for info in linears.values()), default=0) ** 2  # its workspace
+    # The Cholesky of the widest reversed H: its flipped copy, the factor and the identity it is solved against
+    # (measured on one Mixtral-8x7B layer, K = 14336: 10.5 GiB peak).
+    cholesky = 3 * 4 * max((info.in_features for info in linears.values()), default=0) ** 2
     return {
         "float layer": weights_f32,
         "activations": activations,
