@@ -24,7 +24,9 @@ from vllm_moemix.quant.tensors import SCALE_DTYPE, QuantizedWeight
 
 _MIN_SCALE = 1e-7  # keeps all-zero groups finite; fp16 represents it as a subnormal
 CLIP_FACTORS = tuple(1.0 - 0.03 * i for i in range(16))  # 1.0 down to 0.55
-COARSE_STEP = 3  # the search tries every third factor, then each group's best's neighbours: 10 tries, not 16
+COARSE_STEP = 1
+"""Every factor is tried. 3 (every third factor, then each group's best's neighbours: 10 tries, not 16) cut GPTQ
+time ~15% on a Qwen3-30B-A3B layer but raised tiny-mixtral's uniform 3-bit KL by 11% (0.00215 -> 0.00238)."""
 
 
 def group_params(
