@@ -77,6 +77,16 @@ def test_spilled_activations_give_the_same_statistics(random_qwen2moe, samples, 
             assert spilled[key] == pytest.approx(value)
 
 
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [("gpu0", "not a torch device"), ("meta", "runs on cpu or cuda")]
+    + ([] if torch.cuda.is_available() else [("cuda", "no CUDA device is visible")]),
+)
+def test_bad_device_is_a_clear_error(random_qwen2moe, device, message):
+    with pytest.raises(PlanError, match=message):
+        LayerwiseModel(random_qwen2moe, device)
+
+
 def test_memory_check_refuses_before_work_with_the_numbers(random_qwen2moe, monkeypatch):
     model = LayerwiseModel(random_qwen2moe, "cpu")
     assert check_memory(model, 8192).startswith("memory: one layer needs ~")

@@ -76,6 +76,19 @@ def return_freed_memory() -> None:
         pass
 
 
+def calibration_device(name: str | torch.device | None) -> torch.device:
+    """The device calibration and GPTQ run on: `name`, or CUDA when visible, else CPU; a clear error otherwise."""
+    try:
+        device = torch.device(name or default_device())
+    except RuntimeError:
+        raise PlanError(f"device {name!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise PlanError(f"device {name!r}: calibration runs on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PlanError(f"device {name!r}: no CUDA device is visible to this torch ({torch.__version__})")
+    return device
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -120,7 +133,7 @@ class LayerwiseModel:
 
         return_freed_memory()
         self.dir = Path(model_dir)
-        self.device = torch.device(device or default_device())
+        self.device = calibration_device(device)
         self.config = AutoConfig.from_pretrained(self.dir)
         self.config._attn_implementation = "sdpa"  # mask=None is then causal
         # Experts one at a time on their own weights: the fused implementations copy every expert's weights
