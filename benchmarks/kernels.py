@@ -12,8 +12,18 @@ Weights are random codes: speed does not depend on their values.
 Also measured in the same run: memory read bandwidth (a large tensor reduction), so each row can say how
 close it is to the bandwidth limit: bytes of the routed experts (each counted once per call) / time.
 
-    .venv/bin/python benchmarks/kernels.py                 # Mixtral, Qwen3-30B-A3B, DeepSeek-V2-Lite layers
+GPT-OSS-20B's layer has per-expert biases on both projections and the swigluoai activation: the moemix rows
+run them, vLLM's bf16 row runs them through `cpu_fused_moe`'s own bias and "swigluoai" support, and its int4
+row says why it cannot (vLLM's W4A8 CPU MoE runs SiLU without biases only). Layers too big for this
+machine's memory with every row built at once (DeepSeek-V3: 22.5 GB in bf16 alone) keep a subset of their
+experts (`stored`), the router choosing top-k among those: at M=1 a call reads exactly what the full layer
+reads (top-k experts' bytes); larger M touch fewer distinct experts than the full layer would, so those
+columns are optimistic for every row alike. The table says so per shape, and `layer GB` projects each row's
+memory for all experts.
+
+    .venv/bin/python benchmarks/kernels.py                 # Mixtral, Qwen3-30B-A3B, DeepSeek-V2/V3, GPT-OSS, GLM
     .venv/bin/python benchmarks/kernels.py --quick         # a small shape (smoke test)
+    .venv/bin/python benchmarks/kernels.py --quick --shapes quick-oss  # small, with biases and swigluoai
 
 Writes <out>/kernels.{json,md,png}.
 """
@@ -45,15 +55,42 @@ class LayerShape:
     top_k: int
     hidden: int
     inter: int
+    activation: str = "silu"  # one of vllm_moemix.layers.kernels.base.EXPERT_ACTIVATIONS
+    bias: bool = False  # per-expert biases on both projections
+    stored: int | None = None  # experts kept in memory and routed among (None: all)
+    group: int = 128  # the moemix rows' (and vLLM GPTQ row's) group size
+
+    @property
+    def kept(self) -> int:
+        return self.stored or self.experts
+
+    def notes(self) -> list[str]:
+        out = []
+        if self.kept < self.experts:
+            out.append(
+                f"{self.kept} of {self.experts} experts in memory, top-{self.top_k} routed among them: M=1 reads what "
+                f"the full layer reads; larger M touch fewer distinct experts than the full layer would (optimistic "
+                f"for every row alike); `layer GB` is projected to all {self.experts} experts"
+            )
+        if self.bias or self.activation != "silu":
+            out.append(f"experts with {'biases and ' if self.bias else ''}the {self.activation} activation")
+        if self.group != 128:
+            out.append(f"group size {self.group} (128 does not divide hidden {self.hidden})")
+        return out
 
 
 SHAPES = {
     "mixtral": LayerShape("Mixtral-8x7B", 8, 2, 4096, 14336),
     "qwen3": LayerShape("Qwen3-30B-A3B", 128, 8, 2048, 768),
     "dsv2lite": LayerShape("DeepSeek-V2-Lite (routed experts)", 64, 6, 2048, 1408),
+    # bf16 alone would be 22.5 GB (all 256) / 4.4 GB (all 128): 32 / 64 kept so every row fits beside the others
+    "dsv3": LayerShape("DeepSeek-V3 (routed experts)", 256, 8, 7168, 2048, stored=32),
+    "gptoss": LayerShape("GPT-OSS-20B", 32, 4, 2880, 2880, activation="swigluoai", bias=True, group=64),
+    "glm45air": LayerShape("GLM-4.5-Air (routed experts)", 128, 8, 4096, 1408, stored=64),
     "quick": LayerShape("quick", 8, 2, 512, 768),
+    "quick-oss": LayerShape("quick-oss", 8, 2, 576, 576, activation="swigluoai", bias=True, stored=6, group=64),
 }
-GROUP = 128
+DEFAULT_SHAPES = "mixtral,qwen3,dsv2lite,dsv3,gptoss,glm45air"
 MOEMIX_ROWS = {"moemix 2.5-bit mixed": (2, 3), "moemix 4-bit": (4,), "moemix 2-bit": (2,)}
 BF16_ROW, INT4_ROW = "vLLM bf16", "vLLM GPTQ-4bit"
 
@@ -89,14 +126,20 @@ def read_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
 
 
 def routing(tokens: int, shape: LayerShape, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k among the experts kept in memory."""
     gen = torch.Generator().manual_seed(seed)
-    logits = torch.randn(tokens, shape.experts, generator=gen)
+    logits = torch.randn(tokens, shape.kept, generator=gen)
     weights, ids = torch.softmax(logits, -1).topk(shape.top_k, dim=-1)
     return (weights / weights.sum(-1, keepdim=True)).float(), ids.to(torch.int32)
 
 
 def random_codes(*shape: int) -> torch.Tensor:
     return torch.empty(shape, dtype=torch.int32).random_()
+
+
+def bias_bytes(shape: LayerShape, dtype: torch.dtype) -> int:
+    """Bytes of one expert's two biases (0 without)."""
+    return (2 * shape.inter + shape.hidden) * dtype.itemsize if shape.bias else 0
 
 
 # ---- moemix -------------------------------------------------------------------------------------------
@@ -111,11 +154,14 @@ def moemix_layer(shape: LayerShape, widths: tuple[int, ...], isa: str | None = N
     from vllm_moemix.layers.kernels.select import choose_experts_kernel
     from vllm_moemix.layers.layout import ExpertsLayout
 
-    specs = [QuantSpec(widths[e % len(widths)], GROUP) for e in range(shape.experts)]
+    specs = [QuantSpec(widths[e % len(widths)], shape.group) for e in range(shape.kept)]
     layer = torch.nn.Module()
     layer.expert_map = None
-    layout = ExpertsLayout.build(specs, specs, shape.hidden, shape.inter)
+    layout = ExpertsLayout.build(specs, specs, shape.hidden, shape.inter, shape.activation, shape.bias)
     layout.register(layer)
+    if shape.bias:
+        layer.moemix_w13_bias.data.normal_(0, 0.1)
+        layer.moemix_w2_bias.data.normal_(0, 0.1)
     for grp in layout.groups().values():
         for g, spec in enumerate(grp.specs):
             qweight = getattr(layer, grp.param_name(g, "qweight"))
@@ -131,7 +177,7 @@ def moemix_layer(shape: LayerShape, widths: tuple[int, ...], isa: str | None = N
     finally:
         os.environ.pop(cpu.ISA_ENV, None) if saved is None else os.environ.__setitem__(cpu.ISA_ENV, saved)
     kernel.process_weights_after_loading(layer)
-    per_expert = [0] * shape.experts
+    per_expert = [bias_bytes(shape, torch.float32)] * shape.kept
     for grp in layout.groups().values():
         for g, members in enumerate(grp.members):
             group_bytes = sum(getattr(layer, grp.param_name(g, s)).nbytes for s in ("qweight", "scales", "qzeros"))
@@ -152,23 +198,31 @@ def vllm_bf16_layer(shape: LayerShape):
     from vllm import _custom_ops as ops
 
     isa = "amx" if has_amx() else "vec"  # as vLLM's unquantized CPU MoE chooses
+    e = shape.kept
     w13 = ops.cpu_prepack_moe_weight(
-        torch.randn(shape.experts, 2 * shape.inter, shape.hidden, dtype=torch.bfloat16) * 0.02, isa
+        torch.randn(e, 2 * shape.inter, shape.hidden, dtype=torch.bfloat16).mul_(0.02), isa
     )
-    w2 = ops.cpu_prepack_moe_weight(
-        torch.randn(shape.experts, shape.hidden, shape.inter, dtype=torch.bfloat16) * 0.02, isa
-    )
+    w2 = ops.cpu_prepack_moe_weight(torch.randn(e, shape.hidden, shape.inter, dtype=torch.bfloat16).mul_(0.02), isa)
+    # vLLM's own expert biases and activation (GPT-OSS: "swigluoai", bf16 biases, as its CPU MoE passes them)
+    b13 = torch.randn(e, 2 * shape.inter, dtype=torch.bfloat16).mul_(0.1) if shape.bias else None
+    b2 = torch.randn(e, shape.hidden, dtype=torch.bfloat16).mul_(0.1) if shape.bias else None
 
     def run(x, w, i):
         out = torch.empty_like(x)
-        ops.cpu_fused_moe(out, x, w13, w2, None, None, w, i, "silu", isa)
+        ops.cpu_fused_moe(out, x, w13, w2, b13, b2, w, i, shape.activation, isa)
         return out
 
-    return run, f"vLLM cpu_fused_moe ({isa})", [(w13[0].nbytes + w2[0].nbytes)] * shape.experts
+    per_expert = w13[0].nbytes + w2[0].nbytes + bias_bytes(shape, torch.bfloat16)
+    return run, f"vLLM cpu_fused_moe ({isa})", [per_expert] * e
 
 
-def vllm_int4_unavailable() -> str | None:
-    """Why vLLM's int4 CPU MoE cannot run here (it would die with SIGILL or a missing op, not raise)."""
+def vllm_int4_unavailable(shape: LayerShape | None = None) -> str | None:
+    """Why vLLM's int4 CPU MoE cannot run this layer here (it would die with SIGILL or a missing op, not raise)."""
+    if shape is not None and (shape.bias or shape.activation != "silu"):
+        return (
+            "vLLM's W4A8 MoE (CPUExpertsInt4) runs SiLU experts without biases only "
+            f"(this layer: {shape.activation}{' with biases' if shape.bias else ''})"
+        )
     if not has_amx():
         return "vLLM's W4A8 MoE (CPUExpertsInt4) needs AMX, which this CPU lacks"
     if not hasattr(torch.ops._C, "convert_weight_packed_scale_zp"):
@@ -180,15 +234,15 @@ def vllm_int4_layer(shape: LayerShape):
     from vllm._custom_ops import CPUQuantMethod, fused_experts_cpu
     from vllm.model_executor.layers.fused_moe.experts.cpu_moe import prepare_int4_moe_layer_for_cpu
 
-    why = vllm_int4_unavailable()
+    why = vllm_int4_unavailable(shape)
     if why:
         raise Unavailable(why)
-    e, h, i = shape.experts, shape.hidden, shape.inter
+    e, h, i, group = shape.kept, shape.hidden, shape.inter, shape.group
     w13, w2, s13, s2, z13, z2 = prepare_int4_moe_layer_for_cpu(
         random_codes(e, h // 8, 2 * i),
         random_codes(e, i // 8, h),
-        (torch.rand(e, h // GROUP, 2 * i) * 1e-3).to(torch.bfloat16),
-        (torch.rand(e, i // GROUP, h) * 1e-3).to(torch.bfloat16),
+        (torch.rand(e, h // group, 2 * i) * 1e-3).to(torch.bfloat16),
+        (torch.rand(e, i // group, h) * 1e-3).to(torch.bfloat16),
     )
 
     def run(x, w, ids):
@@ -230,6 +284,7 @@ def bench_shape(shape: LayerShape, tokens: list[int], reps: int, bandwidth: floa
                 {"shape": shape.name, "row": row, "kernel": None, "tokens": m, "ms": None, "unavailable": str(why)}
                 for m in tokens
             ]
+    meta = {"experts": shape.experts, "experts_stored": shape.kept, "notes": shape.notes()}
     for m in tqdm(tokens, desc=f"{shape.name}: time", leave=False):
         w, ids = routing(m, shape, seed=m)
         x = torch.randn(m, shape.hidden, dtype=torch.bfloat16)
@@ -243,6 +298,8 @@ def bench_shape(shape: LayerShape, tokens: list[int], reps: int, bandwidth: floa
                     "kernel": kernel,
                     "tokens": m,
                     "ms": ms,
+                    **meta,
+                    "layer_bytes": sum(per_expert) * shape.experts // len(per_expert),  # projected to all experts
                     "bytes_read": read,
                     "gbs": read / ms / 1e6,
                     "of_bandwidth": read / ms / 1e6 / bandwidth,
@@ -267,26 +324,27 @@ def markdown(results: list[dict], bandwidth: float, threads: int, cpu_name: str)
     for shape in dict.fromkeys(r["shape"] for r in results):
         rows = [r for r in results if r["shape"] == shape]
         tokens = sorted({r["tokens"] for r in rows})
+        notes = next((r["notes"] for r in rows if r.get("notes")), [])
+        lines += [f"### {shape}", ""] + [f"*{note}.*" for note in notes] + ([""] if notes else [])
         lines += [
-            f"### {shape}",
-            "",
             "| row | kernel | "
             + " | ".join(f"M={m}" for m in tokens)
-            + " | ×bf16 (M=1) | ×vLLM-4bit (M=1) | of bw (M=1) |",
-            "|---|---|" + "---|" * len(tokens) + "---|---|---|",
+            + " | ×bf16 (M=1) | ×vLLM-4bit (M=1) | of bw (M=1) | layer GB |",
+            "|---|---|" + "---|" * len(tokens) + "---|---|---|---|",
         ]
         by = {(r["row"], r["tokens"]): r for r in rows}
         for row in dict.fromkeys(r["row"] for r in rows):
             first = by[(row, tokens[0])]
             if first["ms"] is None:
                 lines.append(
-                    f"| {row} | not available on this CPU: {first['unavailable']} |" + " |" * (len(tokens) + 3)
+                    f"| {row} | not available on this CPU: {first['unavailable']} |" + " |" * (len(tokens) + 4)
                 )
                 continue
             cells = " | ".join(f"{by[(row, m)]['ms']:.2f}" for m in tokens)
             lines.append(
                 f"| {row} | {first['kernel']} | {cells} | {_ratio(first, by.get((BF16_ROW, tokens[0])))} "
-                f"| {_ratio(first, by.get((INT4_ROW, tokens[0])))} | {first['of_bandwidth']:.0%} |"
+                f"| {_ratio(first, by.get((INT4_ROW, tokens[0])))} | {first['of_bandwidth']:.0%} "
+                f"| {first['layer_bytes'] / 1e9:.3g} |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -322,11 +380,15 @@ def plot(results: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default="mixtral,qwen3,dsv2lite", help=f"comma list of {sorted(SHAPES)}")
+    parser.add_argument(
+        "--shapes", default=None, help=f"comma list of {sorted(SHAPES)} (default: {DEFAULT_SHAPES}; --quick: quick)"
+    )
     parser.add_argument("--tokens", default="1,4,16,64")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--quick", action="store_true", help="the small shape, M=1,4, 3 reps")
+    parser.add_argument(
+        "--quick", action="store_true", help="a small shape (unless --shapes names others), M=1,4, 3 reps"
+    )
     parser.add_argument("--disable", default="", help="MOEMIX_DISABLED_KERNELS for the moemix rows")
     parser.add_argument(
         "--isas",
@@ -336,7 +398,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args()
     if args.quick:
-        args.shapes, args.tokens, args.reps = "quick", "1,4", 3
+        args.shapes, args.tokens, args.reps = args.shapes or "quick", "1,4", 3
+    args.shapes = args.shapes or DEFAULT_SHAPES
     if args.disable:
         os.environ["MOEMIX_DISABLED_KERNELS"] = args.disable
     torch.set_num_threads(args.threads)

@@ -6,7 +6,8 @@
 // (weight scale and zero point) in float32.
 //
 // This file is the ISA-neutral core, compiled for baseline x86-64: CPU feature detection, the weight
-// layout (repack), activation quantization, expert sorting and the gate/up -> SwiGLU -> down staging,
+// layout (repack), activation quantization, expert sorting and the gate/up (+ bias) -> gated activation
+// (SiLU or GPT-OSS swigluoai) -> down (+ bias) staging,
 // threading and routing counts. Only the inner GEMM over one weight tile is per ISA (isa_*.cpp, one
 // template in microkernel.h), reached through an IsaVariant chosen at run time: the binary never runs
 // an instruction the CPU lacks, whatever it was built on.
@@ -228,6 +229,41 @@ struct ActBuffer {
   QuantizedActs view() const { return {q.data(), scale.data(), bsum.data(), K}; }
 };
 
+// ---------------------------------------------------------------------------------------------
+// Gated activations over one pair's gate_up row [gate (I) | up (I)] (halves), as in kernels/base.py.
+
+enum class Activation { kSilu, kSwigluOai };
+
+constexpr float kSwigluOaiAlpha = 1.702f, kSwigluOaiLimit = 7.0f;  // gpt_oss/torch/model.py
+
+Activation parse_activation(c10::string_view name) {
+  if (name == "silu") return Activation::kSilu;
+  if (name == "swigluoai") return Activation::kSwigluOai;
+  TORCH_CHECK(false, "moemix cpu kernel: unknown expert activation '", std::string(name), "' (silu, swigluoai)");
+}
+
+void silu_mul(const float* gu, int64_t I, float* h) {
+  for (int64_t i = 0; i < I; ++i) h[i] = gu[i] / (1.f + std::exp(-gu[i])) * gu[I + i];
+}
+
+void swigluoai_mul(const float* gu, int64_t I, float* h) {
+  for (int64_t i = 0; i < I; ++i) {
+    const float gate = std::min(gu[i], kSwigluOaiLimit);
+    const float up = std::clamp(gu[I + i], -kSwigluOaiLimit, kSwigluOaiLimit);
+    h[i] = (up + 1.f) * gate / (1.f + std::exp(-kSwigluOaiAlpha * gate));
+  }
+}
+
+// A per-expert bias as float rows [E][width] (nullptr: none); the tensor kept alive by `holder`.
+const float* bias_rows(const c10::optional<at::Tensor>& bias, int64_t E, int64_t width, const char* name,
+                       at::Tensor& holder) {
+  if (!bias.has_value() || !bias->defined()) return nullptr;
+  TORCH_CHECK(bias->dim() == 2 && bias->size(0) >= E && bias->size(1) == width, "moemix cpu_fused_moe: ", name,
+              " must be [local experts, ", width, "], got ", bias->sizes());
+  holder = bias->to(at::kFloat).contiguous();
+  return holder.data_ptr<float>();
+}
+
 int bits_slot(int bits) { return bits == 8 ? 2 : bits == 4 ? 1 : 0; }  // 2/3-bit share a permutation
 
 PackedWeight weight_view(const at::Tensor& q, const at::Tensor& s, const at::Tensor& z, int64_t slot, int bits,
@@ -311,7 +347,8 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qweight, const a
   return out.to(x.scalar_type());
 }
 
-// SwiGLU experts of mixed widths: sum_k topk_weights[t,k] * expert_{ids[t,k]}(x[t]).
+// Gated experts of mixed widths: sum_k topk_weights[t,k] * expert_{ids[t,k]}(x[t]), where
+// expert_e(x) = act(x @ W13[e] + b13[e]) @ W2[e] + b2[e] (biases optional, float32 [E, 2I] / [E, H]).
 // Experts live in per-width groups; *_where[e] = (group, slot). local_ids are this rank's expert ids
 // (-1: another rank's expert); mapping and routing counts are the layer's job (layers/layout.py).
 at::Tensor fused_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& local_ids,
@@ -319,8 +356,10 @@ at::Tensor fused_moe(const at::Tensor& x, const at::Tensor& topk_weights, const 
                      const at::Tensor& w2_where, at::TensorList w13_q, at::TensorList w13_s, at::TensorList w13_z,
                      at::IntArrayRef w13_bits, at::IntArrayRef w13_group, at::TensorList w2_q,
                      at::TensorList w2_s, at::TensorList w2_z, at::IntArrayRef w2_bits, at::IntArrayRef w2_group,
-                     int64_t intermediate, c10::string_view isa) {
+                     const c10::optional<at::Tensor>& w13_bias, const c10::optional<at::Tensor>& w2_bias,
+                     c10::string_view activation, int64_t intermediate, c10::string_view isa) {
   const IsaVariant& V = variant(isa);
+  const Activation act = parse_activation(activation);
   for (int64_t b : w13_bits) check_bits(b);
   for (int64_t b : w2_bits) check_bits(b);
   const int64_t T = x.size(0), H = x.size(1), top_k = local_ids.size(1), E = w13_where.size(0);
@@ -330,6 +369,9 @@ at::Tensor fused_moe(const at::Tensor& x, const at::Tensor& topk_weights, const 
   const at::Tensor wts = topk_weights.to(at::kFloat).contiguous();
   const auto where13 = w13_where.accessor<int64_t, 2>();
   const auto where2 = w2_where.accessor<int64_t, 2>();
+  at::Tensor b13_holder, b2_holder;
+  const float* b13 = bias_rows(w13_bias, E, N13, "w13_bias", b13_holder);
+  const float* b2 = bias_rows(w2_bias, E, H, "w2_bias", b2_holder);
 
   // Sort (token, expert) pairs by local expert: pair p = rows [start[e], start[e+1]).
   std::vector<int64_t> count(E + 1, 0), start(E + 1, 0);
@@ -388,17 +430,22 @@ at::Tensor fused_moe(const at::Tensor& x, const at::Tensor& topk_weights, const 
     }
   });
 
-  // Stage 2: h = silu(gate) * up, quantized for the pair's w2 width.
+  // Stage 2: h = act(gate_up + b13), quantized for the pair's w2 width.
   ActBuffer hacts(P, I);
   std::vector<int64_t> pair_rows(P);
+  void (*const act_mul)(const float*, int64_t, float*) = act == Activation::kSilu ? silu_mul : swigluoai_mul;
   at::parallel_for(0, static_cast<int64_t>(active.size()), grain_for(I * rows_per_expert), [&](int64_t b, int64_t e_) {
     std::vector<float> h(I);
     for (int64_t a = b; a < e_; ++a) {
       const int64_t e = active[a];
       const int bits = static_cast<int>(w2_bits[where2[e][0]]);
       for (int64_t p = start[e]; p < start[e + 1]; ++p) {
-        const float* gu = gate_up.data() + p * N13;
-        for (int64_t i = 0; i < I; ++i) h[i] = gu[i] / (1.f + std::exp(-gu[i])) * gu[I + i];
+        float* gu = gate_up.data() + p * N13;
+        if (b13) {
+          const float* bias = b13 + e * N13;
+          for (int64_t n = 0; n < N13; ++n) gu[n] += bias[n];
+        }
+        act_mul(gu, I, h.data());
         hacts.quantize(p, h.data(), bits);
         pair_rows[p] = p;
       }
@@ -419,6 +466,14 @@ at::Tensor fused_moe(const at::Tensor& x, const at::Tensor& topk_weights, const 
           outs.push_back(out.data_ptr<float>() + pair_token[p] * H + tile * V.tile);
         // Pairs of one expert have distinct tokens, so the accumulations never alias.
         V.gemm_rows(W, tile, hacts.view(), pair_rows.data() + start[e], count[e], outs.data(), pair_weight.data() + start[e]);
+        if (b2) {  // out += weight * b2[e] over this tile's columns
+          const float* bias = b2 + e * H + tile * V.tile;
+          for (int64_t p = start[e]; p < start[e + 1]; ++p) {
+            float* o = out.data_ptr<float>() + pair_token[p] * H + tile * V.tile;
+            const float w = pair_weight[p];
+            for (int64_t n = 0; n < V.tile; ++n) o[n] += w * bias[n];
+          }
+        }
       }
     }
   });
@@ -432,7 +487,7 @@ TORCH_LIBRARY_FRAGMENT(moemix, m) {
   m.def(
       "cpu_fused_moe(Tensor x, Tensor topk_weights, Tensor local_ids, Tensor w13_where, Tensor w2_where, "
       "Tensor[] w13_qweights, Tensor[] w13_scales, Tensor[] w13_qzeros, int[] w13_bits, int[] w13_groups, Tensor[] w2_qweights, Tensor[] w2_scales, Tensor[] w2_qzeros, "
-      "int[] w2_bits, int[] w2_groups, int intermediate, str isa) -> Tensor");
+      "int[] w2_bits, int[] w2_groups, Tensor? w13_bias, Tensor? w2_bias, str activation, int intermediate, str isa) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moemix, CPU, m) {

@@ -20,6 +20,85 @@ TRAINED_MIXTRAL = REPO / "models" / "tiny-mixtral"
 TRAINED_QWEN2MOE = REPO / "models" / "tiny-qwen2moe"
 
 
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss")
+"""Every architecture family moemix supports, as `build_random_model` builds a tiny one of each."""
+
+
+def family_config(arch: str, layers: int, hidden: int, inter: int, experts: int):
+    """A transformers config of family `arch` at toy sizes, with what vLLM's CPU build needs to serve it: MLA at
+    its real latent sizes (kv_lora_rank 512, rope head 64), grouped routing set, DeepSeek-V3's `noaux_tc`
+    router (real V3 checkpoints carry it; transformers does not write it, and vLLM then has no
+    `e_score_correction_bias` to load), a dense first layer where the family has them."""
+    import transformers as T
+
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    routed = dict(num_experts_per_tok=2)
+    deepseek = dict(
+        moe_intermediate_size=inter,
+        intermediate_size=2 * inter,
+        n_routed_experts=experts,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        n_group=2,
+        topk_group=1,
+        kv_lora_rank=512,
+        qk_rope_head_dim=64,
+        qk_nope_head_dim=32,
+        v_head_dim=32,
+        **routed,
+        **{**common, "num_key_value_heads": common["num_attention_heads"]},  # MLA: one KV head per head
+    )
+    if arch == "mixtral":
+        return T.MixtralConfig(intermediate_size=inter, num_local_experts=experts, **routed, **common)
+    if arch == "qwen2_moe":
+        return T.Qwen2MoeConfig(
+            moe_intermediate_size=inter,
+            shared_expert_intermediate_size=inter,
+            intermediate_size=inter,
+            num_experts=experts,
+            decoder_sparse_step=1,
+            mlp_only_layers=[layers - 1],
+            **routed,
+            **common,
+        )
+    if arch == "qwen3_moe":
+        return T.Qwen3MoeConfig(
+            moe_intermediate_size=inter,
+            intermediate_size=inter,
+            num_experts=experts,
+            decoder_sparse_step=1,
+            mlp_only_layers=[0],
+            head_dim=32,
+            **routed,
+            **common,
+        )
+    if arch == "olmoe":
+        return T.OlmoeConfig(intermediate_size=inter, num_experts=experts, eos_token_id=1, **routed, **common)
+    if arch == "deepseek_v2":  # V2-Lite style: q without a low-rank pair
+        return T.DeepseekV2Config(q_lora_rank=None, topk_method="group_limited_greedy", **deepseek)
+    if arch == "deepseek_v3":
+        return T.DeepseekV3Config(q_lora_rank=hidden, topk_method="noaux_tc", **deepseek)
+    if arch == "glm4_moe":
+        return T.Glm4MoeConfig(
+            **{k: v for k, v in deepseek.items() if "lora" not in k and "head_dim" not in k},
+            head_dim=32,
+            attention_bias=True,
+        )
+    if arch == "gpt_oss":
+        return T.GptOssConfig(
+            intermediate_size=inter, num_local_experts=experts, head_dim=32, sliding_window=64, **routed, **common
+        )
+    raise ValueError(f"unknown family {arch!r}; one of {FAMILIES}")
+
+
 def build_random_model(
     out: Path,
     arch: str = "mixtral",
@@ -30,37 +109,14 @@ def build_random_model(
     seed: int = 0,
 ) -> Path:
     """A small random-weight HF checkpoint in bf16 safetensors (fast to quantize and to mutate)."""
-    from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    common = dict(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
-    if arch == "mixtral":
-        model = MixtralForCausalLM(
-            MixtralConfig(intermediate_size=inter, num_local_experts=experts, num_experts_per_tok=2, **common)
-        )
-    elif arch == "qwen2_moe":
-        model = Qwen2MoeForCausalLM(
-            Qwen2MoeConfig(
-                moe_intermediate_size=inter,
-                shared_expert_intermediate_size=inter,
-                intermediate_size=inter,
-                num_experts=experts,
-                num_experts_per_tok=2,
-                decoder_sparse_step=1,
-                mlp_only_layers=[layers - 1],
-                **common,
-            )
-        )
-    else:
-        raise ValueError(arch)
+    model = AutoModelForCausalLM.from_config(family_config(arch, layers, hidden, inter, experts))
+    if arch == "gpt_oss":  # transformers leaves GPT-OSS's stacked experts and sinks uninitialised
+        for name, param in model.named_parameters():
+            if "experts" in name or "sinks" in name:
+                torch.nn.init.normal_(param, std=0.02 if "bias" not in name else 0.5)
     model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
     byte_tokenizer().save_pretrained(out)
     return out

@@ -40,3 +40,34 @@ def test_kernel_benchmark_quick(tmp_path):
         for row in moemix_rows[3 * i : 3 * i + 3]:
             assert by[(row, 1)]["kernel"] == f"NativeCpuExpertsKernel ({isa})" and by[(row, 1)]["ms"] > 0
     assert data["cpu"] in md and (tmp_path / "kernels.png").stat().st_size > 0 and "| moemix 2-bit |" in md
+
+
+def test_kernel_benchmark_biases_swigluoai_and_expert_subset(tmp_path):
+    """A GPT-OSS-style layer (biases, swigluoai) keeping a subset of its experts: vLLM's bf16 row runs its own
+    bias/activation support, its int4 row says why it cannot, and the table says what the subset means."""
+    from benchmarks.kernels import SHAPES, vllm_int4_unavailable
+
+    shape = SHAPES["quick-oss"]
+    assert (shape.activation, shape.bias, shape.kept, shape.experts) == ("swigluoai", True, 6, 8)
+    assert {"dsv3", "gptoss", "glm45air"} <= set(SHAPES)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "kernels.py"), "--quick", "--shapes", "quick-oss"]
+        + ["--isas", "avx2", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((tmp_path / "kernels.json").read_text())
+    by = {(r["row"], r["tokens"]): r for r in data["results"]}
+    int4_why = vllm_int4_unavailable(shape)
+    assert "SiLU experts without biases only" in int4_why and by[("vLLM GPTQ-4bit", 1)]["unavailable"] == int4_why
+    bf16 = by[("vLLM bf16", 1)]
+    assert bf16["ms"] > 0 and (bf16["experts"], bf16["experts_stored"]) == (8, 6)
+    assert bf16["layer_bytes"] == 4 * bf16["bytes_read"]  # M=1 reads top-2 of 8 experts' bytes, projected to 8
+    for row in ("moemix 2.5-bit mixed", "moemix 4-bit", "moemix 2-bit"):
+        assert by[(row, 1)]["kernel"] == "NativeCpuExpertsKernel (avx2)" and by[(row, 1)]["ms"] > 0
+    md = (tmp_path / "kernels.md").read_text()
+    assert "6 of 8 experts in memory, top-2 routed among them" in md
+    assert "experts with biases and the swigluoai activation" in md and "| layer GB |" in md

@@ -16,7 +16,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.support import SPECS2, SPECS13, H, MixedExperts, routing, run_experts
+from tests.support import (
+    ACT_BIAS,
+    SPECS2,
+    SPECS13,
+    X_SCALE,
+    H,
+    MixedExperts,
+    reaches_clamp,
+    routing,
+    run_experts,
+)
 from vllm_moemix.config.spec import QuantSpec
 from vllm_moemix.layers.kernels import cpu
 from vllm_moemix.layers.kernels.base import ExpertsConfig, LinearConfig
@@ -165,15 +175,15 @@ def test_linear_keeps_leading_dims_bf16_and_compiles(isa):
     torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=0.1)  # bf16 output
 
 
-def _moe_case(tokens, skew=False, expert_map=None, num_global=None):
+def _moe_case(tokens, skew=False, expert_map=None, num_global=None, act="silu", bias=False, x_scale=1.0):
     torch.manual_seed(tokens)
-    layer = MixedExperts(SPECS13, SPECS2)
+    layer = MixedExperts(SPECS13, SPECS2, activation=act, bias=bias)
     layer.expert_map = expert_map
     kernel = NativeCpuExpertsKernel(layer.config())
     kernel.process_weights_after_loading(layer)
     assert kernel.isa == os.environ[cpu.ISA_ENV]
     w, ids = routing(tokens, num_global or len(SPECS13), skew=skew, seed=tokens)
-    return layer, kernel, torch.randn(tokens, H), w, ids
+    return layer, kernel, torch.randn(tokens, H) * x_scale, w, ids
 
 
 def naive_fake_quant(layer, x, topk_weights, topk_ids):
@@ -191,32 +201,52 @@ def test_mixed_width_moe_matches_reference(isa, tokens, skew):
     assert torch.equal(routed_tokens(layer), torch.bincount(ids.flatten().long(), minlength=len(SPECS13)))
 
 
-def test_expert_parallel_map_skips_remote_experts(isa):
-    emap = torch.tensor([-1, 3, 0, -1, 1, 2, -1, 4], dtype=torch.int32)  # 8 global experts, 5 local
-    layer, kernel, x, w, ids = _moe_case(9, expert_map=emap, num_global=8)
+@pytest.mark.parametrize("act, bias", ACT_BIAS)
+@pytest.mark.parametrize("tokens", [1, 7, 33])
+def test_activations_and_biases_match_reference(isa, act, bias, tokens):
+    """GPT-OSS experts (biases, swigluoai with both clamps hit) and SwiGLU with biases, on every variant."""
+    layer, kernel, x, w, ids = _moe_case(tokens, act=act, bias=bias, x_scale=X_SCALE)
+    if tokens > 1:
+        assert reaches_clamp(layer, x, ids)
     out = run_experts(kernel, layer, x, w, ids)
-    torch.testing.assert_close(out, naive_fake_quant(layer, x, w, ids), rtol=1e-4, atol=1e-3)
+    expected = naive_fake_quant(layer, x, w, ids)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-3 * max(1.0, float(expected.abs().max())))
+    exact = layer.naive(x, w, ids)
+    assert (out - exact).norm() / exact.norm() < 0.03
+
+
+@pytest.mark.parametrize("act, bias", ACT_BIAS)
+def test_expert_parallel_map_skips_remote_experts(isa, act, bias):
+    emap = torch.tensor([-1, 3, 0, -1, 1, 2, -1, 4], dtype=torch.int32)  # 8 global experts, 5 local
+    layer, kernel, x, w, ids = _moe_case(9, expert_map=emap, num_global=8, act=act, bias=bias, x_scale=X_SCALE)
+    ids[0] = torch.tensor([0, 3])  # token 0 is served entirely by other ranks
+    out = run_experts(kernel, layer, x, w, ids)
+    expected = naive_fake_quant(layer, x, w, ids)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-3 * max(1.0, float(expected.abs().max())))
+    assert not out[0].any()  # no bias leaks from other ranks' pairs
     counts = torch.bincount(ids.flatten().long(), minlength=8)
     assert routed_tokens(layer).tolist() == [int(counts[g]) for g in (2, 4, 5, 1, 7)]
 
 
-def test_no_local_tokens_gives_zeros(isa):
+@pytest.mark.parametrize("bias", [False, True])
+def test_no_local_tokens_gives_zeros(isa, bias):
     emap = torch.tensor([-1] * 8 + [0, 1, 2, 3, 4], dtype=torch.int32)
-    layer, kernel, x, w, ids = _moe_case(4, expert_map=emap, num_global=8)  # ids only hit global 0..7
+    layer, kernel, x, w, ids = _moe_case(4, expert_map=emap, num_global=8, act="swigluoai", bias=bias)
     assert torch.equal(run_experts(kernel, layer, x, w, ids), torch.zeros(4, H))
 
 
-def test_moe_compiles_fullgraph_bf16(isa):
-    layer, kernel, _, _, _ = _moe_case(1)
+@pytest.mark.parametrize("act, bias", [("silu", False), ("swigluoai", True)])
+def test_moe_compiles_fullgraph_bf16(isa, act, bias):
+    layer, kernel, _, _, _ = _moe_case(1, act=act, bias=bias)
     compiled = torch.compile(lambda x, w, i: run_experts(kernel, layer, x, w, i) * 1.0, fullgraph=True, dynamic=True)
     for tokens in (3, 11):
         x = torch.randn(tokens, H).to(torch.bfloat16)
         w, i = routing(tokens, len(SPECS13), seed=tokens)
         out = compiled(x, w, i)
         assert out.dtype == torch.bfloat16
-        torch.testing.assert_close(
-            out.float(), naive_fake_quant(layer, x.float(), w, i), rtol=2e-2, atol=0.1
-        )  # bf16 output
+        expected = naive_fake_quant(layer, x.float(), w, i)
+        atol = 0.1 * max(1.0, float(expected.abs().max()) / 5)  # bf16 output (biases make outputs ~10)
+        torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=atol)
 
 
 def test_selection_prefers_native_and_explains_refusals(isa, monkeypatch):
@@ -261,6 +291,21 @@ def test_refusals_name_the_missing_isa(monkeypatch):
         ExpertsConfig((QuantSpec(2),), (QuantSpec(2),), 64, 64, torch.float32), torch.device("cpu")
     )
     assert not ok and "neon" in why
+
+
+def test_op_refuses_unknown_activation_and_misshapen_bias():
+    layer = MixedExperts(SPECS13, SPECS2, bias=True)
+    kernel = NativeCpuExpertsKernel(layer.config())
+    kernel.process_weights_after_loading(layer)
+    w, ids = routing(2, len(SPECS13))
+    args = list(layer.layout.op_args(layer))
+    call = lambda args: torch.ops.moemix.cpu_fused_moe(torch.randn(2, H), w, ids, *args, layer.inter, kernel.isa)  # noqa: E731
+    with pytest.raises(RuntimeError, match="unknown expert activation 'gelu'"):
+        call(args[:-1] + ["gelu"])
+    with pytest.raises(RuntimeError, match=r"w2_bias must be \[local experts, 64\]"):
+        call(args[:-2] + [torch.zeros(len(SPECS13), 32), "silu"])
+    ok = call(args[:-3] + [None, None, "silu"])  # biases are optional per call
+    assert ok.shape == (2, H)
 
 
 def test_op_refuses_unknown_variant():

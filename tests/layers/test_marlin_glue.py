@@ -5,9 +5,10 @@ vLLM's CUDA ops are replaced by fakes that check the arguments vLLM's own GPTQ-M
 end against MixedExperts's naive math; the CUDA kernels themselves run only on a GPU.
 """
 
+import pytest
 import torch
 
-from tests.support import MixedExperts, naive_moe, routing, run_experts
+from tests.support import ACT_BIAS, X_SCALE, MixedExperts, naive_moe, routing, run_experts
 from vllm_moemix.config.spec import QuantSpec
 from vllm_moemix.layers.kernels import marlin
 from vllm_moemix.layers.kernels.base import ExpertsConfig
@@ -68,6 +69,14 @@ class FakeVllm:
 
     def __init__(self):
         self.repacks = []
+        self.bias_permutes = []
+        self.activations = set()
+
+    def marlin_permute_bias(self, b):
+        """vLLM's permutes columns within blocks of 32; order is kept here (the partial sums are checked)."""
+        assert b.dim() == 1 and b.numel() % 32 == 0
+        self.bias_permutes.append((b.numel(), b.dtype))
+        return b.clone()
 
     def gptq_marlin_moe_repack(self, q, size_k, size_n, num_bits):
         assert q.dtype == torch.int32 and q.shape[1] * 32 // num_bits == size_k and q.shape[2] == size_n
@@ -85,8 +94,8 @@ class FakeVllm:
         assert z.shape == (size_k, size_n) and z.dtype == torch.int32
         return packing.pack(z.t().contiguous(), num_bits).t().contiguous()
 
-    @staticmethod
     def fused_marlin_moe(
+        self,
         x,
         w1,
         w2,
@@ -101,11 +110,24 @@ class FakeVllm:
         expert_map,
         w1_zeros,
         w2_zeros,
+        activation,
+        activation_config=None,
     ):
+        from vllm.model_executor.layers.fused_moe.activation import ApplyMoEActivationConfig, MoEActivation
         from vllm.scalar_type import ScalarType
 
         bits = ScalarType.from_id(quant_type_id).size_bits
         assert global_num_experts == expert_map.numel()
+        if activation == MoEActivation.SILU:
+            assert activation_config is None
+            act = "silu"
+        else:  # what vLLM computes for it: gate * sigmoid(alpha * gate) * (up + beta), both clamped by the limit
+            assert activation == MoEActivation.SWIGLUOAI_UNINTERLEAVE  # halves, not SWIGLUOAI's interleaving
+            assert activation_config == ApplyMoEActivationConfig(clamp_limit=7.0, alpha=1.702, beta=1.0)
+            act = "swigluoai"
+        self.activations.add(act)
+        for b in (b1, b2):
+            assert b is None or (b.dtype == torch.float16 and b.shape[0] == w1.shape[0])  # the test's act dtype
 
         def unpack_zeros(z):
             return None if z is None else packing.unpack(z.transpose(1, 2).contiguous(), bits).transpose(1, 2)
@@ -116,19 +138,23 @@ class FakeVllm:
             expert_map.long()[topk_ids.long()],
             (w1, s1, unpack_zeros(w1_zeros), bits),
             (w2, s2, unpack_zeros(w2_zeros), bits),
+            b1,
+            b2,
+            act,
         ).to(x.dtype)
 
 
-def reference_partition(x, topk_weights, slots, w13, w2):
+def reference_partition(x, topk_weights, slots, w13, w2, b13=None, b2=None, act="silu"):
     """What vLLM's fused_marlin_moe computes for one partition: the naive MoE over its dequantized experts."""
 
     def experts(q, s, z, bits):
         return [dequantize_kn(q[e], s[e], z[e] if z is not None else None, bits).t() for e in range(q.shape[0])]
 
-    return naive_moe(x, topk_weights, slots, experts(*w13), experts(*w2))
+    return naive_moe(x, topk_weights, slots, experts(*w13), experts(*w2), act=act, b13s=b13, b2s=b2)
 
 
-def test_glue_matches_naive_with_fake_vllm_ops(monkeypatch):
+@pytest.mark.parametrize("act, bias", ACT_BIAS)
+def test_glue_matches_naive_with_fake_vllm_ops(monkeypatch, act, bias):
     from vllm import _custom_ops as ops
     from vllm.model_executor.layers.fused_moe.experts import marlin_moe
     from vllm.model_executor.layers.quantization.utils import marlin_utils
@@ -139,14 +165,24 @@ def test_glue_matches_naive_with_fake_vllm_ops(monkeypatch):
     monkeypatch.setattr(ops, "gptq_marlin_moe_repack", fake.gptq_marlin_moe_repack)
     monkeypatch.setattr(marlin_utils, "marlin_moe_permute_scales", fake.marlin_moe_permute_scales)
     monkeypatch.setattr(marlin_utils, "marlin_zero_points", fake.marlin_zero_points)
+    monkeypatch.setattr(marlin_utils, "marlin_permute_bias", fake.marlin_permute_bias)
     monkeypatch.setattr(marlin_moe, "fused_marlin_moe", fake.fused_marlin_moe)
-    monkeypatch.setattr(
-        triton_moe,
-        "moe_width_group",
-        lambda x, w, slots, q13, s13, z13, q2, s2, z2, b13, g13, b2, g2: reference_partition(
-            x, w, slots, (q13, s13, z13 if z13.numel() else None, b13), (q2, s2, z2 if z2.numel() else None, b2)
-        ),
-    )
+    triton_calls = []
+
+    def triton_partition(x, w, slots, q13, s13, z13, q2, s2, z2, bits13, g13, bits2, g2, bias13, bias2, activation):
+        triton_calls.append((activation, bias13 is not None and bias13.dtype == torch.float32))
+        return reference_partition(
+            x,
+            w,
+            slots,
+            (q13, s13, z13 if z13.numel() else None, bits13),
+            (q2, s2, z2 if z2.numel() else None, bits2),
+            bias13,
+            bias2,
+            activation,
+        )
+
+    monkeypatch.setattr(triton_moe, "moe_width_group", triton_partition)
     monkeypatch.setattr(
         marlin,
         "marlin_pair_reason",
@@ -157,7 +193,7 @@ def test_glue_matches_naive_with_fake_vllm_ops(monkeypatch):
 
     w13 = [S4, S4_SYM, S2, S4, S8_SYM, S4]
     w2 = [S4, S4_SYM, S2, QuantSpec(3, 32), S8_SYM, S4]
-    layer = MixedExperts(w13, w2)
+    layer = MixedExperts(w13, w2, activation=act, bias=bias)
     layer.expert_map = torch.tensor([-1, 0, 1, 2, -1, 3, 4, 5], dtype=torch.int32)  # EP: 8 global, 6 local
 
     def group_bytes(suffixes):
@@ -166,7 +202,10 @@ def test_glue_matches_naive_with_fake_vllm_ops(monkeypatch):
         )
 
     weights_before, zeros_before = group_bytes(("qweight", "scales")), group_bytes("qzeros")
-    kernel = marlin.MarlinExpertsKernel(ExpertsConfig(tuple(w13), tuple(w2), H, I, torch.float16))
+    config = layer.config(torch.float16)
+    assert (config.activation, config.has_bias) == (act, bias)
+    assert marlin.MarlinExpertsKernel.supports(config) == (True, None)  # vLLM's Marlin MoE takes both
+    kernel = marlin.MarlinExpertsKernel(config)
     kernel.process_weights_after_loading(layer)
 
     assert [(p.experts, p.marlin) for p in kernel.partitions] == [
@@ -180,15 +219,24 @@ def test_glue_matches_naive_with_fake_vllm_ops(monkeypatch):
         [(2, H, 2 * I, 4), (2, I, H, 4), (1, H, 2 * I, 4), (1, I, H, 4), (1, H, 2 * I, 8), (1, I, H, 8)]
     )
     parts = [getattr(layer, f"moemix_part_{i}") for i in range(kernel.num_tensors)]
-    # The partitions replace the width groups: weights and scales keep their bytes; Marlin packs zero points
-    # tighter than our uint8; nothing is kept twice.
-    assert sum(t.nbytes for i, t in enumerate(parts) if i % 3 != 2) == weights_before
-    assert sum(t.nbytes for i, t in enumerate(parts) if i % 3 == 2) < zeros_before
-    assert not any(n.startswith(("w13_g", "w2_g")) for n, _ in layer.named_parameters())
+    # Per partition: w13 q/s/z, w2 q/s/z, w13 bias, w2 bias. The partitions replace the width groups: weights
+    # and scales keep their bytes; Marlin packs zero points tighter than our uint8; nothing is kept twice.
+    assert sum(t.nbytes for i, t in enumerate(parts) if i % 8 in (0, 1, 3, 4)) == weights_before
+    assert sum(t.nbytes for i, t in enumerate(parts) if i % 8 in (2, 5)) < zeros_before
+    assert not any(n.startswith(("w13_g", "w2_g", "moemix_w")) for n, _ in layer.named_parameters())
+    biases = [t for i, t in enumerate(parts) if i % 8 in (6, 7)]
+    assert all(t.numel() == 0 for t in biases) != bias
+    # Marlin partitions' biases permuted per expert in the activation dtype: 3 partitions, 4 experts, 2 biases
+    assert sorted(fake.bias_permutes) == (
+        sorted([(2 * I, torch.float16)] * 4 + [(H, torch.float16)] * 4) if bias else []
+    )
 
-    x = torch.randn(7, H)
+    x = torch.randn(7, H) * X_SCALE
     topk_weights, topk_ids = routing(7, 8, seed=1)
     out = run_experts(kernel, layer, x, topk_weights, topk_ids)
-    torch.testing.assert_close(out, layer.naive(x, topk_weights, topk_ids), rtol=1e-4, atol=1e-4)
+    expected = layer.naive(x, topk_weights, topk_ids)
+    torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-3 * max(1.0, float(expected.abs().max())))
+    assert fake.activations == {act} and {a for a, _ in triton_calls} == {act}
+    assert all(float32 == bias for _, float32 in triton_calls)  # Triton partitions keep the float32 biases
     counts = torch.bincount(topk_ids.flatten().long(), minlength=8)
     assert routed_tokens(layer).tolist() == [int(counts[g]) for g in (1, 2, 3, 5, 6, 7)]

@@ -8,7 +8,18 @@ import pytest
 import torch
 import triton
 
-from tests.support import SPECS2, SPECS13, H, MixedExperts, routing, run_experts
+from tests.support import (
+    ACT_BIAS,
+    SPECS2,
+    SPECS13,
+    X_SCALE,
+    H,
+    MixedExperts,
+    activation,
+    reaches_clamp,
+    routing,
+    run_experts,
+)
 from vllm_moemix.config.spec import QuantSpec
 from vllm_moemix.layers.kernels.base import ExpertsConfig, LinearConfig
 from vllm_moemix.layers.kernels.triton_moe import TritonExpertsKernel, TritonLinearKernel, moe_width_group
@@ -20,8 +31,8 @@ def test_running_under_the_interpreter():
     assert triton.knobs.runtime.interpret, "run via tests/layers/test_triton_kernels.py (sets TRITON_INTERPRET=1)"
 
 
-def _kernel(specs13=SPECS13, specs2=SPECS2):
-    return TritonExpertsKernel(ExpertsConfig(tuple(specs13), tuple(specs2), H, 96, torch.float32))
+def _kernel(specs13=SPECS13, specs2=SPECS2, act="silu", bias=False):
+    return TritonExpertsKernel(ExpertsConfig(tuple(specs13), tuple(specs2), H, 96, torch.float32, act, bias))
 
 
 @pytest.mark.parametrize("tokens, skew", [(1, False), (7, False), (33, True)])
@@ -35,20 +46,38 @@ def test_mixed_width_moe_matches_reference(tokens, skew):
     assert torch.equal(routed_tokens(layer), torch.bincount(ids.flatten().long(), minlength=len(SPECS13)))
 
 
-def test_expert_parallel_map_and_bf16():
-    layer = MixedExperts(SPECS13, SPECS2)
+@pytest.mark.parametrize("act, bias", ACT_BIAS)
+@pytest.mark.parametrize("tokens", [1, 33])
+def test_activations_and_biases_match_reference(act, bias, tokens):
+    layer = MixedExperts(SPECS13, SPECS2, activation=act, bias=bias)
+    x = torch.randn(tokens, H) * X_SCALE
+    w, ids = routing(tokens, len(SPECS13), seed=tokens)
+    if tokens > 1:
+        assert reaches_clamp(layer, x, ids)
+    out = run_experts(_kernel(act=act, bias=bias), layer, x, w, ids)
+    torch.testing.assert_close(out, layer.naive(x, w, ids), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("act, bias", ACT_BIAS)
+def test_expert_parallel_map_and_bf16(act, bias):
+    layer = MixedExperts(SPECS13, SPECS2, activation=act, bias=bias)
     layer.expert_map = torch.tensor([-1, 3, 0, -1, 1, 2, -1, 4], dtype=torch.int32)
     w, ids = routing(9, 8, seed=5)
-    x = torch.randn(9, H).to(torch.bfloat16)
-    out = run_experts(_kernel(), layer, x, w, ids)
+    ids[0] = torch.tensor([0, 3])  # token 0 is served entirely by other ranks
+    x = torch.randn(9, H, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    out = run_experts(_kernel(act=act, bias=bias), layer, x, w, ids)
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float(), layer.naive(x.float(), w, ids), rtol=2e-2, atol=0.1)
+    assert not out[0].any()  # no bias leaks from other ranks' pairs
+    expected = layer.naive(x.float(), w, ids)
+    atol = 0.1 * max(1.0, float(expected.abs().max()) / 5)  # bf16 output (biases make outputs ~10)
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=atol)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("group, sym", [(32, True), (128, False)])
-def test_width_group_with_unused_slots(bits, group, sym):
-    """moe_width_group (the Marlin glue's fallback): slots -1 contribute nothing."""
+@pytest.mark.parametrize("act, bias", [("silu", False), ("swigluoai", True)])
+def test_width_group_with_unused_slots(bits, group, sym, act, bias):
+    """moe_width_group (the Marlin glue's fallback): slots -1 contribute nothing; biases are in slot order."""
     spec = QuantSpec(bits, group, sym=sym)
     hidden, inter, experts = 128, 128, 3
     gen = torch.Generator().manual_seed(bits)
@@ -59,9 +88,11 @@ def test_width_group_with_unused_slots(bits, group, sym):
         tensors = [getattr(q, attr) for q in qws]
         return torch.stack(tensors) if tensors[0] is not None else torch.empty(0, dtype=torch.uint8)
 
-    x = torch.randn(5, hidden)
+    x = torch.randn(5, hidden, generator=gen) * X_SCALE
     slots = torch.tensor([[0, 2], [1, -1], [-1, -1], [2, 0], [1, 2]], dtype=torch.int32)
-    weights = torch.rand(5, 2)
+    weights = torch.rand(5, 2, generator=gen)
+    b13 = torch.randn(experts, 2 * inter, generator=gen) * 3 if bias else None
+    b2 = torch.randn(experts, hidden, generator=gen) if bias else None
     out = moe_width_group(
         x,
         weights,
@@ -76,16 +107,19 @@ def test_width_group_with_unused_slots(bits, group, sym):
         group,
         bits,
         group,
+        b13,
+        b2,
+        act,
     )
     expected = torch.zeros(5, hidden)
     for t in range(5):
         for k in range(2):
             e = int(slots[t, k])
             if e >= 0:
-                gate_up = x[t] @ w13[e].dequantize().t()
-                hidden_act = torch.nn.functional.silu(gate_up[:inter]) * gate_up[inter:]
-                expected[t] += weights[t, k] * (hidden_act @ w2[e].dequantize().t())
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+                gate_up = x[t] @ w13[e].dequantize().t() + (b13[e] if bias else 0)
+                down = activation(gate_up, act) @ w2[e].dequantize().t() + (b2[e] if bias else 0)
+                expected[t] += weights[t, k] * down
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-3)
     assert torch.equal(out[2], torch.zeros(hidden))
 
 

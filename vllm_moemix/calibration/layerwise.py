@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from vllm_moemix.checkpoint.source import SafetensorsSource
 from vllm_moemix.checkpoint.writer import DEFAULT_SHARD_BYTES
+from vllm_moemix.config.activations import gated
 from vllm_moemix.config.arch import ROLE_EXPERT, architecture_for, quantizable_linears
 from vllm_moemix.config.spec import PlanError
 from vllm_moemix.quant.gptq import HessianAccumulator
@@ -135,15 +136,19 @@ class LayerwiseModel:
         self.dir = Path(model_dir)
         self.device = calibration_device(device)
         self.config = AutoConfig.from_pretrained(self.dir)
-        self.config._attn_implementation = "sdpa"  # mask=None is then causal
         # Experts one at a time on their own weights: the fused implementations copy every expert's weights
         # (measured: 7.7 GB peak for one Qwen3-30B-A3B layer whose float weights take 2.3).
         self.config._experts_implementation = "eager"
         self.arch = architecture_for(self.config)
         self.linears = quantizable_linears(self.config)
-        self.source = SafetensorsSource(self.dir)
+        self.source = SafetensorsSource(self.dir).view_stacked_experts(self.config)
         with torch.device("meta"):
-            self.skeleton = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32)
+            try:
+                self.config._attn_implementation = "sdpa"
+                self.skeleton = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32)
+            except ValueError:  # no SDPA path in transformers for this family (GPT-OSS: attention sinks)
+                self.config._attn_implementation = "eager"
+                self.skeleton = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32)
         inner = self.skeleton.model
         self.rotary = type(inner.rotary_emb)(config=self.config).to(self.device)
         self.embed = torch.nn.Embedding.from_pretrained(self.source.get("model.embed_tokens.weight").float())
@@ -172,13 +177,45 @@ class LayerwiseModel:
                         param.data[e].copy_(self.source.get(f"{base}.{e}.{experts.down}.weight"))
             else:
                 raise KeyError(f"{full}: no tensor in {self.dir} for this parameter")
-        for name, buf in layer.named_buffers():
-            if buf.is_meta:
-                raise KeyError(f"{prefix}{name}: buffer left uninitialized")
+        for name, buf in layer.named_buffers():  # to_empty left them uninitialised (DeepSeek-V3's router bias)
+            full = from_hf.get(prefix + name, prefix + name)
+            if full not in self.source:
+                raise KeyError(f"{full}: no tensor in {self.dir} for this buffer")
+            buf.copy_(self.source.get(full))
         return layer
+
+    def expert_activation(self, index: int, e: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """x -> the input of expert e's down projection in layer `index` (its activation and gate/up biases)."""
+        arch = self.arch
+        base = f"model.layers.{index}.{arch.experts.prefix}"
+        w_gate, w_up = (self.weight(f"{base}.{e}.{name}") for name in (arch.experts.gate, arch.experts.up))
+        b_gate = b_up = None
+        if arch.expert_bias:
+            gate_up_bias = self.source.get(arch.stacked_experts.bias_names(base)[0])[e].to(self.device).float()
+            b_gate, b_up = gate_up_bias[0::2], gate_up_bias[1::2]
+
+        def act(x: torch.Tensor) -> torch.Tensor:
+            gate, up = x @ w_gate.t(), x @ w_up.t()
+            if b_gate is not None:
+                gate, up = gate + b_gate, up + b_up
+            return gated(gate, up, arch.expert_activation)
+
+        return act
 
     def unload_layer(self, index: int) -> None:
         self.skeleton.model.layers[index].to("meta")
+
+    def attention_mask(self, index: int, seq_len: int) -> torch.Tensor:
+        """Additive causal mask [1, 1, S, S] for layer `index`, banded for sliding-window layers (GPT-OSS
+        alternates them); explicit, because eager attention treats a missing mask as no mask at all."""
+        layer_types = getattr(self.config, "layer_types", None) or []
+        window = getattr(self.config, "sliding_window", None)
+        sliding = index < len(layer_types) and layer_types[index] == "sliding_attention" and window
+        pos = torch.arange(seq_len, device=self.device)
+        distance = pos.unsqueeze(1) - pos.unsqueeze(0)  # query - key
+        allowed = (distance >= 0) & (distance < window if sliding else True)
+        mask = torch.zeros(seq_len, seq_len, device=self.device)
+        return mask.masked_fill_(~allowed, torch.finfo(torch.float32).min)[None, None]
 
 
 class CalibratedLayer:
@@ -249,18 +286,10 @@ class CalibratedLayer:
         if projection == "gate_up":
             x_e, prior = x_all[rows], moe.all_hidden  # prior: mean x x^T over all tokens
         else:
-            from transformers.activations import ACT2FN
-
-            gate, up, _ = self._expert_names(e)
-            w_gate, w_up = self.model.weight(gate), self.model.weight(up)
-            act = ACT2FN[self.model.config.hidden_act]
-
-            def expert_act(x: torch.Tensor) -> torch.Tensor:
-                return act(x @ w_gate.t()) * (x @ w_up.t())
-
+            expert_act = self.model.expert_activation(self.index, e)
             x_e, sample = expert_act(x_all[rows]), expert_act(x_prior)
             prior = sample.t() @ sample / sample.shape[0]
-            del w_gate, w_up, sample
+            del sample
         n_e = float(rows.numel())
         routed = x_e.t() @ x_e
         gptq = 2 * (routed + ALL_TOKEN_PRIOR * prior) / (n_e + ALL_TOKEN_PRIOR)
@@ -396,9 +425,10 @@ def iterate_layers(
                 more, finish_experts = _hook_experts(layer, calibrated)
                 handles += more
             outputs, cosines = HiddenStates(spill_dir), []
+            mask = model.attention_mask(index, samples.shape[1])
             for h in hidden:
                 h = h.to(model.device)
-                out = layer(h, position_embeddings=cos_sin, attention_mask=None, position_ids=positions)
+                out = layer(h, position_embeddings=cos_sin, attention_mask=mask, position_ids=positions)
                 out = out[0] if isinstance(out, tuple) else out
                 cosines.append(F.cosine_similarity(h, out, dim=-1).flatten())
                 outputs.append(out)

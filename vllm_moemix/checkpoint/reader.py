@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from vllm_moemix.checkpoint.format import SUFFIXES, load_config, read_quantization_config
 from vllm_moemix.checkpoint.source import INDEX, SafetensorsSource
+from vllm_moemix.config.arch import architecture_for
 from vllm_moemix.config.plan import Resolved
 from vllm_moemix.config.spec import PlanError
 from vllm_moemix.quant.tensors import dequantize_kn
@@ -47,6 +48,32 @@ def dequantized_state_dict(ckpt_dir: str | Path, dtype: torch.dtype = torch.floa
         except KeyError as err:
             raise PlanError(f"{module}: tensor {err} is missing from the checkpoint") from None
         state[f"{module}.weight"] = dequantize_kn(qweight, scales, qzeros, spec.bits).t().contiguous().to(dtype)
+    return _restack_experts(state, ckpt_dir)
+
+
+def _restack_experts(state: dict[str, torch.Tensor], ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Architectures whose float checkpoints stack experts (GPT-OSS) get their 3-D tensors back, so transformers
+    and vLLM load the dequantized model as they load the original."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(ckpt_dir)
+    arch = architecture_for(config)
+    stacked, mlp = arch.stacked_experts, arch.experts
+    if stacked is None:
+        return state
+    for layer in range(config.num_hidden_layers):
+        if not arch.is_moe_layer(config, layer):
+            continue
+        prefix = f"model.layers.{layer}.{mlp.prefix}"
+        if f"{prefix}.{stacked.gate_up}" in state:
+            continue  # unquantized experts were written stacked
+        parts = {
+            part: [state.pop(f"{prefix}.{e}.{name}.weight") for e in range(arch.num_experts(config))]
+            for part, name in (("gate", mlp.gate), ("up", mlp.up), ("down", mlp.down))
+        }
+        state[f"{prefix}.{stacked.gate_up}"], state[f"{prefix}.{stacked.down}"] = stacked.stack(
+            parts["gate"], parts["up"], parts["down"]
+        )
     return state
 
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 
+from vllm_moemix.config.arch import StackedExperts, architecture_for
 from vllm_moemix.config.spec import PlanError
 
 INDEX = "model.safetensors.index.json"
@@ -68,6 +70,7 @@ class SafetensorsSource:
         self.dir = Path(model_dir)
         files = shard_files(self.dir)
         self.files = files
+        self._views: dict[str, tuple[str, int, str, StackedExperts]] = {}  # name -> (stacked tensor, expert, part)
         self._where: dict[str, str] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._dtypes: dict[str, str] = {}  # safetensors' names: "BF16", "I32", "U8", ...
@@ -88,23 +91,64 @@ class SafetensorsSource:
                 raise PlanError(f"{path}: unreadable safetensors file: {err}") from None
 
     def __contains__(self, name: str) -> bool:
-        return name in self._where
+        return name in self._where or name in self._views
 
     def names(self) -> list[str]:
-        """Tensor names grouped by shard, in file order."""
-        return list(self._where)
+        """Tensor names grouped by shard, in file order; a stacked expert tensor is listed as its experts' views."""
+        if not self._views:
+            return list(self._where)
+        views_of: dict[str, list[str]] = {}
+        for view, (base, _, _, _) in self._views.items():
+            views_of.setdefault(base, []).append(view)
+        return [v for name in self._where for v in views_of.get(name, [name])]
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if name in self._views:
+            base, _, part, _ = self._views[name]
+            _, k, n = self._shapes[base]
+            return (n // 2, k) if part in ("gate", "up") else (n, k)
         return self._shapes[name]
 
     def dtype(self, name: str) -> str:
         """The stored dtype as safetensors names it ("BF16", "I32", ...), from the header only."""
-        return self._dtypes[name]
+        return self._dtypes[self._views[name][0] if name in self._views else name]
 
     def nbytes(self, name: str) -> int:
         """Bytes the tensor occupies at rest, from the header only."""
-        return math.prod(self._shapes[name]) * _ITEM_BYTES[self._dtypes[name]]
+        return math.prod(self.shape(name)) * _ITEM_BYTES[self.dtype(name)]
 
     def get(self, name: str) -> torch.Tensor:
+        if name in self._views:
+            base, expert, part, stacked = self._views[name]
+            with safe_open(self.dir / self._where[base], framework="pt") as f:
+                one = f.get_slice(base)[expert : expert + 1]  # reads this expert only
+            return stacked.expert_weight(one, 0, part)
         with safe_open(self.dir / self._where[name], framework="pt") as f:
             return f.get_tensor(name)
+
+    def stacked_base(self, name: str) -> str | None:
+        """The stacked tensor a per-expert view reads from (None: `name` is stored as itself)."""
+        return self._views[name][0] if name in self._views else None
+
+    def view_stacked_experts(self, config: Any) -> SafetensorsSource:
+        """For architectures that store experts as 3-D tensors (GPT-OSS), expose each expert's gate / up / down
+        as a `<experts>.<e>.<name>.weight` tensor, as every other architecture stores them; returns self."""
+        arch = architecture_for(config)
+        stacked = arch.stacked_experts
+        if stacked is None:
+            return self
+        mlp = arch.experts
+        for layer in range(config.num_hidden_layers):
+            if not arch.is_moe_layer(config, layer):
+                continue
+            prefix = f"model.layers.{layer}.{mlp.prefix}"
+            for tensor, parts in ((stacked.gate_up, ("gate", "up")), (stacked.down, ("down",))):
+                base = f"{prefix}.{tensor}"
+                if base not in self._where:
+                    continue  # inspect_source names the missing expert linears
+                if len(self._shapes[base]) != 3:
+                    raise PlanError(f"{base}: expected a 3-D [experts, in, out] tensor, got {list(self._shapes[base])}")
+                for e in range(self._shapes[base][0]):
+                    for part in parts:
+                        self._views[f"{prefix}.{e}.{getattr(mlp, part)}.weight"] = (base, e, part, stacked)
+        return self

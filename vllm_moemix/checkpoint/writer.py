@@ -51,13 +51,21 @@ def inspect_source(model_dir: str | Path) -> tuple[Any, dict[str, LinearInfo], S
     if not (model_dir / "config.json").exists():
         raise PlanError(f"{model_dir}: no config.json (not a Hugging Face model directory)")
     config = AutoConfig.from_pretrained(model_dir)
-    if getattr(config, "quantization_config", None):
+    quantized = getattr(config, "quantization_config", None)
+    if quantized and quantized.get("quant_method") == "mxfp4":
+        raise PlanError(
+            f"{model_dir}: experts are stored in MXFP4 (GPT-OSS's official release); moemix starts from bf16 "
+            "weights. Dequantize once: AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, "
+            "quantization_config=Mxfp4Config(dequantize=True)).save_pretrained(out) (transformers; needs RAM for "
+            "the bf16 model: ~42 GB for gpt-oss-20b), or start from a published bf16 copy"
+        )
+    if quantized:
         raise PlanError(
             f"{model_dir}: already quantized ({config.quantization_config.get('quant_method')}); "
             "start from a float checkpoint"
         )
     linears = quantizable_linears(config)
-    source = SafetensorsSource(model_dir)
+    source = SafetensorsSource(model_dir).view_stacked_experts(config)
     for name, info in linears.items():
         key = f"{name}.weight"
         if key not in source:
@@ -80,6 +88,11 @@ class _ShardWriter:
         self.shards: list[dict[str, torch.Tensor] | str] = []
         self.weight_map: dict[str, str] = {}
         self.total_bytes = 0
+
+    @property
+    def written(self) -> set[str]:
+        """Names added so far (buffered or flushed)."""
+        return set(self.buffer) | set(self.weight_map)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         nbytes = tensor.numel() * tensor.element_size()
@@ -161,9 +174,14 @@ def quantize_checkpoint(
     try:
         writer = _ShardWriter(tmp, max_shard_bytes)
         for name in tqdm(_layer_order(source.names()), desc="quantize", unit="tensor", disable=not progress):
-            tensor = source.get(name)
             module = name.removesuffix(".weight")
             spec = resolved.get(module) if name.endswith(".weight") else None
+            stacked = source.stacked_base(name)
+            if spec is None and stacked is not None:  # unquantized experts stay stacked, as their loader reads them
+                if stacked not in writer.written:
+                    writer.add(stacked, source.get(stacked))
+                continue
+            tensor = source.get(name)
             if spec is None:
                 writer.add(name, tensor)
                 continue

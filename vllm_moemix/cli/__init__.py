@@ -225,23 +225,22 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     from transformers import AutoConfig
 
     from vllm_moemix.checkpoint.reader import read_plan
-    from vllm_moemix.config.arch import quantizable_linears
+    from vllm_moemix.config.arch import architecture_for, quantizable_linears
     from vllm_moemix.config.footprint import footprint
     from vllm_moemix.config.plan import Plan
     from vllm_moemix.report.tables import print_report
 
     path = Path(args.path)
-    if args.plan:  # preview a plan against a float model before quantizing
-        linears = quantizable_linears(AutoConfig.from_pretrained(path))
-        resolved = Plan.load(args.plan).resolve(linears)
-    else:
-        resolved = read_plan(path)
-        linears = quantizable_linears(AutoConfig.from_pretrained(path))
+    config = AutoConfig.from_pretrained(path)
+    linears = quantizable_linears(config)
+    # a plan previewed against a float model before quantizing, or the plan a checkpoint carries
+    resolved = Plan.load(args.plan).resolve(linears) if args.plan else read_plan(path)
+    print(f"architecture: {architecture_for(config).name} ({config.model_type})")
     print_report(resolved, linears, footprint(resolved, linears))
     from vllm_moemix.layers.introspect import describe_served, reference_fallback_reason
     from vllm_moemix.report.tables import predicted_kernels
 
-    served = predicted_kernels(resolved, linears)
+    served = predicted_kernels(resolved, linears, architecture_for(config))
     print(f"kernels on this machine's CPU: {describe_served(served)}")
     slow = reference_fallback_reason(served)
     if slow:

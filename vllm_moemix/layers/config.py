@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -11,13 +12,23 @@ from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import Un
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
+from vllm.model_executor.models.utils import WeightsMapper
 
-from vllm_moemix.checkpoint.format import QUANT_METHOD, read_quantization_config
+from vllm_moemix.checkpoint.format import QUANT_METHOD, SUFFIXES, read_quantization_config
 from vllm_moemix.checkpoint.source import SafetensorsSource
+from vllm_moemix.config.arch import architecture_for
 from vllm_moemix.config.plan import Resolved, spec_to_value
 from vllm_moemix.config.spec import PlanError, QuantSpec
 from vllm_moemix.layers.linear import MoeMixLinearMethod
-from vllm_moemix.layers.moe import MoeMixMoEMethod
+from vllm_moemix.layers.moe import MoeMixMoEMethod, stacked_tensor_name
+
+VLLM_FUSED_LINEARS = {
+    "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+    "gate_up_proj": ["gate_proj", "up_proj"],
+    "fused_qkv_a_proj": ["q_a_proj", "kv_a_proj_with_mqa"],
+}
+"""vLLM's fused linears and their checkpoint shards, for the models that add one to `packed_modules_mapping` only
+after the quantization config copied it (Qwen3-MoE adds `gate_up_proj` when it has dense `mlp_only_layers`)."""
 
 
 @register_quantization_config(QUANT_METHOD)
@@ -27,6 +38,7 @@ class MoeMixConfig(QuantizationConfig):
     def __init__(self, modules: Resolved):
         super().__init__()
         self.modules = modules
+        self.stacked_experts = False  # set from the model config: its vLLM loader reads stacked experts only
 
     def __repr__(self) -> str:
         widths = sorted({s.bits for s in self.modules.values() if s is not None})
@@ -61,19 +73,40 @@ class MoeMixConfig(QuantizationConfig):
         model_dir = Path(model_name)
         if model_dir.is_dir():
             SafetensorsSource(model_dir)  # raises PlanError naming the file
+        if hf_config is not None:
+            self.stacked_experts = architecture_for(hf_config).stacked_experts is not None
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
+        """Rename planned modules as vLLM renames their tensors, mapped as `<module>.qweight` (what the checkpoint
+        holds: suffix rules for float tensors, such as GPT-OSS's `.down_proj`, must not apply). A rule that stacks
+        a shard into a fused module (Qwen3-MoE's `.q_proj` -> `.qkv_proj`) keeps the shard's own name: fused
+        modules are resolved shard by shard through `packed_modules_mapping`."""
         renamed = {}
         for name, spec in self.modules.items():
-            mapped = hf_to_vllm_mapper.map_name(name)
-            if mapped is not None:
-                renamed[mapped] = spec
+            mapped = hf_to_vllm_mapper._map_name_with_shard(f"{name}.qweight")
+            if mapped is None:
+                continue
+            module, shard = mapped[0].removesuffix(".qweight"), mapped[1]
+            if shard is not None:
+                module = f"{module.rpartition('.')[0]}.{name.rpartition('.')[2]}"
+            renamed[module] = spec
         self.modules = renamed
+
+    def get_checkpoint_weight_mapper(self) -> WeightsMapper:
+        """Stacked-expert models: per-expert tensors go to the placeholders `MoeMixMoEMethod` registers."""
+        if not self.stacked_experts:
+            return super().get_checkpoint_weight_mapper()
+        suffixes = "|".join(SUFFIXES)
+        pattern = re.compile(rf"^(.*\.experts)\.(\d+)\.(\w+)\.({suffixes})$")
+        renamed = stacked_tensor_name(r"\2", r"\3", r"\4")
+        return super().get_checkpoint_weight_mapper() | WeightsMapper(
+            orig_to_new_regex={pattern: rf"\1.routed_experts.{renamed}"}
+        )
 
     def _linear_spec(self, prefix: str) -> QuantSpec | None:
         """Spec of a vLLM linear, which may fuse several checkpoint linears; None = unquantized."""
         parent, _, leaf = prefix.rpartition(".")
-        shards = self.packed_modules_mapping.get(leaf, [leaf])
+        shards = self.packed_modules_mapping.get(leaf) or VLLM_FUSED_LINEARS.get(leaf, [leaf])
         names = [f"{parent}.{s}" if parent else s for s in shards]
         planned = [n for n in names if n in self.modules]
         if not planned:
@@ -116,5 +149,5 @@ class MoeMixConfig(QuantizationConfig):
             specs = self._expert_specs(layer, prefix)
             if specs is None:
                 return UnquantizedFusedMoEMethod(layer.moe_config)
-            return MoeMixMoEMethod(layer.moe_config, prefix, specs)
+            return MoeMixMoEMethod(layer.moe_config, prefix, specs, stacked=self.stacked_experts)
         return None

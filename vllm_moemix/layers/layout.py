@@ -6,8 +6,10 @@ Experts of one projection are grouped by QuantSpec so 2-bit experts occupy 2 bit
     w2  group j (one QuantSpec): qweight [E_j, I*bits/32, H],   scales/qzeros [E_j, I/g, H]
 
 `w13_where[e] = (group, slot)` locates local expert e (w2_where likewise; an expert may sit in different
-groups for w13 and w2). The layout also routes: it maps the router's global expert ids to this rank's local
-ones once and counts the routed tokens per expert (the serving-time usage profile), so kernels only compute.
+groups for w13 and w2). With biases (GPT-OSS), `moemix_w13_bias` [E, 2*I] (gate half, then up half) and
+`moemix_w2_bias` [E, H], float32, are indexed by local expert id. The layout also routes: it maps the
+router's global expert ids to this rank's local ones once and counts the routed tokens per expert (the
+serving-time usage profile), so kernels only compute.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 
 from vllm_moemix.checkpoint.format import SUFFIXES
 from vllm_moemix.config.spec import QuantSpec
-from vllm_moemix.layers.kernels.base import ExpertsConfig
+from vllm_moemix.layers.kernels.base import EXPERT_ACTIVATIONS, ExpertsConfig
 from vllm_moemix.quant import packing
 from vllm_moemix.quant.tensors import SCALE_DTYPE
 
@@ -76,16 +78,28 @@ class ExpertsLayout:
     w2: WidthGroups
     hidden_size: int
     intermediate_size: int  # per partition
+    activation: str = "silu"  # one of kernels.base.EXPERT_ACTIVATIONS
+    has_bias: bool = False
 
     @classmethod
     def build(
-        cls, w13_specs: list[QuantSpec], w2_specs: list[QuantSpec], hidden_size: int, intermediate_size: int
+        cls,
+        w13_specs: list[QuantSpec],
+        w2_specs: list[QuantSpec],
+        hidden_size: int,
+        intermediate_size: int,
+        activation: str = "silu",
+        has_bias: bool = False,
     ) -> ExpertsLayout:
+        if activation not in EXPERT_ACTIVATIONS:
+            raise ValueError(f"expert activation {activation!r} is not one of {EXPERT_ACTIVATIONS}")
         return cls(
             WidthGroups.build("w13", list(w13_specs)),
             WidthGroups.build("w2", list(w2_specs)),
             hidden_size,
             intermediate_size,
+            activation,
+            has_bias,
         )
 
     @property
@@ -99,6 +113,8 @@ class ExpertsLayout:
             self.hidden_size,
             self.intermediate_size,
             act_dtype,
+            self.activation,
+            self.has_bias,
         )
 
     def groups(self) -> dict[str, WidthGroups]:
@@ -111,7 +127,8 @@ class ExpertsLayout:
         return self.intermediate_size, self.hidden_size
 
     def register(self, layer: torch.nn.Module, where: str = "experts") -> None:
-        """Zero parameters for every width group, the where-maps and the routing counter, on `layer`."""
+        """Zero parameters for every width group (and the float32 expert biases when the layout has them), the
+        where-maps and the routing counter, on `layer`."""
         for proj, grp in self.groups().items():
             k, n = self.shape(proj)
             for g, spec in enumerate(grp.specs):
@@ -127,6 +144,10 @@ class ExpertsLayout:
                         grp.param_name(g, suffix),
                         torch.nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=False),
                     )
+        if self.has_bias:
+            for name, width in (("moemix_w13_bias", 2 * self.intermediate_size), ("moemix_w2_bias", self.hidden_size)):
+                zeros = torch.zeros(self.num_experts, width, dtype=torch.float32)
+                layer.register_parameter(name, torch.nn.Parameter(zeros, requires_grad=False))
         layer.register_buffer("w13_where", self.w13.where_tensor(), persistent=False)
         layer.register_buffer("w2_where", self.w2.where_tensor(), persistent=False)
         # Slot 0 counts pairs routed to other expert-parallel ranks, slot 1 + e local expert e: one scatter, no mask.
@@ -152,7 +173,8 @@ class ExpertsLayout:
                 getattr(layer, grp.param_name(g, suffix))[slot].copy_(tensor)
 
     def op_args(self, layer: torch.nn.Module) -> tuple:
-        """What every fused-MoE op takes after (x, topk_weights, local_ids), in its schema's order."""
+        """What every fused-MoE op takes after (x, topk_weights, local_ids), in its schema's order: the where-maps,
+        each projection's width groups, then the expert biases (None without) and the activation name."""
         return (
             layer.w13_where,
             layer.w2_where,
@@ -162,6 +184,9 @@ class ExpertsLayout:
             *self.w2.tensor_lists(layer),
             self.w2.bits,
             self.w2.group_sizes,
+            layer.moemix_w13_bias if self.has_bias else None,
+            layer.moemix_w2_bias if self.has_bias else None,
+            self.activation,
         )
 
     @staticmethod

@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from vllm_moemix.config.arch import ROLE_EXPERT, LinearInfo
+from vllm_moemix.config.arch import ROLE_EXPERT, Architecture, LinearInfo
 from vllm_moemix.config.footprint import Footprint
 from vllm_moemix.config.plan import Resolved
 
@@ -109,12 +109,12 @@ def bits_heatmap(resolved: Resolved, linears: dict[str, LinearInfo], path: str |
 
 
 def predicted_kernels(
-    resolved: Resolved, linears: dict[str, LinearInfo], device: str = "cpu", act_dtype=None
+    resolved: Resolved, linears: dict[str, LinearInfo], arch: Architecture, device: str = "cpu", act_dtype=None
 ) -> dict[str, dict[str, int]]:
     """What would serve each MoE layer and quantized linear on this machine (TP=1), as the engine reports it.
 
-    Runs the same selection as loading does, so `moemix inspect` can say ahead of time whether the native
-    kernels or the slow reference would serve.
+    Runs the same selection as loading does (with the family's expert activation and biases), so `moemix
+    inspect` can say ahead of time whether the native kernels or the slow reference would serve.
     """
     import torch
 
@@ -142,6 +142,14 @@ def predicted_kernels(
         w2 = tuple(resolved.get(e["w2"].name) for e in ordered)
         if None in w13 or None in w2:
             continue  # an unquantized expert layer runs vLLM's own MoE
-        config = ExpertsConfig(w13, w2, ordered[0]["w13"].in_features, ordered[0]["w13"].out_features, dtype)
+        config = ExpertsConfig(
+            w13,
+            w2,
+            ordered[0]["w13"].in_features,
+            ordered[0]["w13"].out_features,
+            dtype,
+            activation=arch.expert_activation,
+            has_bias=arch.expert_bias,
+        )
         served["experts"][choose_experts_kernel(config, dev)(config).describe()] += 1
     return {role: dict(counts) for role, counts in served.items()}

@@ -16,6 +16,15 @@ from dataclasses import dataclass
 
 import torch
 
+# The gated activations every experts kernel implements, defined once in config/activations.py and named here
+# for the kernels' interface (ExpertsConfig.activation): over gate_up = [gate | up] (halves, not interleaved),
+#   "silu":      h = silu(gate) * up
+#   "swigluoai": GPT-OSS (vLLM's SWIGLUOAI on de-interleaved halves): gate = min(gate, 7); up = clamp(up, -7, 7);
+#                h = (up + 1) * gate * sigmoid(1.702 * gate)
+from vllm_moemix.config.activations import EXPERT_ACTIVATIONS as EXPERT_ACTIVATIONS
+from vllm_moemix.config.activations import SWIGLUOAI_ALPHA as SWIGLUOAI_ALPHA
+from vllm_moemix.config.activations import SWIGLUOAI_LIMIT as SWIGLUOAI_LIMIT
+from vllm_moemix.config.activations import gated_activation as gated_activation
 from vllm_moemix.config.spec import QuantSpec
 
 
@@ -38,6 +47,12 @@ class ExpertsConfig:
     hidden_size: int
     intermediate_size: int  # per partition
     act_dtype: torch.dtype
+    activation: str = "silu"  # one of EXPERT_ACTIVATIONS
+    has_bias: bool = False  # per-expert biases on both projections (layer.moemix_w13_bias / moemix_w2_bias)
+
+    def __post_init__(self):
+        if self.activation not in EXPERT_ACTIVATIONS:
+            raise ValueError(f"expert activation {self.activation!r} is not one of {EXPERT_ACTIVATIONS}")
 
     @property
     def widths(self) -> set[int]:
@@ -96,5 +111,7 @@ class ExpertsKernel(Kernel, ABC):
         topk_weights: torch.Tensor,
         local_ids: torch.Tensor,
     ) -> torch.Tensor:
-        """Weighted sum of the routed experts' SwiGLU MLPs, [T, H] in x's dtype. `local_ids` are this rank's
-        expert ids (-1: another rank's), already mapped and counted by `ExpertsLayout.route`."""
+        """Weighted sum of the routed experts' gated MLPs, [T, H] in x's dtype: per pair (token t, expert e,
+        weight w) out[t] += w * (act(x[t] @ W13[e] + b13[e]) @ W2[e] + b2[e]), `config.activation` and biases
+        (when `config.has_bias`) as in `EXPERT_ACTIVATIONS`. `local_ids` are this rank's expert ids (-1: another
+        rank's), already mapped and counted by `ExpertsLayout.route`."""

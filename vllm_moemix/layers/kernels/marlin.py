@@ -10,6 +10,11 @@ what the plan says. Each partition sees this rank's local expert ids through its
 in this partition; one sentinel entry past the local experts stands for "another rank's expert") and the
 partial outputs are summed.
 
+Expert biases and GPT-OSS's swigluoai go through `fused_marlin_moe` too: it takes per-expert `bias1`/`bias2`
+(permuted with vLLM's `marlin_permute_bias`, in the activation dtype, as its MXFP4 GPT-OSS path does) and
+`MoEActivation.SWIGLUOAI_UNINTERLEAVE` (swigluoai on gate/up halves, our layout) with alpha 1.702, limit 7 and
+beta 1 (the `+1` on the linear half) in its `ApplyMoEActivationConfig`. Triton partitions take them as well.
+
 Only the shape and partition logic runs on this project's CI (no GPU); see tests/layers/test_marlin_glue.py.
 """
 
@@ -20,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_moemix.config.spec import QuantSpec
-from vllm_moemix.layers.kernels.base import ExpertsConfig, ExpertsKernel
+from vllm_moemix.layers.kernels.base import SWIGLUOAI_ALPHA, SWIGLUOAI_LIMIT, ExpertsConfig, ExpertsKernel
 
 MARLIN_GROUP_SIZES = (32, 64, 128)
 MIN_CAPABILITY = (8, 0)
@@ -111,6 +116,27 @@ def to_marlin(
     return marlin_q, marlin_s, marlin_z
 
 
+def to_marlin_bias(bias: torch.Tensor, act_dtype: torch.dtype) -> torch.Tensor:
+    """[E, N] float32 biases -> Marlin's per-expert column order in the activation dtype."""
+    from vllm.model_executor.layers.quantization.utils.marlin_utils import marlin_permute_bias
+
+    return torch.stack([marlin_permute_bias(b.to(act_dtype)) for b in bias])
+
+
+def marlin_activation(activation: str) -> dict:
+    """fused_marlin_moe's activation arguments for one of EXPERT_ACTIVATIONS (gate/up stored as halves)."""
+    from vllm.model_executor.layers.fused_moe.activation import ApplyMoEActivationConfig, MoEActivation
+
+    if activation == "silu":
+        return {"activation": MoEActivation.SILU}
+    if activation == "swigluoai":
+        return {
+            "activation": MoEActivation.SWIGLUOAI_UNINTERLEAVE,
+            "activation_config": ApplyMoEActivationConfig(clamp_limit=SWIGLUOAI_LIMIT, alpha=SWIGLUOAI_ALPHA, beta=1.0),
+        }
+    raise ValueError(f"expert activation {activation!r} has no Marlin equivalent")
+
+
 @torch.library.custom_op("moemix::marlin_moe", mutates_args=())
 def marlin_moe(
     x: torch.Tensor,
@@ -120,10 +146,12 @@ def marlin_moe(
     tensors: list[torch.Tensor],
     kinds: list[int],
     specs: list[int],
+    activation: str,
 ) -> torch.Tensor:
-    """Sum of the partitions' outputs. Per partition p: maps[p] (global -> slot), six tensors
-    (w13 q/s/z, w2 q/s/z; empty z when symmetric), kinds[p] (scalar type id, or -1 for Triton) and
-    specs[4p:4p+4] = (w13 bits, w13 group, w2 bits, w2 group)."""
+    """Sum of the partitions' outputs. Per partition p: maps[p] (global -> slot), eight tensors
+    (w13 q/s/z, w2 q/s/z, w13 bias, w2 bias; empty z when symmetric, empty biases without), kinds[p]
+    (scalar type id, or -1 for Triton) and specs[4p:4p+4] = (w13 bits, w13 group, w2 bits, w2 group);
+    `activation` is one of EXPERT_ACTIVATIONS."""
     from vllm.model_executor.layers.fused_moe.experts.marlin_moe import fused_marlin_moe
 
     from vllm_moemix.layers.kernels.triton_moe import moe_width_group
@@ -131,15 +159,16 @@ def marlin_moe(
     ids = torch.where(local_ids < 0, maps[0].numel() - 1, local_ids)  # other ranks' experts -> the sentinel
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for p, (emap, kind) in enumerate(zip(maps, kinds)):
-        q13, s13, z13, q2, s2, z2 = tensors[6 * p : 6 * p + 6]
+        q13, s13, z13, q2, s2, z2, b13, b2 = tensors[8 * p : 8 * p + 8]
+        b13, b2 = (b13, b2) if b13.numel() else (None, None)
         bits13, group13, bits2, group2 = specs[4 * p : 4 * p + 4]
         if kind >= 0:
             out += fused_marlin_moe(
                 x,
                 q13,
                 q2,
-                None,
-                None,
+                b13,
+                b2,
                 s13,
                 s2,
                 topk_weights,
@@ -149,16 +178,32 @@ def marlin_moe(
                 expert_map=emap,
                 w1_zeros=z13 if z13.numel() else None,
                 w2_zeros=z2 if z2.numel() else None,
+                **marlin_activation(activation),
             ).float()
         else:
             out += moe_width_group(
-                x, topk_weights, emap[ids], q13, s13, z13, q2, s2, z2, bits13, group13, bits2, group2
+                x,
+                topk_weights,
+                emap[ids],
+                q13,
+                s13,
+                z13,
+                q2,
+                s2,
+                z2,
+                bits13,
+                group13,
+                bits2,
+                group2,
+                b13,
+                b2,
+                activation,
             )
     return out.to(x.dtype)
 
 
 @marlin_moe.register_fake
-def _(x, topk_weights, local_ids, maps, tensors, kinds, specs):
+def _(x, topk_weights, local_ids, maps, tensors, kinds, specs, activation):
     return torch.empty_like(x)
 
 
@@ -185,24 +230,33 @@ class MarlinExpertsKernel(ExpertsKernel):
         maps, tensors, kinds, specs = [], [], [], []
         for part in self.partitions:
             w13, w2 = gather(layer, "w13", part.experts), gather(layer, "w2", part.experts)
+            empty = torch.empty(0, dtype=torch.int32, device=w13[0].device)
+            biases = (empty, empty)
+            if self.config.has_bias:
+                biases = (layer.moemix_w13_bias[part.experts], layer.moemix_w2_bias[part.experts])
             if part.marlin:
                 w13 = to_marlin(*w13, part.w13, self.config.act_dtype)
                 w2 = to_marlin(*w2, part.w2, self.config.act_dtype)
+                if self.config.has_bias:
+                    biases = tuple(to_marlin_bias(b, self.config.act_dtype) for b in biases)
                 kinds.append(scalar_type(part.w13).id)
             else:
                 kinds.append(-1)
-            empty = torch.empty(0, dtype=torch.int32, device=w13[0].device)
-            tensors += [t if t is not None else empty for t in (*w13, *w2)]
+            tensors += [t if t is not None else empty for t in (*w13, *w2, *biases)]
             maps.append(partition_expert_map(part, num_local).to(w13[0].device))
             specs += [part.w13.bits, part.w13.group_size, part.w2.bits, part.w2.group_size]
         for grp in layer.moemix_layout.groups().values():  # the partitions replace the width groups
             for g in range(len(grp.specs)):
                 for suffix in ("qweight", "scales", "qzeros"):
                     delattr(layer, grp.param_name(g, suffix))
+        if self.config.has_bias:  # the partitions hold them now
+            del layer.moemix_w13_bias, layer.moemix_w2_bias
         for i, t in enumerate(tensors):
             layer.register_buffer(f"moemix_part_{i}", t, persistent=False)
         self.maps, self.kinds, self.specs, self.num_tensors = maps, kinds, specs, len(tensors)
 
     def apply(self, layer, x, topk_weights, local_ids):
         tensors = [getattr(layer, f"moemix_part_{i}") for i in range(self.num_tensors)]
-        return torch.ops.moemix.marlin_moe(x, topk_weights, local_ids, self.maps, tensors, self.kinds, self.specs)
+        return torch.ops.moemix.marlin_moe(
+            x, topk_weights, local_ids, self.maps, tensors, self.kinds, self.specs, self.config.activation
+        )

@@ -8,9 +8,8 @@ experts a batch actually routes to are dequantized, one at a time.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from vllm_moemix.layers.kernels.base import ExpertsKernel, LinearKernel
+from vllm_moemix.layers.kernels.base import ExpertsKernel, LinearKernel, gated_activation
 from vllm_moemix.quant.tensors import dequantize_kn
 
 
@@ -58,12 +57,16 @@ def dequant_moe(
     w2_qzeros: list[torch.Tensor],
     w2_bits: list[int],
     w2_groups: list[int],
+    w13_bias: torch.Tensor | None,
+    w2_bias: torch.Tensor | None,
+    activation: str,
 ) -> torch.Tensor:
-    """SwiGLU experts with per-expert widths, in the argument order of `ExpertsLayout.op_args`.
+    """Gated experts with per-expert widths, in the argument order of `ExpertsLayout.op_args`.
 
     `local_ids` [T, k] are this rank's expert ids (-1: another rank's); `*_where[e] = (group, slot)`
     locates local expert e in the per-width groups (the group size is implied by the scales' shape).
-    Opaque to torch.compile: routing is data-dependent.
+    `w13_bias` [E, 2I] / `w2_bias` [E, H] (or None) are indexed by local expert; `activation` is one of
+    `EXPERT_ACTIVATIONS`. Opaque to torch.compile: routing is data-dependent.
     """
     num_tokens, top_k = local_ids.shape
     flat_ids = local_ids.reshape(-1).to(torch.int64)
@@ -84,9 +87,12 @@ def dequant_moe(
         w13 = _expert_weight(w13_qweights, w13_scales, w13_qzeros, w13_bits, g13, s13, x.dtype)
         w2 = _expert_weight(w2_qweights, w2_scales, w2_qzeros, w2_bits, g2, s2, x.dtype)
         gate_up = x[tokens] @ w13
-        inter = gate_up.shape[1] // 2
-        hidden = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-        out.index_add_(0, tokens, (hidden @ w2).to(torch.float32) * flat_weights[rows, None])
+        if w13_bias is not None:  # bias and activation in float32 (biases are float32; bf16 would round them)
+            gate_up = gate_up.to(torch.float32) + w13_bias[expert]
+        down = (gated_activation(gate_up, activation).to(x.dtype) @ w2).to(torch.float32)
+        if w2_bias is not None:
+            down = down + w2_bias[expert].to(torch.float32)
+        out.index_add_(0, tokens, down * flat_weights[rows, None])
     return out.to(x.dtype)
 
 

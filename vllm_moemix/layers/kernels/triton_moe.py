@@ -1,8 +1,9 @@
 """Triton fused MoE for experts of mixed widths, and quantized linears (CUDA; tests run both on CPU tensors
 under TRITON_INTERPRET=1).
 
-Stage 1 runs gate/up for every (token, expert) pair, one launch per w13 width group; SwiGLU; stage 2 runs
-down, one launch per w2 width group, scaled by the router weight; pairs are summed per token. An expert
+Stage 1 runs gate/up for every (token, expert) pair, one launch per w13 width group; the expert's w13 bias
+and the gated activation (SiLU or swigluoai); stage 2 runs down, one launch per w2 width group, scaled by the
+router weight, plus the weighted w2 bias; pairs are summed per token. An expert
 may sit in different width groups for w13 and w2: each stage sorts the pairs by its own groups. Weights
 are never dequantized to memory (see triton_gemm.py).
 """
@@ -12,9 +13,8 @@ from __future__ import annotations
 import importlib.util
 
 import torch
-import torch.nn.functional as F
 
-from vllm_moemix.layers.kernels.base import ExpertsKernel, LinearKernel
+from vllm_moemix.layers.kernels.base import ExpertsKernel, LinearKernel, gated_activation
 
 
 def _run_stage(a, a_row, slot_of_pair, group_of_pair, out, qweights, scales, qzeros, bits, groups, mult=None):
@@ -26,13 +26,9 @@ def _run_stage(a, a_row, slot_of_pair, group_of_pair, out, qweights, scales, qze
         packed_pairs_gemm(a, a_row, slots, out, qweights[g], scales[g], qzeros[g], bits[g], groups[g], mult)
 
 
-def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    inter = gate_up.shape[1] // 2
-    return F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-
-
-def _moe(x, topk_weights, local_ids, where13, where2, w13, w2) -> torch.Tensor:
-    """Shared body: local_ids [T, k] with -1 for pairs that contribute nothing; where* [E, 2] (group, slot)."""
+def _moe(x, topk_weights, local_ids, where13, where2, w13, w2, b13=None, b2=None, activation="silu") -> torch.Tensor:
+    """Shared body: local_ids [T, k] with -1 for pairs that contribute nothing; where* [E, 2] (group, slot);
+    b13 [E, 2I] / b2 [E, H] (or None) indexed by the same ids."""
     num_tokens, top_k = local_ids.shape
     ids = local_ids.reshape(-1).to(torch.int64)
     live = ids >= 0
@@ -49,9 +45,11 @@ def _moe(x, topk_weights, local_ids, where13, where2, w13, w2) -> torch.Tensor:
         gate_up,
         *w13,
     )
-    hidden = _swiglu(gate_up).contiguous()
+    if b13 is not None:  # rows of dead pairs never reach stage 2
+        gate_up += b13.to(torch.float32)[safe]
+    hidden = gated_activation(gate_up, activation).contiguous()
     down = torch.zeros(ids.numel(), x.shape[1], dtype=torch.float32, device=x.device)
-    weights = topk_weights.reshape(-1).to(torch.float32).contiguous()
+    weights = torch.where(live, topk_weights.reshape(-1).to(torch.float32), 0.0).contiguous()
     _run_stage(
         hidden,
         pair_index,
@@ -61,6 +59,8 @@ def _moe(x, topk_weights, local_ids, where13, where2, w13, w2) -> torch.Tensor:
         *w2,
         mult=weights,
     )
+    if b2 is not None:  # weights are 0 for dead pairs
+        down += weights[:, None] * b2.to(torch.float32)[safe]
     return torch.zeros(num_tokens, x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, token_of_pair, down)
 
 
@@ -81,6 +81,9 @@ def triton_moe(
     w2_qzeros: list[torch.Tensor],
     w2_bits: list[int],
     w2_groups: list[int],
+    w13_bias: torch.Tensor | None,
+    w2_bias: torch.Tensor | None,
+    activation: str,
 ) -> torch.Tensor:
     """Same contract as `moemix::dequant_moe`, opaque to torch.compile."""
     out = _moe(
@@ -91,6 +94,9 @@ def triton_moe(
         w2_where,
         (w13_qweights, w13_scales, w13_qzeros, w13_bits, w13_groups),
         (w2_qweights, w2_scales, w2_qzeros, w2_bits, w2_groups),
+        w13_bias,
+        w2_bias,
+        activation,
     )
     return out.to(x.dtype)
 
@@ -114,11 +120,14 @@ def moe_width_group(
     group13,
     bits2,
     group2,
+    w13_bias=None,
+    w2_bias=None,
+    activation="silu",
 ) -> torch.Tensor:
     """Partial fp32 [T, H] output of the experts of one width group (w13 and w2 of the same experts).
 
     `group_topk_ids` [T, top_k] holds the slot within the group, or -1 (the pair contributes nothing):
-    how the Marlin glue runs the experts Marlin cannot (2/3-bit).
+    how the Marlin glue runs the experts Marlin cannot (2/3-bit). Biases (or None) are in slot order.
     """
     num = w13_qweight.shape[0]
     where = torch.stack([torch.zeros(num, dtype=torch.int64, device=x.device), torch.arange(num, device=x.device)], 1)
@@ -130,6 +139,9 @@ def moe_width_group(
         where,
         ([w13_qweight], [w13_scales], [w13_qzeros], [bits13], [group13]),
         ([w2_qweight], [w2_scales], [w2_qzeros], [bits2], [group2]),
+        w13_bias,
+        w2_bias,
+        activation,
     )
 
 
