@@ -48,7 +48,7 @@ from vllm_moemix.config.plan import Plan
 from vllm_moemix.planning.pipeline import CalibrationConfig, build_context, plan_model
 from vllm_moemix.planning.strategies import GROUP_CHOICES, STRATEGIES
 from vllm_moemix.planning.units import Budget
-from vllm_moemix.quant.quantizers import HessianGPTQ, RTNQuantizer
+from vllm_moemix.quant.quantizers import HessianGPTQ, Memoized, RTNQuantizer
 from vllm_moemix.report.evaluate import Windows, compare_to_reference, reference_logprobs
 from vllm_moemix.report.validate import holdout_kls, holdout_windows
 
@@ -220,18 +220,6 @@ def run_model(model: Path, args) -> dict:
         "wall_s": round(time.perf_counter() - started, 1),
     }
     return {"meta": meta, "rows": rows}
-
-
-class Memoized:
-    """One GPTQ run per (linear, spec) across all plans of a model: plans at different budgets share most."""
-
-    def __init__(self, quantizer):
-        self.quantizer, self.cache = quantizer, {}
-
-    def __call__(self, name, weight, spec):
-        if (name, spec) not in self.cache:
-            self.cache[name, spec] = self.quantizer(name, weight, spec)
-        return self.cache[name, spec]
 
 
 def llamacpp_rows(model_name: str) -> list[dict]:

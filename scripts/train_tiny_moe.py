@@ -5,12 +5,15 @@ Corpora (--corpus):
               (/usr/share/doc/python3.11/html/_sources, ~12 MB of reST): the embedded models.
   python-src  the Python 3.11 standard library's source (/usr/lib/python3.11, ~7 MB of .py):
               a model on other text that the planner is checked on and never tuned on.
+  perl-doc    Perl's documentation (Debian `perl-doc`, /usr/share/perl/5.36.0, ~9 MB of POD prose): the
+              fourth checking model (issue 20), another architecture (OLMoE) on text no other model saw.
 Every 33rd file (sorted order) is held out. Outputs under --out:
   heldout.txt, calib.txt          held-out and calibration text for quality measurements
   tiny-mixtral/, tiny-qwen2moe/   bf16 safetensors + byte-level BPE tokenizer + TRAINING.md/training.json
 
     python scripts/train_tiny_moe.py --out models --minutes 10 --threads 2
     python scripts/train_tiny_moe.py --corpus python-src --only tiny-mixtral --out models/pysrc --minutes 12
+    python scripts/train_tiny_moe.py --corpus perl-doc --only tiny-olmoe --out models/perldoc --minutes 40
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ CORPORA = {  # name -> (root, file pattern, description, Debian package)
         "python3.11-doc",
     ),
     "python-src": (Path("/usr/lib/python3.11"), "*.py", "the Python standard library's source", "libpython3.11-stdlib"),
+    "perl-doc": (Path("/usr/share/perl/5.36.0"), "*.pod", "Perl's documentation", "perl-doc"),
 }
 HELDOUT_EVERY = 33
 VOCAB = 4096
@@ -87,7 +91,7 @@ def encode(tokenizer, texts: list[str]) -> torch.Tensor:
 
 
 def model_configs(tokenizer) -> dict:
-    from transformers import MixtralConfig, Qwen2MoeConfig
+    from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig
 
     ids = dict(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
@@ -121,6 +125,13 @@ def model_configs(tokenizer) -> dict:
             decoder_sparse_step=1,
             mlp_only_layers=[],
             norm_topk_prob=False,
+            router_aux_loss_coef=0.01,
+            **common,
+        ),
+        "tiny-olmoe": OlmoeConfig(  # q/k norms, no shared expert, unnormalised top-k weights
+            intermediate_size=256,
+            num_experts=8,
+            num_experts_per_tok=2,
             router_aux_loss_coef=0.01,
             **common,
         ),
@@ -191,7 +202,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--max-steps", type=int, default=100_000)
     parser.add_argument("--corpus", choices=sorted(CORPORA), default="python-doc")
-    parser.add_argument("--only", choices=["tiny-mixtral", "tiny-qwen2moe"], help="build one model")
+    parser.add_argument("--only", choices=["tiny-mixtral", "tiny-qwen2moe", "tiny-olmoe"], help="build one model")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)

@@ -149,27 +149,16 @@ def test_validation_falls_back_to_uniform_when_uniform_is_better(random_qwen2moe
     assert Validation(0.1, 0.1, good).uniform_wins is False  # ties keep the plan
 
 
-def test_quantize_validate_reports_the_check(random_qwen2moe, tmp_path, capsys):
+@pytest.mark.parametrize("flag, checked", [([], True), (["--validate"], True), (["--no-validate"], False)])
+def test_quantize_validates_by_default(random_qwen2moe, tmp_path, capsys, flag, checked):
+    """The held-out check runs unless switched off, and its winner is the written checkpoint (not re-quantized)."""
     from vllm_moemix.calibration.layerwise import DEFAULT_CALIB
+    from vllm_moemix.checkpoint.reader import read_plan
     from vllm_moemix.cli import main
 
-    main(
-        [
-            "quantize",
-            str(random_qwen2moe),
-            "--budget",
-            "3",
-            "--group-size",
-            "32",
-            "--calib",
-            str(DEFAULT_CALIB),
-            "--calib-samples",
-            "4",
-            "--validate",
-            "--quiet",
-            "-o",
-            str(tmp_path / "out"),
-        ]
-    )
+    args = ["quantize", str(random_qwen2moe), "--budget", "3", "--group-size", "32", "--calib", str(DEFAULT_CALIB)]
+    assert main([*args, "--calib-samples", "4", *flag, "--quiet", "-o", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
-    assert "held-out calibration check: plan KL" in out and (tmp_path / "out" / "config.json").exists()
+    assert ("held-out calibration check: plan KL" in out) is checked
+    assert read_plan(tmp_path / "out")  # a whole checkpoint where asked
+    assert not [p.name for p in tmp_path.iterdir() if p.name != "out"]  # no scratch left beside it

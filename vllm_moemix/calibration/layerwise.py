@@ -45,7 +45,7 @@ from tqdm import tqdm
 from vllm_moemix.checkpoint.source import SafetensorsSource
 from vllm_moemix.checkpoint.writer import DEFAULT_SHARD_BYTES
 from vllm_moemix.config.activations import gated
-from vllm_moemix.config.arch import ROLE_EXPERT, architecture_for, quantizable_linears
+from vllm_moemix.config.arch import ROLE_EXPERT, Architecture, architecture_for, quantizable_linears
 from vllm_moemix.config.spec import PlanError
 from vllm_moemix.quant.gptq import HessianAccumulator
 
@@ -126,6 +126,29 @@ def calibration_samples(tokenizer, text_paths: list[Path], num_samples: int = 32
     return torch.stack([ids[s : s + seq_len] for s in starts])
 
 
+def linear_weight(root: torch.nn.Module, arch: Architecture, name: str) -> torch.Tensor:
+    """The [out, in] weight of checkpoint linear `name` in a transformers module tree (`name` relative to `root`):
+    the nn.Linear's weight, or its slice of transformers' fused experts (`gate_up_proj` [E, 2I, H], gate rows then
+    up rows; `down_proj` [E, H, I]; stacked checkpoints' own layout for GPT-OSS). A view: writing it writes the
+    model."""
+    path = arch.hf_path(name)
+    try:
+        return root.get_submodule(path).weight.data
+    except AttributeError:
+        pass
+    container, expert, part = path.rsplit(".", 2)
+    experts, e = root.get_submodule(container), int(expert)
+    stacked = arch.stacked_experts
+    if stacked is not None:  # GPT-OSS: [E, in, out], gate/up interleaved
+        role = {arch.experts.gate: "gate", arch.experts.up: "up", arch.experts.down: "down"}[part]
+        tensor = getattr(experts, stacked.down if role == "down" else stacked.gate_up).data
+        return stacked.expert_view(tensor, e, role)
+    if part == arch.experts.down:
+        return experts.down_proj.data[e]
+    half = experts.gate_up_proj.shape[1] // 2
+    return experts.gate_up_proj.data[e, :half] if part == arch.experts.gate else experts.gate_up_proj.data[e, half:]
+
+
 class LayerwiseModel:
     """The float model, one decoder layer in memory at a time (on `device`)."""
 
@@ -161,22 +184,20 @@ class LayerwiseModel:
         layer = self.skeleton.model.layers[index]
         layer.to_empty(device=self.device)
         prefix = f"model.layers.{index}."
-        experts = self.arch.experts
         from_hf = {self.arch.hf_path(n): n for n in self.source.names() if n.startswith(prefix)}
+        fused_experts = []
         for name, param in layer.named_parameters():
             full = from_hf.get(prefix + name, prefix + name)
             if full in self.source:
                 param.data.copy_(self.source.get(full))
             elif name.endswith(("experts.gate_up_proj", "experts.down_proj")):
-                base = prefix + experts.prefix
-                for e in range(param.shape[0]):
-                    if name.endswith("gate_up_proj"):
-                        param.data[e, : param.shape[1] // 2].copy_(self.source.get(f"{base}.{e}.{experts.gate}.weight"))
-                        param.data[e, param.shape[1] // 2 :].copy_(self.source.get(f"{base}.{e}.{experts.up}.weight"))
-                    else:
-                        param.data[e].copy_(self.source.get(f"{base}.{e}.{experts.down}.weight"))
+                fused_experts.append(name)
             else:
                 raise KeyError(f"{full}: no tensor in {self.dir} for this parameter")
+        if fused_experts:  # transformers fuses per-expert checkpoint linears: fill them expert by expert
+            for name, info in self.linears.items():
+                if info.layer == index and info.role == ROLE_EXPERT:
+                    linear_weight(layer, self.arch, name.removeprefix(prefix)).copy_(self.source.get(f"{name}.weight"))
         for name, buf in layer.named_buffers():  # to_empty left them uninitialised (DeepSeek-V3's router bias)
             full = from_hf.get(prefix + name, prefix + name)
             if full not in self.source:
@@ -503,6 +524,20 @@ def available_memory() -> int:
         except (OSError, ValueError):
             continue
     return int(available) if available != math.inf else 1 << 62
+
+
+def whole_model_fits(model_dir: str | Path, copies: int = 1) -> tuple[bool, str]:
+    """Whether `copies` float32 copies of the whole model fit in a quarter of the available memory (the rest stays
+    for calibration and quantization, as for the activations), and the numbers that say so. For the steps that
+    need the whole float model at once: the Fisher pass (weights, gradients, Fisher: 3 copies), the held-out
+    check (1)."""
+    source = SafetensorsSource(model_dir)
+    need = copies * 4 * sum(math.prod(source.shape(n)) for n in source.names())
+    have = available_memory()
+    return (
+        need <= have // 4,
+        f"~{need / 2**30:.1f} GiB for {copies} float32 model copies, {have / 2**30:.1f} GiB available",
+    )
 
 
 def check_memory(model: LayerwiseModel, num_tokens: int) -> str:

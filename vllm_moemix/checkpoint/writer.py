@@ -145,6 +145,14 @@ def quantization_config(plan: Plan, resolved: Resolved, fp: Footprint, quantizer
     }
 
 
+def check_output_dir(out_dir: Path) -> None:
+    """A checkpoint is written only where nothing would be overwritten: a new or empty directory."""
+    if is_checkpoint_dir(out_dir):
+        raise PlanError(f"{out_dir} already holds a checkpoint; choose another output directory or remove it")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise PlanError(f"{out_dir} exists and is not an empty directory; choose another output directory")
+
+
 def quantize_checkpoint(
     model_dir: str | Path,
     plan: Plan,
@@ -156,10 +164,7 @@ def quantize_checkpoint(
     """Write a moemix checkpoint of `model_dir` quantized per `plan` to `out_dir` (RTN by default)."""
     quantizer = quantizer or RTNQuantizer()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    if is_checkpoint_dir(out_dir):
-        raise PlanError(f"{out_dir} already holds a checkpoint; choose another output directory or remove it")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise PlanError(f"{out_dir} exists and is not an empty directory; choose another output directory")
+    check_output_dir(out_dir)
     _, linears, source = inspect_source(model_dir)
     resolved = plan.resolve(linears)
     fp = footprint(resolved, linears)

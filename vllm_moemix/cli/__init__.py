@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -117,6 +118,7 @@ def _plan_from_strategy(args: argparse.Namespace, stash=None):
         usage=usage,
         group_choices=() if args.group_size else GROUP_CHOICES,
         stash=stash,
+        error_model=args.error_model,
     )
     print(
         f"{args.strategy} under {result.budget.describe()}: {result.footprint.avg_payload_bits:.3f} bits "
@@ -132,13 +134,14 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
-    from vllm_moemix.checkpoint.writer import quantize_checkpoint
+    from vllm_moemix.checkpoint.writer import check_output_dir, quantize_checkpoint
     from vllm_moemix.config.plan import Plan
 
     if args.plan is not None and args.bits is not None:
         raise PlanError("give at most one of --plan PLAN.json or --bits N")
     if args.validate and (args.plan or args.bits is not None):
         raise PlanError("--validate checks a planned (--strategy/--budget) plan against uniform; not --plan/--bits")
+    check_output_dir(Path(args.output))  # before any planning: refusing after an hour of it loses the hour
     with _stash_beside(Path(args.output)) as stash:  # the planner's quantizations, reused by the writer
         if args.plan:
             plan = Plan.load(args.plan)
@@ -148,9 +151,15 @@ def cmd_quantize(args: argparse.Namespace) -> None:
             reusable = _quantizer(args) == "gptq" and not args.act_order
             plan = _plan_from_strategy(args, stash=stash if reusable else None)
         quantizer = None
-        if args.validate:
-            plan, quantizer = _validated(args, plan, stash if len(stash) else None)
-        elif _quantizer(args) == "gptq":
+        if _should_validate(args):
+            fp = _validated(args, plan, stash if len(stash) else None)
+            print(
+                f"wrote {args.output}: quantizable linears {fp.nbytes / 2**20:.2f} MiB "
+                f"(bf16 {fp.bf16_bytes / 2**20:.2f} MiB), average {fp.avg_payload_bits:.3f} bits "
+                f"({fp.avg_bits:.3f} with scales/zeros)"
+            )
+            return
+        if _quantizer(args) == "gptq":
             from vllm_moemix.calibration.gptq import CalibratedGPTQ
 
             calib = _calibration(args)
@@ -183,12 +192,29 @@ def _stash_beside(output: Path):
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def _should_validate(args: argparse.Namespace) -> bool:
+    """--validate / --no-validate, else (default) whenever a strategy planned a mix and the whole float model fits
+    in memory for the check; says so when it is skipped."""
+    if args.validate is not None:
+        return args.validate
+    if args.plan or args.bits is not None or args.strategy == "uniform":
+        return False
+    from vllm_moemix.calibration.layerwise import whole_model_fits
+
+    fits, detail = whole_model_fits(args.model)
+    if not fits:
+        print(f"held-out check skipped: it scores the whole float model ({detail}); --validate forces it")
+    return fits
+
+
 def _validated(args: argparse.Namespace, plan, stash):
-    """(plan or the uniform plan at the same budget, whichever scores better on held-out calibration text;
-    the quantizer both were made with, reused for the checkpoint)."""
-    from transformers import AutoTokenizer
+    """Quantize the plan and the uniform plan at the same budget, keep whichever scores better on held-out
+    calibration text as the output checkpoint (no third quantization); returns its footprint."""
+    from transformers import AutoConfig, AutoTokenizer
 
     from vllm_moemix.calibration.gptq import CalibratedGPTQ
+    from vllm_moemix.config.arch import quantizable_linears
+    from vllm_moemix.config.footprint import footprint
     from vllm_moemix.planning.pipeline import plan_model
     from vllm_moemix.quant.quantizers import RTNQuantizer
     from vllm_moemix.report.validate import holdout_windows, validate_against_uniform
@@ -216,9 +242,19 @@ def _validated(args: argparse.Namespace, plan, stash):
         progress=False,
     ).plan
     windows = holdout_windows(AutoTokenizer.from_pretrained(args.model), calib.texts, calib.num_samples)
-    check = validate_against_uniform(args.model, plan, uniform, windows, quantizer)
-    print(check.describe())
-    return (check.uniform if check.uniform_wins else plan), quantizer
+    output = Path(args.output)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.check-", dir=output.parent))
+    try:
+        check = validate_against_uniform(args.model, plan, uniform, windows, quantizer, keep=scratch)
+        print(check.describe())
+        if output.exists():  # the empty directory the writer's checks allowed
+            output.rmdir()
+        os.rename(check.checkpoints[check.winner], output)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    chosen = check.uniform if check.uniform_wins else plan
+    linears = quantizable_linears(AutoConfig.from_pretrained(args.model))
+    return footprint(chosen.resolve(linears), linears)
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
@@ -280,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.load()(sub)
 
     def planning_args(p: argparse.ArgumentParser, default_strategy: str) -> None:
+        from vllm_moemix.planning.errors import ERROR_MODELS
         from vllm_moemix.planning.strategies import STRATEGIES
         from vllm_moemix.quant.quantizers import QUANTIZERS
 
@@ -304,6 +341,14 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--calib-samples", type=_positive(int), default=32, help="windows of 256 tokens")
         p.add_argument(
+            "--error-model",
+            choices=ERROR_MODELS,
+            default="auto",
+            help="how the optimizer prices a width for a unit (docs/planning.md): fisher (the loss change through "
+            "the network; the model and its gradients must fit in memory), estimate (layer-local output error, "
+            "any size), full (estimate's reference); auto (default): fisher when it fits, else estimate",
+        )
+        p.add_argument(
             "--quantizer", choices=QUANTIZERS, help="default: gptq when a strategy plans or --calib is given, else rtn"
         )
         p.add_argument(
@@ -327,9 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-order", action="store_true", help="GPTQ: visit columns by decreasing Hessian diagonal")
     q.add_argument(
         "--validate",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="quantize the planned mix and uniform at the same budget, score both on calibration text "
-        "the planner did not see, keep the better (says so when uniform wins)",
+        "the planner did not see, keep the better (says so when uniform wins); default: on for planned mixes "
+        "when the whole float model fits in memory for the check",
     )
     q.add_argument("-o", "--output", required=True, help="output directory (must not hold a checkpoint)")
     planning_args(q, "optimizer")

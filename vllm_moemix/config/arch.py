@@ -55,14 +55,17 @@ class StackedExperts:
         """The gate_up (interleaved like its weight) and down bias tensors of the experts under `prefix`."""
         return f"{prefix}.{self.gate_up}_bias", f"{prefix}.{self.down}_bias"
 
-    def expert_weight(self, stacked: torch.Tensor, expert: int, part: str) -> torch.Tensor:
-        """One expert's gate / up / down weight in nn.Linear layout [out, in] from its stacked tensor."""
+    def expert_view(self, stacked: torch.Tensor, expert: int, part: str) -> torch.Tensor:
+        """One expert's gate / up / down weight in nn.Linear layout [out, in]: a view of its stacked tensor."""
         w = stacked[expert]
         if part == "gate":
-            return w[:, 0::2].t().contiguous()
+            return w[:, 0::2].t()
         if part == "up":
-            return w[:, 1::2].t().contiguous()
-        return w.t().contiguous()
+            return w[:, 1::2].t()
+        return w.t()
+
+    def expert_weight(self, stacked: torch.Tensor, expert: int, part: str) -> torch.Tensor:
+        return self.expert_view(stacked, expert, part).contiguous()
 
     def stack(self, gates: list[torch.Tensor], ups: list[torch.Tensor], downs: list[torch.Tensor]):
         """The inverse of `expert_weight`: per-expert [out, in] weights back to the stacked tensors."""

@@ -10,6 +10,11 @@ Two models:
     for the writer, so a plan that picks the reference width quantizes nothing twice.
   - `full`: quantize each unit at every candidate and measure each exactly (the reference the estimate
     is checked against: rank correlation and KL at equal bytes in benchmarks/quality.py).
+  - `fisher`: as `estimate`, with every dW^2 weighted by the weights' diagonal empirical Fisher instead of
+    the layer's input Hessian (calibration/fisher.py): the loss change through the rest of the network, not
+    the unit's own output change. Ranks units by their real output cost better (docs/quality/sensitivity.md);
+    needs the whole model in memory.
+  - `auto` (the default): `fisher` when the model fits for it, else `estimate`; the caller says which.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 
+from vllm_moemix.calibration.fisher import fisher_fits
 from vllm_moemix.calibration.gptq import GPTQOptions, quantize_batch
 from vllm_moemix.calibration.layerwise import HessianBatch, LayerwiseModel
 from vllm_moemix.config.spec import QuantSpec
@@ -25,7 +31,17 @@ from vllm_moemix.planning.scores import hessian_error
 from vllm_moemix.quant.quantizers import QuantStash
 from vllm_moemix.quant.rtn import fake_quantize_rtn, quantize_rtn
 
-ERROR_MODELS = ("estimate", "full")
+ERROR_MODELS = ("auto", "estimate", "full", "fisher")
+
+
+def resolve_error_model(requested: str, model_dir) -> tuple[str, str]:
+    """(error model to use, one line saying why) for `requested`, resolving `auto` by memory."""
+    if requested != "auto":
+        return requested, f"error model: {requested}"
+    fits, detail = fisher_fits(model_dir)
+    if fits:
+        return "fisher", f"error model: fisher (the loss through the whole network; {detail})"
+    return "estimate", f"error model: estimate (layer-local; the fisher model would need {detail})"
 
 
 def _quantized_units(
@@ -54,8 +70,10 @@ def batch_errors(
     options: GPTQOptions | None = None,
     error_model: str = "estimate",
     stash: QuantStash | None = None,
+    fisher: dict[str, torch.Tensor] | None = None,
 ) -> dict[tuple[str, ...], dict[QuantSpec, float]]:
-    """Unit -> candidate spec -> output error, for the units of one Hessian batch."""
+    """Unit -> candidate spec -> output error, for the units of one Hessian batch (`fisher`: per-linear weights
+    of dW^2 for the `fisher` error model)."""
     options = options or GPTQOptions()
     errors: dict[tuple[str, ...], dict[QuantSpec, float]] = {unit: {} for unit in batch.units}
     if error_model == "full":
@@ -70,13 +88,17 @@ def batch_errors(
     for b, weight, quantized in _quantized_units(model, batch, reference, quantizer, options):
         unit, ref = batch.units[b], reference(batch.units[b])
         dequantized = torch.cat([q.dequantize() for q in quantized.values()])
-        exact = hessian_error(weight, dequantized, batch.loss[b])
         if stash is not None:
             for name, q in quantized.items():
                 stash.put(name, q)
-        diag = torch.diagonal(batch.loss[b])
-        proxy = {s: float(((weight - fake_quantize_rtn(weight, s)).pow(2) * diag).sum()) for s in candidates(unit)}
-        proxy.setdefault(ref, float(((weight - fake_quantize_rtn(weight, ref)).pow(2) * diag).sum()))
+        if error_model == "fisher":
+            weighting = torch.cat([fisher[name] for name in quantized]).to(weight)
+            exact = float(((weight - dequantized).pow(2) * weighting).sum())
+        else:
+            weighting = torch.diagonal(batch.loss[b])
+            exact = hessian_error(weight, dequantized, batch.loss[b])
+        proxy = {s: float(((weight - fake_quantize_rtn(weight, s)).pow(2) * weighting).sum()) for s in candidates(unit)}
+        proxy.setdefault(ref, float(((weight - fake_quantize_rtn(weight, ref)).pow(2) * weighting).sum()))
         scale = exact / proxy[ref] if proxy[ref] > 0 else 1.0
         errors[unit] = {s: exact if s == ref else scale * p for s, p in proxy.items() if s in candidates(unit)}
     return errors

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from vllm_moemix.calibration.fisher import weight_fisher
 from vllm_moemix.calibration.gptq import GPTQOptions
 from vllm_moemix.calibration.layerwise import (
     DEFAULT_CALIB,
@@ -30,7 +31,7 @@ from vllm_moemix.calibration.layerwise import (
 from vllm_moemix.config.footprint import Footprint, footprint
 from vllm_moemix.config.plan import Plan
 from vllm_moemix.config.spec import SUPPORTED_BITS, PlanError, QuantSpec
-from vllm_moemix.planning.errors import ERROR_MODELS, batch_errors
+from vllm_moemix.planning.errors import ERROR_MODELS, batch_errors, resolve_error_model
 from vllm_moemix.planning.strategies import GROUP_CHOICES, STRATEGIES, Assignment, PlanningContext
 from vllm_moemix.planning.units import Budget, Unit, assignment_to_plan, planning_units
 from vllm_moemix.quant.quantizers import QuantStash
@@ -78,7 +79,7 @@ def build_context(
     usage: dict[int, dict[int, int]] | None = None,
     group_choices: tuple[int, ...] = GROUP_CHOICES,
     budget: Budget | None = None,
-    error_model: str = "estimate",
+    error_model: str = "auto",
     stash: QuantStash | None = None,
 ) -> PlanningContext:
     """`usage` (layer -> expert -> routed tokens, e.g. a profile saved while serving) replaces
@@ -142,6 +143,13 @@ def build_context(
         if progress:
             print(describe_projection("plan", seconds, model.config.num_hidden_layers))
 
+    fisher = None
+    if strategy == "optimizer":
+        error_model, why = resolve_error_model(error_model, model_dir)
+        if progress:
+            print(why)
+        if error_model == "fisher":
+            fisher = weight_fisher(model_dir, samples, list(model.linears), progress=progress)
     layers = iterate_layers(
         model, samples, progress=progress, usage_floor=calib.usage_floor, stage="plan", on_first_layer=project
     )
@@ -160,6 +168,7 @@ def build_context(
                     options,
                     error_model,
                     stash,
+                    fisher,
                 )
                 ctx.errors.update({by_names[names]: table for names, table in errors.items()})
                 bar.update(len(batch.units))
@@ -189,6 +198,7 @@ def plan_model(
     usage: dict[int, dict[int, int]] | None = None,
     group_choices: tuple[int, ...] = GROUP_CHOICES,
     stash: QuantStash | None = None,
+    error_model: str = "auto",
 ) -> PlanResult:
     """Run `strategy` under `budget`; pass a `context` to reuse one calibration across strategies, a `stash`
     to keep the error table's quantizations for the writer."""
@@ -203,6 +213,7 @@ def plan_model(
         usage,
         group_choices,
         budget=budget,
+        error_model=error_model,
         stash=stash,
     )
     if STRATEGIES[strategy].needs_data and (

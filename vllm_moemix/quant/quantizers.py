@@ -96,3 +96,16 @@ def make_quantizer(name: str, hessians: Mapping[str, torch.Tensor] | None = None
             raise PlanError("the gptq quantizer needs calibration Hessians")
         return HessianGPTQ(hessians, **gptq_options)
     raise PlanError(f"unknown quantizer {name!r}; choose one of {', '.join(QUANTIZERS)}")
+
+
+class Memoized:
+    """One quantization per (linear, spec) across all plans of a model: plans at different budgets share most
+    (benchmarks quantize dozens of plans of one model)."""
+
+    def __init__(self, quantizer):
+        self.quantizer, self.cache = quantizer, {}
+
+    def __call__(self, name, weight, spec):
+        if (name, spec) not in self.cache:
+            self.cache[name, spec] = self.quantizer(name, weight, spec)
+        return self.cache[name, spec]

@@ -25,6 +25,11 @@ class Validation:
     plan_kl: float  # mean KL(float || plan) on the held-out calibration windows
     uniform_kl: float
     uniform: Plan  # the widest uniform plan within the same budget
+    checkpoints: dict[str, Path] | None = None  # "plan" / "uniform" -> its quantized checkpoint, when kept
+
+    @property
+    def winner(self) -> str:
+        return "uniform" if self.uniform_wins else "plan"
 
     @property
     def uniform_wins(self) -> bool:
@@ -53,8 +58,11 @@ def holdout_windows(
     return torch.stack([ids[s : s + seq_len] for s in starts])
 
 
-def holdout_kls(model_dir: str | Path, plans: dict[str, Plan], windows: torch.Tensor, quantizer) -> dict[str, float]:
-    """Mean KL(float || plan) on `windows` for each named plan, each quantized with `quantizer`."""
+def holdout_kls(
+    model_dir: str | Path, plans: dict[str, Plan], windows: torch.Tensor, quantizer, keep: Path | None = None
+) -> dict[str, float]:
+    """Mean KL(float || plan) on `windows` for each named plan, each quantized with `quantizer`; the checkpoints
+    stay in `keep`/<name> when given (the caller ships the winner instead of quantizing it again)."""
     from vllm_moemix.checkpoint.writer import quantize_checkpoint
     from vllm_moemix.report.evaluate import Windows, compare_to_reference, reference_logprobs
 
@@ -64,17 +72,21 @@ def holdout_kls(model_dir: str | Path, plans: dict[str, Plan], windows: torch.Te
     try:
         kls = {}
         for name, plan in plans.items():
-            quantize_checkpoint(model_dir, plan, work / "ckpt", quantizer=quantizer, progress=False)
-            kls[name] = compare_to_reference(work / "ckpt", held, ref).kl
-            shutil.rmtree(work / "ckpt")
+            ckpt = work / "ckpt" if keep is None else keep / name
+            quantize_checkpoint(model_dir, plan, ckpt, quantizer=quantizer, progress=False)
+            kls[name] = compare_to_reference(ckpt, held, ref).kl
+            if keep is None:
+                shutil.rmtree(ckpt)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return kls
 
 
 def validate_against_uniform(
-    model_dir: str | Path, plan: Plan, uniform: Plan, windows: torch.Tensor, quantizer
+    model_dir: str | Path, plan: Plan, uniform: Plan, windows: torch.Tensor, quantizer, keep: Path | None = None
 ) -> Validation:
-    """Quantize `plan` and `uniform` with `quantizer` and score both against the float model on `windows`."""
-    kls = holdout_kls(model_dir, {"plan": plan, "uniform": uniform}, windows, quantizer)
-    return Validation(kls["plan"], kls["uniform"], uniform)
+    """Quantize `plan` and `uniform` with `quantizer` and score both against the float model on `windows`; with
+    `keep`, both checkpoints are kept there (`Validation.checkpoints`)."""
+    kls = holdout_kls(model_dir, {"plan": plan, "uniform": uniform}, windows, quantizer, keep)
+    kept = None if keep is None else {name: keep / name for name in ("plan", "uniform")}
+    return Validation(kls["plan"], kls["uniform"], uniform, kept)
