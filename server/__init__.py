@@ -8,8 +8,11 @@ Layout (one concern per module):
     metrics.py       one Prometheus registry: vLLM's `vllm:` metrics per model + ours (`moemix_`)
     errors.py        OpenAI error JSON
     middleware/      auth, body size limit, admission release
-    routes/          thin FastAPI routers; handlers take the model's engine from app.state.pool
-    app.py           build_app(pool, settings)
+    routes/          thin FastAPI routers; handlers take the model's engine from app.state.pool; the probes
+                     (/health, /ready) and /metrics are answered by outermost ASGI layers
+    app.py           build_app(pool, settings); the engine watcher (one line and exit status 3 on a death)
+    connection.py    uvicorn's HTTP protocol, fixed: no request dropped by the keep-alive timer, probes past the
+                     concurrency limit
     cli.py           `moemix serve` (add_serve_parser) and `python -m server serve`; uvicorn settings
 
 Importing this package imports nothing heavy.

@@ -4,8 +4,12 @@ Errors are OpenAI JSON everywhere: vLLM's own exception handlers (validation -> 
 their status, anything else -> 500 with a sanitized message) plus ours (middleware: 401, 413). No request can
 take the process down: every exception ends as a JSON error for that request only.
 
-Background tasks (lifespan): vLLM's periodic stats log lines, and the expert-routing counts gathered from the
-workers every routing_refresh_s, so /metrics serves them from memory and a scrape never reaches a worker.
+Background tasks (lifespan): vLLM's periodic stats log lines, the expert-routing counts gathered from the
+workers every routing_refresh_s (so /metrics serves them from memory and a scrape never reaches a worker), and
+the engine watcher: when an engine dies it logs one ERROR line and, with `on_engine_death: exit` (the default),
+asks the HTTP server to stop (app.state.request_shutdown, set by cli.serve): no new connections, the other
+models' in-flight streams finish (up to drain_timeout_s), and the process exits with ENGINE_DEATH_EXIT_CODE so a
+supervisor (Docker, Kubernetes, systemd) restarts it. With `stay` the server goes on answering 503 for it.
 """
 
 from __future__ import annotations
@@ -26,18 +30,41 @@ from server import metrics as metrics_mod
 from server.engine import EnginePool
 from server.errors import error_response
 from server.middleware.admission import AdmissionReleaseMiddleware
-from server.middleware.auth import APIKeyMiddleware
+from server.middleware.auth import APIKeyMiddleware, open_paths
 from server.middleware.body_limit import BodyLimitMiddleware
+from server.middleware.shed import ShedMiddleware
 from server.routes import chat, completions, health, metrics, models, tokenize
 from server.settings import ServerSettings
 
 logger = logging.getLogger("moemix.server")
+ENGINE_DEATH_EXIT_CODE = 3  # the process's exit status after an engine died (on_engine_death: exit)
+ENGINE_WATCH_S = 0.5  # how often the watcher looks at the engines (a flag read each)
 
 
 async def _every(interval_s: float, step) -> None:
     while True:
         await step()
         await asyncio.sleep(interval_s)
+
+
+def engine_died(app: FastAPI, eng) -> None:
+    """One ERROR line for the dead engine; with on_engine_death=exit, stop serving (drain) and exit non-zero."""
+    settings: ServerSettings = app.state.settings
+    eng.death_reported = True
+    others = [name for name, e in app.state.pool.engines.items() if not e.dead]
+    if settings.on_engine_death == "exit":
+        app.state.exit_code = ENGINE_DEATH_EXIT_CODE
+        then = (
+            f"exiting with status {ENGINE_DEATH_EXIT_CODE} once the in-flight requests of {', '.join(others)} "
+            f"have finished (at most {settings.drain_timeout_s:g} s; --on-engine-death exit)"
+            if others
+            else f"exiting with status {ENGINE_DEATH_EXIT_CODE} (--on-engine-death exit)"
+        )
+    else:
+        then = "staying up, answering 503 for this model (--on-engine-death stay); restart the server to recover it"
+    logger.error("ENGINE DEAD: model %s: %s; %s", eng.name, eng.how_it_died(), then)
+    if settings.on_engine_death == "exit":
+        app.state.request_shutdown()
 
 
 def _lifespan(pool: EnginePool, settings: ServerSettings, log_interval_s: float, shutdown_engines: bool):
@@ -52,9 +79,15 @@ def _lifespan(pool: EnginePool, settings: ServerSettings, log_interval_s: float,
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        async def watch_engines():
+            for eng in pool.engines.values():
+                if eng.dead and not eng.death_reported and not eng.stopped:
+                    engine_died(app, eng)
+
         tasks = [
             asyncio.create_task(_every(log_interval_s, log_stats)),
             asyncio.create_task(_every(settings.routing_refresh_s, refresh_routing)),
+            asyncio.create_task(_every(ENGINE_WATCH_S, watch_engines)),
         ]
         try:
             yield
@@ -79,6 +112,8 @@ def build_app(pool: EnginePool, settings: ServerSettings, shutdown_engines: bool
     app = FastAPI(title="moemix OpenAI-compatible server", version=server.__version__, lifespan=lifespan)
     app.state.pool = pool
     app.state.settings = settings
+    app.state.exit_code = 0  # ENGINE_DEATH_EXIT_CODE once an engine died under on_engine_death=exit
+    app.state.request_shutdown = lambda: None  # cli.serve: tell uvicorn to stop (graceful, drains)
     app.state.args = Namespace(log_error_stack=False)  # read by vLLM's exception handlers
 
     for module in (completions, chat, models, tokenize, health, metrics):
@@ -107,12 +142,15 @@ def build_app(pool: EnginePool, settings: ServerSettings, shutdown_engines: bool
     async def http_error(_: Request, exc: StarletteHTTPException):  # unknown route 404, wrong method 405, ...
         return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
-    # Added later = further out: HTTP metrics see everything, then auth and the size check run before any
-    # parsing; admission slots are released when the whole exchange is over.
+    # Added later = further out: the probes first, then /metrics, HTTP metrics see everything else, then auth and
+    # the size check run before any parsing; admission slots are released when the whole exchange is over.
     app.add_middleware(AdmissionReleaseMiddleware)
+    app.add_middleware(ShedMiddleware, pool=pool, retry_after_s=settings.retry_after_s)  # 429 before parsing
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.api_key:
-        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
-    metrics.instrument(app, settings.metrics_max_age_s, settings.metrics_scrapes_per_s)
+        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key, open_paths=open_paths(settings.auth_metrics))
+    metrics_key = settings.api_key if settings.auth_metrics else None
+    metrics.instrument(app, settings.metrics_max_age_s, settings.metrics_scrapes_per_s, api_key=metrics_key)
+    app.add_middleware(health.ProbeEndpoint, pool=pool)
     metrics_mod.install(pool)
     return app

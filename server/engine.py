@@ -25,6 +25,7 @@ from starlette.datastructures import State
 
 from server.admission import AdmissionGate, admission_limit
 from server.facts import WeightFacts, read_weight_facts
+from server.protocol import OPENAI_ROLES, roles_of_template
 from server.settings import ModelSettings, ServerSettings, SettingsError, to_vllm_argv
 from server.stats import SharedPrometheusStatLogger, Throughput, throughput_logger_factory
 from vllm_moemix.config.routing_profile import merge as merge_routing
@@ -112,6 +113,8 @@ class ModelEngine:
     kernels: dict[str, dict[str, int]] | None = (
         None  # what serves (vllm_moemix.layers.introspect.worker_kernels), moemix only
     )
+    chat_roles: frozenset[str] = OPENAI_ROLES  # roles a chat request may use (server.protocol.roles_of_template)
+    death_reported: bool = False  # the engine-death line was logged (app.py's watcher)
 
     @property
     def counts_routing(self) -> bool:
@@ -155,12 +158,33 @@ class ModelEngine:
         except Exception:
             return True
 
-    def engine_pids(self) -> list[int]:
+    def _engine_processes(self) -> list:
         try:
-            manager = self.client.engine_core.resources.engine_manager
-            return [p.pid for p in manager.processes if p.pid is not None]
+            return list(self.client.engine_core.resources.engine_manager.processes)
         except AttributeError:
             return []
+
+    def engine_pids(self) -> list[int]:
+        return [p.pid for p in self._engine_processes() if p.pid is not None]
+
+    def how_it_died(self) -> str:
+        """`engine-core process 1234 killed by SIGKILL` (or its exit status), as far as the process object knows."""
+        import signal
+
+        parts = []
+        for proc in self._engine_processes():
+            code = getattr(proc, "exitcode", None)
+            if code is None:
+                continue
+            if code < 0:
+                try:
+                    what = f"killed by {signal.Signals(-code).name}"
+                except ValueError:
+                    what = f"killed by signal {-code}"
+            else:
+                what = f"exited with status {code}"
+            parts.append(f"engine-core process {proc.pid} {what}")
+        return "; ".join(parts) or "its output handler stopped"
 
     def shutdown(self) -> None:
         if self.stopped:
@@ -209,6 +233,23 @@ def _build_client(args: argparse.Namespace, throughput: Throughput):
     )
 
 
+def _chat_template(client, state: State) -> str | None:
+    """The chat template vLLM's chat serving will use (--chat-template, else the processor's or tokenizer's)."""
+    from vllm.renderers.hf import resolve_chat_template
+
+    serving = getattr(state, "openai_serving_chat", None)
+    try:
+        return resolve_chat_template(
+            client.get_tokenizer(),
+            getattr(serving, "chat_template", None),
+            None,
+            model_config=client.model_config,
+        )
+    except Exception:  # no template (chat then fails in vLLM anyway), or an unusual tokenizer: OpenAI's roles only
+        logger.debug("could not resolve the chat template", exc_info=True)
+        return None
+
+
 async def start_engine(model: ModelSettings, settings: ServerSettings) -> ModelEngine:
     from vllm.entrypoints.launchers.api_server.app_state import init_app_state
 
@@ -241,6 +282,7 @@ async def start_engine(model: ModelSettings, settings: ServerSettings) -> ModelE
         slow = reference_fallback_reason(kernels)
         if slow:
             logger.warning("model %s: the slow reference kernel serves, because %s", model.name, slow)
+    chat_roles = roles_of_template(_chat_template(client, state))
     limit = admission_limit(client.vllm_config.scheduler_config.max_num_seqs, settings.max_queue_for(model))
     eng = ModelEngine(
         name=model.name,
@@ -254,6 +296,7 @@ async def start_engine(model: ModelSettings, settings: ServerSettings) -> ModelE
         start_seconds=time.perf_counter() - t0,
         kernels=kernels,
         routing_refresh_s=settings.routing_refresh_s,
+        chat_roles=chat_roles,
     )
     logger.info(
         "model %s (%s) ready in %.1f s; quant_method=%s; admission limit %s",

@@ -1,12 +1,28 @@
 """Our additions to vLLM's protocol models (vllm.entrypoints.serve.engine.protocol): a model card that says
-what the checkpoint holds (extra fields are ignored by OpenAI clients; the `openai` package keeps them), and a
-chat request that rejects wrongly shaped JSON before vLLM's own validators trip over it."""
+what the checkpoint holds (extra fields are ignored by OpenAI clients; the `openai` package keeps them), and
+completion/chat requests checked strictly before vLLM's own validators see them.
+
+Strict, where vLLM's models are lax (pydantic's lax mode turns `"10"` into 10 and `"true"` into True, and vLLM
+silently clamps or ignores the rest), each with an OpenAI-style 400 naming the field:
+- JSON types: a number field takes a JSON number (not a string, not a boolean; finite), a boolean field a JSON
+  boolean, at any depth of vLLM's own request model (`stream_options.include_usage`, `stop_token_ids[0]`, ...);
+- `logit_bias` values within OpenAI's [-100, 100] (vLLM would clamp 1e308 to 100 without a word);
+- `best_of` (OpenAI's; vLLM ignores it) only as `null` or equal to `n`: more candidates are not generated here;
+- wrongly shaped JSON vLLM's before-validators would trip over (500s), and integers past 64 bits.
+Unknown fields stay accepted and ignored, as vLLM's server does (clients send vendor extras). Chat roles are
+checked per model in the route (server.routes.chat), against the roles its chat template names.
+"""
 
 from __future__ import annotations
 
+import functools
+import math
+import re
+import types
+import typing
 from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.serve.engine.protocol import ModelCard, ModelList, OpenAIBaseModel
@@ -86,6 +102,141 @@ def _reject_huge_integers(data: Any) -> None:
                 raise VLLMValidationError(f"`{where}` is outside the 64-bit integer range.", parameter=where)
 
 
+MAX_LOGIT_BIAS = 100.0  # OpenAI: "a bias value from -100 to 100"
+
+
+def _kind(tp: Any) -> Any:
+    """What JSON a field of this annotation must hold, as far as this check goes: "int", "float", "bool",
+    ("list", kind), ("dict", kind), ("model", cls), or None (anything: a union of different kinds, strings, ...).
+    """
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Annotated:
+        return _kind(args[0])
+    if origin in (typing.Union, types.UnionType):
+        kinds = {repr(k): k for k in (_kind(a) for a in args if a is not type(None))}
+        return next(iter(kinds.values())) if len(kinds) == 1 else None
+    if tp in (bool, int, float):
+        return tp.__name__
+    if origin is list and args:
+        inner = _kind(args[0])
+        return ("list", inner) if inner else None
+    if origin is dict and len(args) == 2:
+        inner = _kind(args[1])
+        return ("dict", inner) if inner else None
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return ("model", tp)
+    return None
+
+
+@functools.cache
+def field_kinds(model: type[BaseModel]) -> dict[str, Any]:
+    """{JSON key: kind} of a request model's fields whose kind is known (by name and by alias)."""
+    out = {}
+    for name, info in model.model_fields.items():
+        kind = _kind(info.annotation)
+        if kind is not None:
+            out[name] = kind
+            if info.alias:
+                out[info.alias] = kind
+    return out
+
+
+_EXPECTED = {"int": "an integer", "float": "a number", "bool": "a boolean"}
+
+
+def _type_error(where: str, kind: str, value: Any) -> VLLMValidationError:
+    got = _JSON_TYPES.get(type(value), type(value).__name__)
+    if isinstance(value, float) and not math.isfinite(value):
+        got = "a non-finite number"
+    where = where if len(where) <= MAX_ECHOED_PATH else f"{where[:MAX_ECHOED_PATH]}...[truncated]"
+    return VLLMValidationError(f"`{where}` must be {_EXPECTED[kind]}, got {got}.", parameter=where)
+
+
+def _check_value(value: Any, kind: Any, where: str) -> None:
+    """Raise a 400 when `value` (JSON) cannot be of `kind` without lax coercion; null is left to pydantic."""
+    if value is None:
+        return
+    if kind == "bool":
+        if type(value) is not bool:
+            raise _type_error(where, kind, value)
+    elif kind in ("int", "float"):
+        if type(value) not in (int, float) or (type(value) is float and not math.isfinite(value)):
+            raise _type_error(where, kind, value)
+    elif kind[0] == "list" and isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_value(item, kind[1], f"{where}[{i}]")
+    elif kind[0] == "dict" and isinstance(value, dict):
+        for key, item in value.items():
+            _check_value(item, kind[1], f"{where}.{key}")
+    elif kind[0] == "model" and isinstance(value, dict):
+        check_json_types(kind[1], value, where + ".")
+
+
+def check_json_types(model: type[BaseModel], data: dict, prefix: str = "") -> None:
+    kinds = field_kinds(model)
+    for key, value in data.items():
+        if key in kinds:
+            _check_value(value, kinds[key], f"{prefix}{key}")
+
+
+def _check_values(data: dict) -> None:
+    bias = data.get("logit_bias")
+    if isinstance(bias, dict):
+        for token, value in bias.items():
+            if isinstance(value, (int, float)) and not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+                shown = str(token)[:MAX_ECHOED_PATH]
+                raise VLLMValidationError(
+                    f"`logit_bias` values must be within [-100, 100]; token {shown} has {value!r}.",
+                    parameter="logit_bias",
+                )
+    best_of = data.get("best_of")
+    if best_of is not None:
+        _check_value(best_of, "int", "best_of")
+        n = data.get("n")
+        n = 1 if n is None else n
+        if best_of != n:
+            raise VLLMValidationError(
+                f"`best_of` other than `n` is not supported (got best_of={best_of!r}, n={n!r}): this server does "
+                "not generate extra candidates to choose from. Leave it out.",
+                parameter="best_of",
+            )
+
+
+def check_request(model: type[BaseModel], data: Any) -> Any:
+    """Every check of this module, for a completion or chat request body (before any of vLLM's validators)."""
+    data = reject_json_vllm_trips_on(data)
+    if isinstance(data, dict):
+        check_json_types(model, data)
+        _check_values(data)
+    return data
+
+
+OPENAI_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+_TEMPLATE_WORD = re.compile(r"""["']([A-Za-z_][A-Za-z0-9_-]{0,31})["']""")
+
+
+def roles_of_template(template: str | None) -> frozenset[str]:
+    """The roles a chat request may use with this chat template: OpenAI's, plus the custom ones vLLM lets through
+    that the template names (a quoted word in it: Llama 3.1's `ipython`, GLM's `observation`, ...)."""
+    return OPENAI_ROLES | frozenset(_TEMPLATE_WORD.findall(template or ""))
+
+
+def check_roles(messages: Any, allowed: frozenset[str]) -> None:
+    """400 naming `messages[i].role` for a role that is neither OpenAI's nor named by the chat template."""
+    if not isinstance(messages, list):
+        return
+    for i, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else getattr(message, "role", None)
+        if isinstance(role, str) and role not in allowed:
+            shown = role if len(role) <= MAX_ECHOED_PATH else f"{role[:MAX_ECHOED_PATH]}...[truncated]"
+            known = ", ".join(sorted(OPENAI_ROLES))
+            raise VLLMValidationError(
+                f"`messages[{i}].role` {shown!r} is not a role this model knows (OpenAI's: {known}; or one its "
+                "chat template names).",
+                parameter=f"messages[{i}].role",
+            )
+
+
 def reject_json_vllm_trips_on(data: Any) -> Any:
     """vLLM's request models run `mode="before"` validators that dereference raw JSON (`.get`,
     `["function"]["name"]`, `list(...)`) before pydantic has checked a single type: a number or a list where they
@@ -124,11 +275,11 @@ class CheckedChatCompletionRequest(ChatCompletionRequest):
     @model_validator(mode="before")
     @classmethod
     def _shapes_first(cls, data: Any) -> Any:
-        return reject_json_vllm_trips_on(data)
+        return check_request(ChatCompletionRequest, data)
 
 
 class CheckedCompletionRequest(CompletionRequest):
     @model_validator(mode="before")
     @classmethod
     def _shapes_first(cls, data: Any) -> Any:
-        return reject_json_vllm_trips_on(data)
+        return check_request(CompletionRequest, data)

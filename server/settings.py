@@ -9,6 +9,9 @@ YAML (every key optional except `models` when no MODEL is given on the command l
                                     # (default: max_num_seqs, a queue as deep as the batch)
     retry_after_s: 1
     drain_timeout_s: 30             # graceful shutdown: how long in-flight requests may finish
+    on_engine_death: exit           # exit (non-zero, after draining the other models' streams) or stay (503s)
+    keep_alive_s: 75                # idle keep-alive connections are closed after this (longer than proxies')
+    auth_metrics: false             # true: /metrics, /version and the OpenAPI pages need the API key too
     max_body_bytes: 8388608
     limit_concurrency: 512          # uvicorn's connection bound (default: the admission limits + 256)
     routing_refresh_s: 5            # gather expert-routing counts from the workers at most this often
@@ -37,6 +40,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+ENGINE_DEATH_POLICIES = ("exit", "stay")
+
 
 class SettingsError(ValueError):
     """A configuration mistake, reported before any engine starts."""
@@ -60,6 +65,9 @@ class ServerSettings:
     max_queue: int | None = None  # None: max_num_seqs (vLLM's own --max-num-queued-reqs still applies, as 503)
     retry_after_s: int = 1
     drain_timeout_s: float = 30.0
+    on_engine_death: str = "exit"  # exit: stop (drain, exit status 3) so a supervisor restarts us; stay: 503s
+    keep_alive_s: float = 75.0  # > the idle timeouts of proxies and client pools: the client closes idle ones
+    auth_metrics: bool = False  # /metrics, /version, /openapi.json, /docs, /redoc behind the key too
     max_body_bytes: int = 8 * 2**20
     limit_concurrency: int | None = None  # None: the sum of the models' admission limits + 256 (cli.py)
     routing_refresh_s: float = 5.0
@@ -199,6 +207,9 @@ def build_settings(
         "max_queue",
         "retry_after_s",
         "drain_timeout_s",
+        "on_engine_death",
+        "keep_alive_s",
+        "auth_metrics",
         "max_body_bytes",
         "limit_concurrency",
         "routing_refresh_s",
@@ -220,6 +231,14 @@ def build_settings(
             f"--insecure-no-auth to serve it unauthenticated on purpose"
         )
 
+    if settings.on_engine_death not in ENGINE_DEATH_POLICIES:
+        raise SettingsError(
+            f"on_engine_death must be one of {list(ENGINE_DEATH_POLICIES)}, got {settings.on_engine_death!r}"
+        )
+    if not isinstance(settings.auth_metrics, bool):
+        raise SettingsError(f"auth_metrics must be true or false, got {settings.auth_metrics!r}")
+    if settings.auth_metrics and settings.api_key is None:
+        raise SettingsError("auth_metrics puts /metrics and /version behind the API key, but no key is configured")
     settings.max_queue = _non_negative_int(settings.max_queue, "max_queue")
     settings.port = _non_negative_int(settings.port, "port")
     settings.retry_after_s = _non_negative_int(settings.retry_after_s, "retry_after_s")
@@ -228,6 +247,9 @@ def build_settings(
         raise SettingsError("limit_concurrency must be positive (leave it out for the default)")
     if not isinstance(settings.routing_refresh_s, (int, float)) or settings.routing_refresh_s <= 0:
         raise SettingsError(f"routing_refresh_s must be a positive number, got {settings.routing_refresh_s!r}")
+    value = settings.keep_alive_s
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise SettingsError(f"keep_alive_s must be a positive number, got {value!r}")
     for key in ("drain_timeout_s", "sse_keep_alive_s", "metrics_max_age_s", "metrics_scrapes_per_s"):
         value = getattr(settings, key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):

@@ -1,5 +1,5 @@
-"""POST /v1/chat/completions (vLLM's ChatCompletionRequest, shape-checked first:
-server.protocol.CheckedChatCompletionRequest; the model's chat template; SSE streaming)."""
+"""POST /v1/chat/completions (vLLM's ChatCompletionRequest, checked strictly first:
+server.protocol.CheckedChatCompletionRequest; roles checked against the model's chat template; SSE streaming)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from vllm.entrypoints.serve.utils.api_utils import validate_json_request, with_cancellation
 
-from server.protocol import CheckedChatCompletionRequest
+from server.protocol import CheckedChatCompletionRequest, check_roles, roles_of_template
 from server.routes.common import admit, render, resolve
 from server.routes.completions import _ERRORS
 
@@ -26,6 +26,8 @@ async def create_chat_completion(request: CheckedChatCompletionRequest, raw_requ
     eng = resolve(raw_request, request.model)
     if isinstance(eng, JSONResponse):
         return eng
+    roles = eng.chat_roles | roles_of_template(request.chat_template) if request.chat_template else eng.chat_roles
+    check_roles(request.messages, roles)  # VLLMValidationError: vLLM's handler answers 400 naming the field
     if (rejected := admit(raw_request, eng, request)) is not None:
         return rejected
     return render(await eng.chat.create_chat_completion(request, raw_request), raw_request)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -10,12 +12,13 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-from vllm.entrypoints.serve.utils.sse_keep_alive import with_sse_keep_alive
+from vllm.entrypoints.serve.utils.sse_keep_alive import SSE_KEEP_ALIVE_COMMENT
 
 from server.admission import request_slots
 from server.engine import EnginePool, ModelEngine
 from server.errors import error_body, error_response
 from server.middleware.admission import SLOTS_SCOPE_KEY
+from server.middleware.shed import rate_limited
 
 logger = logging.getLogger("moemix.server")
 SSE_ERROR_PREFIX = 'data: {"error"'  # how vLLM's stream generators report a failure (then `data: [DONE]`)
@@ -50,12 +53,7 @@ def admit(raw_request: Request, eng: ModelEngine, request) -> JSONResponse | Non
         )
     slot = eng.gate.try_acquire(n)
     if slot is None:
-        retry = str(raw_request.app.state.settings.retry_after_s)
-        return error_response(
-            429,
-            f"Model `{eng.name}` is at its limit of {eng.gate.limit} requests in flight; retry after {retry} s.",
-            headers={"Retry-After": retry},
-        )
+        return rate_limited(eng, raw_request.app.state.settings.retry_after_s)
     holder = raw_request.scope.get(SLOTS_SCOPE_KEY)
     if holder is None:  # not under the middleware (should not happen): release when the response is built
         slot.release()
@@ -70,20 +68,59 @@ def _fail(raw_request: Request) -> None:
         slot.release(completed=False)
 
 
-async def _stream(chunks: AsyncIterator[str], raw_request: Request) -> AsyncIterator[str]:
-    """vLLM's SSE chunks; an error event (vLLM's, or ours if the generator raised: the engine died mid-stream)
-    fails the request, and the stream always ends with `data: [DONE]`."""
+async def _relay(chunks: AsyncIterator[str], raw_request: Request, keep_alive_s: float) -> AsyncIterator[str]:
+    """vLLM's SSE chunks, relayed by one task per stream: the response sends, in one piece, everything that arrived
+    since its last send (under load, the events of several engine steps leave in one write: one ASGI send and one
+    syscall instead of one per event, and no task per event as vLLM's keep-alive wrapper creates), and a
+    `: keep-alive` comment whenever nothing arrived for keep_alive_s (0: never). An error event (vLLM's, or ours
+    if the generator raised: the engine died mid-stream) fails the request; the stream always ends with
+    `data: [DONE]`."""
+    loop = asyncio.get_running_loop()
+    pending: list[str] = []
+    wake = asyncio.Event()
+    ended: list[BaseException | None] = []  # [None] at the end, [exception] if the generator raised
+
+    async def pump() -> None:
+        try:
+            async for chunk in chunks:
+                pending.append(chunk)
+                wake.set()
+            ended.append(None)
+        except Exception as e:
+            ended.append(e)
+        finally:
+            wake.set()
+
+    task = asyncio.create_task(pump())
     try:
-        async for chunk in chunks:
-            if chunk.startswith(SSE_ERROR_PREFIX):
-                _fail(raw_request)
-            yield chunk
-    except Exception:
-        logger.exception("stream of %s failed", raw_request.url.path)
-        _fail(raw_request)
-        body = error_body(500, "The engine failed while generating this response.")
-        yield f"data: {json.dumps(body)}\n\n"
-        yield "data: [DONE]\n\n"
+        while True:
+            if not pending and not ended:
+                timer = loop.call_later(keep_alive_s, wake.set) if keep_alive_s > 0 else None
+                await wake.wait()
+                if timer is not None:
+                    timer.cancel()
+            wake.clear()
+            if pending:
+                batch = "".join(pending)
+                pending.clear()
+                if SSE_ERROR_PREFIX in batch:
+                    _fail(raw_request)
+                yield batch
+            elif ended:
+                if ended[0] is not None:
+                    logger.error("stream of %s failed", raw_request.url.path, exc_info=ended[0])
+                    _fail(raw_request)
+                    body = error_body(500, "The engine failed while generating this response.")
+                    yield f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n"
+                return
+            else:
+                yield SSE_KEEP_ALIVE_COMMENT
+    finally:  # the client went away (or we are done): stop the generator, which aborts the request in the engine
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        with contextlib.suppress(BaseException):
+            await chunks.aclose()
 
 
 def render(result, raw_request: Request):
@@ -94,6 +131,4 @@ def render(result, raw_request: Request):
     if isinstance(result, BaseModel):
         return JSONResponse(result.model_dump())
     keep_alive_s = raw_request.app.state.settings.sse_keep_alive_s
-    return StreamingResponse(
-        _stream(with_sse_keep_alive(result, keep_alive_s), raw_request), media_type="text/event-stream"
-    )
+    return StreamingResponse(_relay(result, raw_request, keep_alive_s), media_type="text/event-stream")

@@ -19,6 +19,8 @@ import prometheus_client
 from fastapi import APIRouter, FastAPI, Request
 from vllm.v1.metrics.prometheus import get_prometheus_registry
 
+from server.middleware.auth import has_key, send_unauthorized
+
 router = APIRouter()
 METRICS_PATH = "/metrics"
 
@@ -66,16 +68,20 @@ class Pacer:
 
 
 class MetricsEndpoint:
-    """Pure ASGI: answers GET /metrics from the cache, paced; everything else goes on to the app."""
+    """Pure ASGI: answers GET /metrics from the cache, paced; everything else goes on to the app. With `api_key`
+    (auth_metrics) a scrape without that bearer key gets 401 before it costs anything."""
 
-    def __init__(self, app, max_age_s: float, scrapes_per_s: float):
+    def __init__(self, app, max_age_s: float, scrapes_per_s: float, api_key: str | None = None):
         self.app = app
         self.exposition = CachedExposition(get_prometheus_registry(), max_age_s)
         self.pacer = Pacer(scrapes_per_s)
+        self.expected = api_key.encode() if api_key else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] != METRICS_PATH or scope["method"] not in ("GET", "HEAD"):
             return await self.app(scope, receive, send)
+        if self.expected is not None and not has_key(scope, self.expected):
+            return await send_unauthorized(send)
         await self.pacer.turn()
         body = await self.exposition.body()
         await send(
@@ -102,7 +108,7 @@ def attach_router(app: FastAPI) -> None:
     app.include_router(router)
 
 
-def instrument(app: FastAPI, max_age_s: float, scrapes_per_s: float) -> None:
+def instrument(app: FastAPI, max_age_s: float, scrapes_per_s: float, api_key: str | None = None) -> None:
     """HTTP request metrics, then /metrics itself; call after adding every other middleware so both are outermost
     (401/413/429 count; a scrape skips everything)."""
     import vllm.entrypoints.serve.instrumentator.metrics  # noqa: F401  (patches the instrumentator's route walk)
@@ -110,8 +116,8 @@ def instrument(app: FastAPI, max_age_s: float, scrapes_per_s: float) -> None:
 
     try:
         Instrumentator(
-            excluded_handlers=[METRICS_PATH, "/health", "/version"], registry=get_prometheus_registry()
+            excluded_handlers=[METRICS_PATH, "/health", "/ready", "/version"], registry=get_prometheus_registry()
         ).add().instrument(app)
     except ValueError:  # a second app in the same process: the http_* metrics already exist
         pass
-    app.add_middleware(MetricsEndpoint, max_age_s=max_age_s, scrapes_per_s=scrapes_per_s)
+    app.add_middleware(MetricsEndpoint, max_age_s=max_age_s, scrapes_per_s=scrapes_per_s, api_key=api_key)

@@ -345,9 +345,14 @@ def _pod_spec_checks(spec: dict, gpus: str, http: bool = True):
     assert models["readOnly"] and vols[models["name"]]["persistentVolumeClaim"]["claimName"] == "moemix-models"
     assert spec["securityContext"]["runAsNonRoot"] and spec["securityContext"]["runAsUser"] != 0
     if http:
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert c[probe]["httpGet"]["path"] == "/health", probe
+        paths = {"startupProbe": "/health", "readinessProbe": "/ready", "livenessProbe": "/health"}
+        for probe, path in paths.items():
+            assert c[probe]["httpGet"]["path"] == path, probe
             assert c[probe]["httpGet"]["port"] == "http"
+            # the server answers probes from memory: a few seconds is a hung process, not a busy one
+            assert 1 <= c[probe]["timeoutSeconds"] <= 5, probe
+        liveness = c["livenessProbe"]
+        assert liveness["periodSeconds"] * liveness["failureThreshold"] >= 20  # no restart on one slow moment
         assert {"name": "http", "containerPort": 8000} == {
             k: v for k, v in c["ports"][0].items() if k in ("name", "containerPort")
         }

@@ -111,6 +111,7 @@ def server(moemix_ckpt, tmp_path_factory):
                 "max_queue": 8,
                 "retry_after_s": 2,
                 "drain_timeout_s": 60,
+                "on_engine_death": "stay",  # test_dead_engine_is_503... kills one; the others go on here
                 "routing_refresh_s": ROUTING_REFRESH_S,
                 "sse_keep_alive_s": SSE_KEEP_ALIVE_S,
                 "metrics_max_age_s": METRICS_MAX_AGE_S,
@@ -322,6 +323,17 @@ def test_bad_requests_are_400(server):
 
     with pytest.raises(openai.BadRequestError):
         server.client().completions.create(model=MOEMIX, prompt="x", max_tokens=100_000)
+    # strict where vLLM's own server is lax (issue 21): each a 400 naming the field
+    for body, param in (
+        ({"max_tokens": "10"}, "max_tokens"),
+        ({"best_of": 1e9}, "best_of"),
+        ({"logit_bias": {"5": 1e308}}, "logit_bias"),
+    ):
+        r = server.post("/v1/completions", {"model": MOEMIX, "prompt": "x", **body})
+        assert assert_openai_error(r, 400, "BadRequestError")["param"] == param
+    wizard = {"model": MOEMIX, "messages": [{"role": "wizard", "content": "hi"}], "max_tokens": 2}
+    r = server.post("/v1/chat/completions", wizard)
+    assert assert_openai_error(r, 400, "BadRequestError")["param"] == "messages[0].role"
 
 
 def test_unknown_model_is_404(server):
@@ -1202,7 +1214,85 @@ def test_dead_engine_is_503_and_the_rest_keeps_serving(server):
     )
     assert server.client().completions.create(model=alive, prompt="x", max_tokens=2).usage.completion_tokens == 2
     assert metric(server.metrics(), "moemix_engine_healthy", model=dead) == 0
+    ready = httpx.get(server.url + "/ready", timeout=10)
+    assert ready.status_code == 503 and ready.json()["models"][dead]["status"] == "dead"
+    assert ready.json()["models"][alive]["status"] == "ok"
+    # on_engine_death: stay: one line says so, and the server keeps running
+    lines = [ln for ln in server.log.read_text(errors="replace").splitlines() if "ENGINE DEAD" in ln]
+    assert len(lines) == 1 and f"model {dead}:" in lines[0] and "staying up" in lines[0], lines
+    assert "killed by SIGKILL" in lines[0], lines
+    time.sleep(2 * 0.5)  # a few rounds of the engine watcher
+    assert server.proc.poll() is None
     server.alive_model = alive
+
+
+EXIT_STREAM_TOKENS = 400  # the surviving model's stream: seconds, still running when the server stops accepting
+
+
+def test_engine_death_exits_after_the_other_models_streams(tmp_path):
+    """Default --on-engine-death exit: SIGKILL one model's engine core while both models stream. The dead model's
+    stream ends with an error event and [DONE]; the server logs one ENGINE DEAD line naming it and stops
+    accepting connections while the other model's stream is still running; that stream finishes complete; then
+    the process exits with status 3 and no engine process is left."""
+    import threading
+
+    import psutil
+
+    args = [f"a={TRAINED_MIXTRAL}", f"b={TRAINED_MIXTRAL}", "--max-model-len", "1024", "--max-num-seqs", "2"]
+    proc, port, log = launch_server([*args, "--enforce-eager"], tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(proc, url, log, timeout=240)
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        cores = [p for p in tree if "EngineCore" in " ".join([p.name(), *p.cmdline()])]
+        assert len(cores) == 2, [(p.pid, p.name()) for p in tree]
+        victim = min(cores, key=lambda p: p.pid)
+        ended: dict[str, tuple[float, list[str]]] = {}
+
+        def stream(model: str, started: threading.Event) -> None:
+            body = {"model": model, "prompt": PROMPT, "max_tokens": EXIT_STREAM_TOKENS, "ignore_eos": True}
+            body |= {"stream": True, "stream_options": {"include_usage": True}}
+            events = []
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line.removeprefix("data: "))
+                        started.set()
+            ended[model] = (time.monotonic(), events)
+
+        threads = []
+        for model in ("a", "b"):
+            started = threading.Event()
+            threads.append(threading.Thread(target=stream, args=(model, started)))
+            threads[-1].start()
+            assert started.wait(60), log.read_text()[-3000:]
+        victim.kill()
+        refused_at = None  # when the server stopped accepting connections
+        deadline = time.monotonic() + 60
+        while refused_at is None and time.monotonic() < deadline:
+            try:
+                httpx.get(url + "/health", timeout=5)
+                time.sleep(0.05)
+            except httpx.ConnectError:
+                refused_at = time.monotonic()
+        for t in threads:
+            t.join(120)
+        assert proc.wait(90) == 3, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    dead = next(m for m, (_, events) in ended.items() if any('"error"' in e for e in events))
+    alive = "b" if dead == "a" else "a"
+    assert ended[dead][1][-1] == "[DONE]" and json.loads(ended[dead][1][-2])["error"]["message"]
+    alive_end, alive_events = ended[alive]
+    assert alive_events[-1] == "[DONE]" and not any('"error"' in e for e in alive_events)
+    assert json.loads(alive_events[-2])["usage"]["completion_tokens"] == EXIT_STREAM_TOKENS
+    assert refused_at is not None and refused_at < alive_end, "the server stopped after the stream, not before"
+    lines = [ln for ln in log.read_text(errors="replace").splitlines() if "ENGINE DEAD" in ln]
+    assert len(lines) == 1 and f"model {dead}: engine-core process {victim.pid} killed by SIGKILL" in lines[0], lines
+    assert f"exiting with status 3 once the in-flight requests of {alive} have finished" in lines[0]
+    assert not [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    print(f"\nstopped accepting {alive_end - refused_at:.1f} s before the surviving stream ended; exit status 3")
 
 
 def test_sigterm_during_engine_start_up_leaves_no_process(tmp_path):

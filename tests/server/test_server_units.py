@@ -54,6 +54,10 @@ def test_yaml_and_flags(tmp_path, monkeypatch):
         ("models: [a/b]\nsse_keep_alive_s: -1", "sse_keep_alive_s must be a non-negative number"),
         ("models: [a/b]\nsse_keep_alive_s: .inf", "sse_keep_alive_s must be a non-negative number"),
         ("models: [a/b]\nsse_keep_alive_s: yes", "sse_keep_alive_s must be a non-negative number"),
+        ("models: [a/b]\non_engine_death: restart", "on_engine_death must be one of"),
+        ("models: [a/b]\nkeep_alive_s: 0", "keep_alive_s must be a positive number"),
+        ("models: [a/b]\nauth_metrics: 1", "auth_metrics must be true or false"),
+        ("models: [a/b]\nauth_metrics: true", "no key is configured"),
     ],
 )
 def test_yaml_mistakes_are_named(tmp_path, text, message):
@@ -435,7 +439,9 @@ def test_uvicorn_concurrency_limit(tmp_path):
         engines={"a": SimpleNamespace(gate=AdmissionGate(2)), "b": SimpleNamespace(gate=AdmissionGate(12))}
     )
     settings = build_settings([str(tmp_path)])
-    assert uvicorn_config(None, settings, pool).limit_concurrency == 14 + CONCURRENCY_HEADROOM
+    config = uvicorn_config(None, settings, pool)
+    assert config.limit_concurrency == 14 + CONCURRENCY_HEADROOM
+    assert config.timeout_keep_alive == 75 and config.http.__name__ == "MoemixHttpProtocol"
     settings.limit_concurrency = 50
     assert uvicorn_config(None, settings, pool).limit_concurrency == 50
 
@@ -495,6 +501,13 @@ class FakeCompletions:
         return chunks()
 
 
+class FakeChat:
+    async def create_chat_completion(self, request, raw_request):
+        from vllm.entrypoints.serve.tokenize.protocol import TokenizeResponse
+
+        return TokenizeResponse(tokens=[len(request.messages)], count=1, max_model_len=64)  # any JSON will do
+
+
 class FakeTokenization:
     async def create_tokenize(self, request, raw_request):
         from vllm.entrypoints.serve.tokenize.protocol import TokenizeResponse
@@ -517,6 +530,7 @@ def fake_app(tmp_path):
     settings = build_settings([str(tmp_path)], routing_refresh_s=3600, metrics_max_age_s=0)  # fresh each scrape
     state = State()
     state.openai_serving_completion, state.serving_tokenization = FakeCompletions(), FakeTokenization()
+    state.openai_serving_chat = FakeChat()
     eng = ModelEngine(
         name="m",
         path=str(tmp_path),
@@ -728,3 +742,395 @@ def test_unknown_model_name_is_not_echoed_whole(fake_app):
     assert len(r.content) < 1024 and "...[truncated]" in r.json()["error"]["message"]
     r = client.post("/v1/completions", json={"model": "gpt-5", "prompt": "x"})
     assert "`gpt-5` does not exist" in r.json()["error"]["message"]
+
+
+# --------------------------------------------------------------------- overload and faults (no engine)
+
+
+def _serve_in_thread(app, protocol, keep_alive_s: float, loop: str = "auto"):
+    """uvicorn (httptools) on a free loopback port in a thread; returns (server, thread, port)."""
+    import threading
+
+    import uvicorn
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, http=protocol, timeout_keep_alive=keep_alive_s, loop=loop, log_level="warning"
+    )
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not srv.started:
+        assert time.monotonic() < deadline and thread.is_alive()
+        time.sleep(0.02)
+    return srv, thread, port
+
+
+async def _stalling_app(scope, receive, send):
+    """Answers `ok`; `?stall` also stalls the loop twice from timer callbacks, 0.9 s and 0.95 s later (0.3 s and
+    0.6 s: a loaded server's loop busy with other work, or a garbage-collection pause)."""
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        return await send({"type": "lifespan.shutdown.complete"})
+    if scope["query_string"] == b"stall":
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.9, time.sleep, 0.3)
+        loop.call_later(0.95, time.sleep, 0.6)
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+@pytest.mark.parametrize("ours", [True, False], ids=["ours", "uvicorn-stock"])
+def test_keep_alive_timer_never_drops_a_request_that_arrived(ours, loop):
+    """The root cause of requests that got no status under overload. Keep-alive 1 s; the loop stalls from 0.9 s
+    to 1.8 s, so the idle timer cannot close the connection on time and the client, 1.4 s after its last
+    response, still sees it open and sends its next request. The loop reaches the timer (due since 1.0 s) after
+    the second stall but before it reads the socket: stock uvicorn then closes the connection with the request
+    unanswered (connection reset: the client cannot know whether it ran). Ours sees the unread bytes and
+    answers."""
+    import http.client
+
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    from server.connection import http_protocol
+
+    srv, thread, port = _serve_in_thread(
+        _stalling_app, http_protocol() if ours else HttpToolsProtocol, keep_alive_s=1.0, loop=loop
+    )
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/?stall")
+        assert conn.getresponse().read() == b"ok"  # the server arms its 1 s keep-alive timer for this connection
+        time.sleep(1.4)
+        conn.request("GET", "/")
+        try:
+            answer = conn.getresponse().read()
+        except (ConnectionError, http.client.HTTPException) as e:
+            answer = repr(e)
+        assert (answer == b"ok") == ours, answer
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+
+
+def test_probes_bypass_the_concurrency_limit():
+    """Past limit_concurrency uvicorn answers 503 without reading the request; /health and /ready go through."""
+    import http.client
+
+    from server.connection import http_protocol
+
+    srv, thread, port = _serve_in_thread(_stalling_app, http_protocol(), 5)
+    srv.config.limit_concurrency = 1
+    try:
+        held = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        held.connect()  # one open connection: the limit is reached
+        time.sleep(0.2)
+        for path, status in (("/", 503), ("/health", 200), ("/ready?x=1", 200)):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("GET", path)
+            assert conn.getresponse().status == status, path
+            conn.close()
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+
+
+def test_engine_flags_and_yaml(tmp_path):
+    from server.cli import settings_from_args
+
+    args = _serve_args([str(tmp_path), "--on-engine-death", "stay", "--keep-alive", "30", "--auth-metrics"])
+    with pytest.raises(SettingsError, match="no key is configured"):
+        settings_from_args(args)
+    s = settings_from_args(_serve_args([str(tmp_path), "--on-engine-death", "stay", "--keep-alive", "30"]))
+    assert (s.on_engine_death, s.keep_alive_s, s.auth_metrics) == ("stay", 30, False)
+    d = build_settings([str(tmp_path)])
+    assert (d.on_engine_death, d.keep_alive_s, d.auth_metrics) == ("exit", 75.0, False)  # the defaults
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("on_engine_death: stay\nkeep_alive_s: 20\nauth_metrics: true\napi_key: k\n")
+    s = build_settings([str(tmp_path)], str(cfg))
+    assert (s.on_engine_death, s.keep_alive_s, s.auth_metrics) == ("stay", 20, True)
+
+
+def test_health_and_ready_probes(fake_app):
+    """/health: alive or not; /ready: alive and a free slot. Answered from memory, open, GET and HEAD."""
+    client, eng = fake_app
+    assert client.get("/health").json() == {"status": "ok", "models": {"m": "ok"}}
+    r = client.get("/ready")
+    assert r.status_code == 200 and r.json()["models"]["m"] == {"status": "ok", "in_flight": 0, "limit": 2}
+    assert client.head("/ready").status_code == 200 and client.head("/ready").content == b""
+    eng.gate.in_flight = 2  # full: new requests would get 429
+    try:
+        assert client.get("/health").status_code == 200
+        r = client.get("/ready")
+        assert (
+            r.status_code == 503 and r.json()["status"] == "not ready" and r.json()["models"]["m"]["status"] == "full"
+        )
+    finally:
+        eng.gate.in_flight = 0
+    eng.client.errored = True
+    try:
+        r = client.get("/health")
+        assert r.status_code == 503 and r.json() == {"status": "unhealthy", "models": {"m": "dead"}}
+        assert client.get("/ready").json()["models"]["m"]["status"] == "dead"
+    finally:
+        eng.client.errored = False
+
+
+@pytest.mark.parametrize("auth_metrics", [False, True])
+def test_auth_metrics_puts_metrics_version_and_docs_behind_the_key(tmp_path, auth_metrics):
+    from starlette.testclient import TestClient
+
+    from server.app import build_app
+    from server.engine import EnginePool
+
+    settings = build_settings([str(tmp_path)], api_key="k", auth_metrics=auth_metrics)
+    key = {"Authorization": "Bearer k"}
+    with TestClient(build_app(EnginePool({}), settings, shutdown_engines=False)) as client:
+        for path in ("/metrics", "/version", "/openapi.json", "/docs", "/redoc"):
+            r = client.get(path)
+            assert r.status_code == (401 if auth_metrics else 200), (path, r.status_code)
+            if auth_metrics:
+                assert r.json()["error"]["type"] == "AuthenticationError"
+                assert client.get(path, headers=key).status_code == 200, path
+        for path in ("/health", "/ready"):  # probes stay open
+            assert client.get(path).status_code == 200
+        assert client.get("/v1/models").status_code == 401
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"max_tokens": "10"}, "max_tokens"),
+        ({"temperature": "0.5"}, "temperature"),
+        ({"temperature": True}, "temperature"),
+        ({"stream": "true"}, "stream"),
+        ({"stream": 1}, "stream"),
+        ({"n": "2"}, "n"),
+        ({"stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
+        ({"stop_token_ids": [1, "2"]}, "stop_token_ids[1]"),
+        ({"logit_bias": {"5": "1"}}, "logit_bias.5"),
+        ({"logit_bias": {"5": 1e308}}, "logit_bias"),
+        ({"logit_bias": {"5": -100.5}}, "logit_bias"),
+        ({"best_of": 1e9}, "best_of"),
+        ({"best_of": 3}, "best_of"),
+        ({"best_of": "1"}, "best_of"),
+    ],
+)
+def test_strict_completion_requests(fake_app, body, param):
+    """What pydantic's lax mode would coerce (strings as numbers, numbers as booleans) and what vLLM would clamp
+    or ignore (logit_bias magnitudes, best_of) is a 400 naming the field, before the engine."""
+    client, eng = fake_app
+    r = client.post("/v1/completions", json={"model": "m", "prompt": "x", **body})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "BadRequestError" and err["param"] == param, err
+    assert eng.gate.in_flight == 0
+
+
+def test_non_finite_numbers_are_400(fake_app):
+    client, _ = fake_app
+    for raw in (
+        b'{"model": "m", "prompt": "x", "temperature": NaN}',
+        b'{"model": "m", "prompt": "x", "top_p": -Infinity}',
+    ):
+        r = client.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "non-finite" in r.json()["error"]["message"], r.text
+
+
+def test_well_typed_requests_still_pass(fake_app):
+    """The shapes OpenAI clients send: ints where floats go, null, best_of equal to n, biases within +-100."""
+    client, _ = fake_app
+    body = {
+        "model": "m",
+        "prompt": "x",
+        "max_tokens": 4,
+        "temperature": 1,
+        "top_p": 0.9,
+        "stream": False,
+        "seed": None,
+        "n": 1,
+        "best_of": 1,
+        "logit_bias": {"5": -100, "6": 100.0},
+        "stop_token_ids": [1, 2],
+        "stream_options": None,
+        "some_vendor_extra": "ignored, as vLLM does",
+    }
+    assert client.post("/v1/completions", json=body).status_code == 200
+
+
+def test_chat_roles_are_openais_or_the_templates():
+    from vllm.exceptions import VLLMValidationError
+
+    from server.protocol import OPENAI_ROLES, check_roles, roles_of_template
+
+    llama31 = "{% if message['role'] == 'ipython' %}<|start_header_id|>ipython{% endif %}"
+    assert roles_of_template(None) == OPENAI_ROLES and "ipython" in roles_of_template(llama31)
+    check_roles([{"role": "developer", "content": "x"}, {"role": "tool", "content": "y"}], OPENAI_ROLES)
+    with pytest.raises(VLLMValidationError) as e:
+        check_roles([{"role": "user", "content": "x"}, {"role": "wizard", "content": "y"}], OPENAI_ROLES)
+    assert e.value.parameter == "messages[1].role" and "'wizard'" in str(e.value)
+
+
+def test_unknown_chat_role_is_400(fake_app):
+    client, _ = fake_app
+    ok = client.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "developer", "content": "x"}]})
+    assert ok.status_code == 200, ok.text
+    r = client.post(
+        "/v1/chat/completions",
+        json={"model": "m", "messages": [{"role": "user", "content": "x"}, {"role": "wizard", "content": "y"}]},
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[1].role", r.text
+    assert r.json()["error"]["type"] == "BadRequestError"
+
+
+@pytest.mark.parametrize("policy", ["exit", "stay"])
+def test_engine_death_is_logged_once_and_exits_by_default(tmp_path, policy, caplog):
+    """The watcher notices a dead engine within ENGINE_WATCH_S, logs one ERROR line naming the model and what
+    happens next, and with `exit` asks the HTTP server to stop (drain) with exit status 3."""
+    import logging
+
+    from starlette.datastructures import State
+    from starlette.testclient import TestClient
+
+    from server.app import ENGINE_DEATH_EXIT_CODE, ENGINE_WATCH_S, build_app
+    from server.engine import EnginePool, ModelEngine
+    from server.facts import WeightFacts
+    from server.stats import Throughput
+
+    def engine(name):
+        return ModelEngine(
+            name=name,
+            path=str(tmp_path),
+            args=argparse.Namespace(worker_extension_cls=None),
+            client=FakeClient(),
+            state=State(),
+            facts=WeightFacts(path=str(tmp_path)),
+            gate=AdmissionGate(2),
+            throughput=Throughput(),
+        )
+
+    pool = EnginePool({"a": engine("a"), "b": engine("b")})
+    settings = build_settings([str(tmp_path)], on_engine_death=policy, drain_timeout_s=7)
+    app = build_app(pool, settings, shutdown_engines=False)
+    stops = []
+    app.state.request_shutdown = lambda: stops.append(time.monotonic())
+    with caplog.at_level(logging.ERROR, logger="moemix.server"), TestClient(app) as client:
+        time.sleep(2 * ENGINE_WATCH_S)
+        assert not stops and app.state.exit_code == 0
+        pool.engines["a"].client.errored = True
+        time.sleep(3 * ENGINE_WATCH_S)
+        assert client.get("/health").status_code == 503
+    lines = [r.getMessage() for r in caplog.records if "ENGINE DEAD" in r.getMessage()]
+    assert len(lines) == 1 and "model a:" in lines[0], lines
+    if policy == "exit":
+        assert len(stops) == 1 and app.state.exit_code == ENGINE_DEATH_EXIT_CODE
+        assert "exiting with status 3 once the in-flight requests of b have finished (at most 7 s" in lines[0]
+    else:
+        assert not stops and app.state.exit_code == 0 and "staying up, answering 503" in lines[0]
+
+
+def test_relay_batches_keeps_alive_and_stops_the_generator():
+    """The SSE relay: a silent generator gets `: keep-alive`; events that arrive while the response is busy leave
+    in one piece; an error event or a raising generator fails the request (slot released, incomplete); closing
+    the response (client gone) closes vLLM's generator, which aborts the request in the engine."""
+    from server.routes.common import _relay
+
+    class Slot:
+        def __init__(self):
+            self.completed = None
+
+        def release(self, completed=True):
+            self.completed = completed
+
+    def raw_request():
+        slot = Slot()
+        scope = {"moemix.admission_slots": [slot]}
+        return SimpleNamespace(scope=scope, url=SimpleNamespace(path="/v1/completions")), slot
+
+    closed = []
+
+    async def vllm_stream(gaps, fail=None):
+        try:
+            for i, gap in enumerate(gaps):
+                await asyncio.sleep(gap)
+                yield f"data: {i}\n\n"
+            if fail == "event":
+                yield 'data: {"error": {"code": 500}}\n\n'
+            if fail == "raise":
+                raise RuntimeError("engine died")
+            yield "data: [DONE]\n\n"
+        finally:
+            closed.append(True)
+
+    async def scenario():
+        req, slot = raw_request()
+        out = [c async for c in _relay(vllm_stream([0.0, 0.25]), req, keep_alive_s=0.1)]
+        assert out[0] == "data: 0\n\n" and ": keep-alive\n\n" in out and out[-1].endswith("data: [DONE]\n\n")
+        assert slot.completed is None  # a clean stream: the middleware releases it, completed
+
+        req, _ = raw_request()
+        relay, got = _relay(vllm_stream([0.0] * 5), req, keep_alive_s=0), []
+        async for chunk in relay:
+            got.append(chunk)
+            await asyncio.sleep(0.05)  # a slow response: the pump runs ahead
+        assert len(got) < 6 and "".join(got) == "".join(f"data: {i}\n\n" for i in range(5)) + "data: [DONE]\n\n"
+
+        for fail in ("event", "raise"):
+            req, slot = raw_request()
+            out = "".join([c async for c in _relay(vllm_stream([0.0], fail=fail), req, keep_alive_s=0)])
+            assert slot.completed is False and '"error"' in out and out.endswith("data: [DONE]\n\n"), out
+
+        closed.clear()
+        req, _ = raw_request()
+        relay = _relay(vllm_stream([0.0, 10.0]), req, keep_alive_s=0)
+        assert await relay.__anext__() == "data: 0\n\n"
+        await relay.aclose()  # the client went away
+        assert closed == [True]
+
+    asyncio.run(scenario())
+
+
+def test_a_full_model_sheds_before_parsing(fake_app):
+    """While a model is full its requests get the route's own 429 (Retry-After, counted as rejected) from the body's
+    `model` alone, before vLLM's request model validates them: a body the route would refuse with 400 gets 429.
+    Other models, unreadable bodies and free models go on to the route unchanged."""
+    client, eng = fake_app
+    invalid = {"model": "m", "prompt": "x", "max_tokens": "10"}
+    assert client.post("/v1/completions", json=invalid).status_code == 400  # free: the route validates
+    eng.gate.in_flight = eng.gate.limit
+    rejected = eng.gate.rejected
+    try:
+        for path, body in (("/v1/completions", invalid), ("/tokenize", {"prompt": "x"})):
+            r = client.post(path, json=body)
+            assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text
+            assert r.json()["error"]["type"] == "RateLimitError" and "at its limit of 2" in r.json()["error"]["message"]
+        assert eng.gate.rejected == rejected + 2
+        assert client.post("/v1/completions", json={"model": "other", "prompt": "x"}).status_code == 404
+        bad = client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+        assert bad.status_code == 400
+    finally:
+        eng.gate.in_flight = 0
+
+
+def test_shedding_leaves_a_free_model_untouched():
+    """Nothing is full: the middleware does not even read the body (the app gets the server's own receive)."""
+    from server.middleware.shed import ShedMiddleware
+
+    gate = AdmissionGate(1)
+    pool = SimpleNamespace(engines={"m": SimpleNamespace(gate=gate)})
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append(receive)
+
+    async def receive():
+        return {"type": "http.request", "body": b'{"model": "m"}', "more_body": False}
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": []}
+    asyncio.run(ShedMiddleware(app, pool, 1)(scope, receive, None))
+    assert seen == [receive]
