@@ -50,11 +50,12 @@ bench-llamacpp: venv
 bench-scale: venv
 	$(PY) benchmarks/scale.py
 
-# Rebuild the embedded trained models (about 20 minutes on 2 idle cores; they ship in models/). Needs Debian
-# python3.11-doc. Step counts as recorded in models/*/training.json (tiny-mixtral ran on a 10-minute clock).
+# Rebuild the embedded trained models (about 45 minutes on 2 idle cores; they ship in models/). Needs Debian
+# python3.11-doc and perl-doc. Step counts as recorded in models/*/training.json (tiny-mixtral ran on a 10-minute clock).
 models: venv
 	$(PY) scripts/train_tiny_moe.py --out models --only tiny-mixtral --minutes 60 --max-steps 785 --threads 2 --batch 16
 	$(PY) scripts/train_tiny_moe.py --out models --only tiny-qwen2moe --minutes 60 --max-steps 700 --threads 2 --batch 16
+	$(PY) scripts/train_tiny_moe.py --corpus perl-doc --out models/perldoc --only tiny-olmoe --minutes 60 --max-steps 800 --threads 2 --batch 16
 
 lock: venv
 	{ head -2 requirements/cpu.lock.txt; $(PY) -m pip freeze | grep -v -E "^#|vllm-moemix|^-e "; } > requirements/cpu.lock.new

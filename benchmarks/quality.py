@@ -54,6 +54,7 @@ from vllm_moemix.report.validate import holdout_kls, holdout_windows
 
 REPO = Path(__file__).resolve().parents[1]
 THIRD_MODEL = REPO / "models" / "pysrc" / "tiny-mixtral-pysrc"
+FOURTH_MODEL = REPO / "models" / "perldoc" / "tiny-olmoe"  # issue 20: another architecture, another corpus
 BUDGETS = (2.7, 3.05, 3.19, 3.58, 3.91)
 LLAMACPP = REPO / "benchmarks" / "results" / "llamacpp.json"
 LLAMACPP_THIRD = REPO / "docs" / "quality" / "llamacpp" / "llamacpp.json"  # benchmarks/llamacpp.py --llamacpp-only
@@ -238,7 +239,7 @@ def llamacpp_rows(model_name: str) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    default_models = [REPO / "models" / "tiny-mixtral", REPO / "models" / "tiny-qwen2moe", THIRD_MODEL]
+    default_models = [REPO / "models" / "tiny-mixtral", REPO / "models" / "tiny-qwen2moe", THIRD_MODEL, FOURTH_MODEL]
     parser.add_argument("--models", nargs="+", default=[str(m) for m in default_models])
     parser.add_argument("--group-sizes", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--strategies", nargs="+", default=sorted(STRATEGIES))

@@ -388,11 +388,36 @@ def mode_args(mode: str, model: Path) -> list[str]:
         return ["--bits", "4"]
     if mode == "gptq":
         return ["--bits", "4", *calib]
+    # A whole real model is too big for the Fisher pass and the held-out check (each needs the float model in
+    # memory), so it plans with the layer-local estimate and no check; a one-layer model would fit both.
+    whole_model = ["--error-model", "estimate", "--no-validate"]
     if mode == "budget-2.5":
-        return ["--budget", "2.5", *calib]
+        return ["--budget", "2.5", *calib, *whole_model]
     if mode == "budget-bytes":
-        return ["--budget-bytes", str(uniform3_bytes(model)), *calib]
+        return ["--budget-bytes", str(uniform3_bytes(model)), *calib, *whole_model]
     raise ValueError(mode)
+
+
+def known_flags(argv: list[str], cwd: Path, env: dict) -> list[str]:
+    """`argv` without the flags (and their values) that the CLI in `cwd` does not know: a --baseline revision
+    may predate them."""
+    usage = subprocess.run(
+        [sys.executable, "-m", "vllm_moemix.cli", "quantize", "--help"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+    ).stdout
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg.startswith("--") and arg not in usage:
+            skip = i + 1 < len(argv) and not argv[i + 1].startswith("-")
+            continue
+        out.append(arg)
+    return out
 
 
 def baseline_tree(rev: str, work: Path) -> Path:
@@ -565,6 +590,8 @@ def main() -> None:
                 shutil.rmtree(target, ignore_errors=True)
                 argv = [sys.executable, "-m", "vllm_moemix.cli", "quantize", str(model), *margs]
                 argv += ["-o", str(target), *extra]  # not --quiet: the CLI's `memory:` and `time:` lines
+                if rev:
+                    argv = known_flags(argv, cwd, env)
                 print(f"{shape} {mode}{label}: {' '.join(argv[1:])}", flush=True)
                 log = logs / f"{name}.log"
                 row = run_measured(argv, cwd, env, limit, args.timeout, log)

@@ -68,3 +68,14 @@ def test_real_shape_builder_writes_per_expert_checkpoint_names(tmp_path):
         for name, info in quantizable_linears(config).items():
             assert names[f"{name}.weight"] == (info.out_features, info.in_features)
         assert router in names and f"model.layers.0.{expert}" in names
+
+
+def test_baseline_runs_drop_flags_their_cli_does_not_know():
+    import os
+
+    from benchmarks.scale import known_flags
+
+    argv = ["py", "-m", "vllm_moemix.cli", "quantize", "m", "--budget", "2.5", "--error-model", "estimate"]
+    argv += ["--no-validate", "--from-the-future", "x", "--also-new", "-o", "out"]
+    kept = known_flags(argv, REPO, dict(os.environ))
+    assert kept == argv[:10] + ["-o", "out"]
