@@ -30,16 +30,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import shutil
-import subprocess
 import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
+from error_model import cpu_name, spearman  # benchmarks/ is sys.path[0] when run as a script
 from tqdm import tqdm
 
 from vllm_moemix.calibration.gptq import collect_hessians
@@ -65,18 +64,6 @@ MODELS = (
 )
 MEASURES = ("proxy", "fisher", "calib-kl", "layer-scaled")
 TARGET_RATIO = 0.75
-
-
-def spearman(a: list[float], b: list[float]) -> float:
-    ra, rb = torch.tensor(a).argsort().argsort().double(), torch.tensor(b).argsort().argsort().double()
-    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
-
-
-def cpu_name() -> str:
-    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-        if line.startswith("Model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 class Scorer:

@@ -151,6 +151,17 @@ def _shared_experts_inter(c: Any) -> int:
     return c.moe_intermediate_size * c.n_shared_experts
 
 
+DEEPSEEK_MOE = dict(
+    experts=Mlp("mlp.experts", "gate_proj", "up_proj", "down_proj", lambda c: c.moe_intermediate_size),
+    router="mlp.gate",
+    num_experts=lambda c: c.n_routed_experts,
+    is_moe_layer=_deepseek_sparse,
+    shared_expert=Mlp("mlp.shared_experts", "gate_proj", "up_proj", "down_proj", _shared_experts_inter),
+    dense_mlp=Mlp("mlp", "gate_proj", "up_proj", "down_proj", lambda c: c.intermediate_size),
+)
+"""The MoE block DeepSeek-V2/V3 and GLM-4.5 share: routed + shared experts, dense first layers, `mlp.gate`."""
+
+
 def _qwen_sparse(c: Any, layer: int) -> bool:
     return (
         layer not in (getattr(c, "mlp_only_layers", None) or [])
@@ -209,24 +220,9 @@ ARCHITECTURES: dict[str, Architecture] = {
             model_types=("deepseek_v2", "deepseek_v3", "kimi_k2"),
             attention=mla_attention,
             attention_fused=mla_fused,
-            experts=Mlp("mlp.experts", "gate_proj", "up_proj", "down_proj", lambda c: c.moe_intermediate_size),
-            router="mlp.gate",
-            num_experts=lambda c: c.n_routed_experts,
-            is_moe_layer=_deepseek_sparse,
-            shared_expert=Mlp("mlp.shared_experts", "gate_proj", "up_proj", "down_proj", _shared_experts_inter),
-            dense_mlp=Mlp("mlp", "gate_proj", "up_proj", "down_proj", lambda c: c.intermediate_size),
+            **DEEPSEEK_MOE,
         ),
-        Architecture(
-            name="glm4_moe",
-            model_types=("glm4_moe",),
-            attention=llama_attention,
-            experts=Mlp("mlp.experts", "gate_proj", "up_proj", "down_proj", lambda c: c.moe_intermediate_size),
-            router="mlp.gate",
-            num_experts=lambda c: c.n_routed_experts,
-            is_moe_layer=_deepseek_sparse,
-            shared_expert=Mlp("mlp.shared_experts", "gate_proj", "up_proj", "down_proj", _shared_experts_inter),
-            dense_mlp=Mlp("mlp", "gate_proj", "up_proj", "down_proj", lambda c: c.intermediate_size),
-        ),
+        Architecture(name="glm4_moe", model_types=("glm4_moe",), attention=llama_attention, **DEEPSEEK_MOE),
         Architecture(
             name="gpt_oss",
             model_types=("gpt_oss",),
