@@ -162,3 +162,16 @@ def test_quantize_validates_by_default(random_qwen2moe, tmp_path, capsys, flag, 
     assert ("held-out calibration check: plan KL" in out) is checked
     assert read_plan(tmp_path / "out")  # a whole checkpoint where asked
     assert not [p.name for p in tmp_path.iterdir() if p.name != "out"]  # no scratch left beside it
+
+
+def test_quantize_refuses_a_used_output_before_planning(random_qwen2moe, tmp_path, capsys):
+    """A non-empty output directory is refused up front, not after the planner's calibration and GPTQ."""
+    from vllm_moemix.cli import main
+
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "keep.txt").write_text("mine")
+    assert main(["quantize", str(random_qwen2moe), "--budget", "3", "--quiet", "-o", str(used)]) == 2
+    err = capsys.readouterr()
+    assert "exists and is not an empty directory" in err.err and "held-out" not in err.out
+    assert (used / "keep.txt").read_text() == "mine"
