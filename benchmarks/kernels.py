@@ -9,8 +9,12 @@ moemix with a 2.5-bit mixed layer (half the experts 2-bit, half 3-bit), all-4-bi
 once per native ISA variant in `--isas` (default: the fastest this CPU runs, and AVX2 forced beside it).
 Weights are random codes: speed does not depend on their values.
 
-Also measured in the same run: memory read bandwidth (a large tensor reduction), so each row can say how
-close it is to the bandwidth limit: bytes of the routed experts (each counted once per call) / time.
+Also timed in turn with the rows: memory read bandwidth (a streaming sum over a fresh 64 MB slice), so each
+row can say how close it is to the bandwidth limit: bytes of the routed experts (each counted once per call) /
+time / that bandwidth. Each rep routes to other experts than the last (the routing shifted by top-k), as in
+decode, where dozens of layers run between two calls of one layer: with one fixed routing, a small layer's
+experts stayed in the last-level cache and the M=1 figures read partly from L3. The garbage collector is
+frozen after set-up, as vLLM's engine core does.
 
 GPT-OSS-20B's layer has per-expert biases on both projections and the swigluoai activation: the moemix rows
 run them, vLLM's bf16 row runs them through `cpu_fused_moe`'s own bias and "swigluoai" support, and its int4
@@ -99,38 +103,57 @@ class Unavailable(Exception):
     """A row that cannot run on this CPU; its reason goes in the table instead of numbers."""
 
 
-def median_ms(fn, reps: int, warmup: int = 2) -> float:
-    return interleaved_median_ms([fn], reps, warmup)[0]
-
-
-def interleaved_median_ms(fns, reps: int, warmup: int = 2) -> list[float]:
-    """Median ms of each fn, timed round-robin so machine noise hits every row alike (ratios stay fair)."""
+def interleaved_times(fns, reps: int, warmup: int = 2) -> list[list[float]]:
+    """Seconds of each fn(rep) per rep, timed round-robin so machine noise hits every row alike (ratios stay fair).
+    Warm-up calls get negative rep numbers."""
     for fn in fns:
-        for _ in range(warmup):
-            fn()
+        for rep in range(-warmup, 0):
+            fn(rep)
     times: list[list[float]] = [[] for _ in fns]
-    for _ in range(reps):
+    for rep in range(reps):
         for fn, bucket in zip(fns, times):
             start = time.perf_counter()
-            fn()
+            fn(rep)
             bucket.append(time.perf_counter() - start)
-    return [statistics.median(bucket) * 1e3 for bucket in times]
+    return times
 
 
-def read_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
-    """Sustained read bandwidth of this machine with all torch threads (a reduction over 2 GiB)."""
-    data = torch.ones(nbytes // 4, dtype=torch.float32)
-    ms = median_ms(data.sum, reps=5)
-    del data
-    return nbytes / ms / 1e6
+class BandwidthProbe:
+    """Streaming read bandwidth, timed as one more row beside the kernels: a sum over a fresh 64 MB slice of a
+    1 GiB tensor each rep (never cached). This machine's bandwidth drifts by 20% over minutes (a shared VM), so a
+    figure taken at the start of the run misstates how close a row measured later came to the limit."""
+
+    def __init__(self, total: int = 1 << 30, chunk: int = 64 << 20):
+        self.data = torch.ones(total // 4, dtype=torch.float32)
+        self.chunk = chunk // 4
+        self.slices = self.data.numel() // self.chunk
+
+    @property
+    def bytes(self) -> int:
+        return self.chunk * 4
+
+    def __call__(self, rep: int) -> None:
+        start = (rep % self.slices) * self.chunk
+        self.data[start : start + self.chunk].sum()
 
 
 def routing(tokens: int, shape: LayerShape, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k among the experts kept in memory."""
+    """Top-k among the experts kept in memory. One token routes to a block of top-k consecutive experts (in the
+    mixed layer half 2-bit, half 3-bit: its average width), so `rotated` reaches new experts every rep."""
     gen = torch.Generator().manual_seed(seed)
     logits = torch.randn(tokens, shape.kept, generator=gen)
     weights, ids = torch.softmax(logits, -1).topk(shape.top_k, dim=-1)
+    if tokens == 1:
+        ids = torch.randperm(shape.top_k, generator=gen)[None]
     return (weights / weights.sum(-1, keepdim=True)).float(), ids.to(torch.int32)
+
+
+def rotated(ids: torch.Tensor, rep: int, shape: LayerShape) -> torch.Tensor:
+    """Rep `rep`'s expert ids: the routing shifted by rep * top_k experts. As in decode, where dozens of other
+    layers run between two calls of one layer, consecutive reps read other experts, so a call finds its weights
+    in RAM, not left in the last-level cache by the previous rep (same routing every rep: M=1 of a small layer
+    ran from L3)."""
+    return (ids + rep * shape.top_k) % shape.kept
 
 
 def random_codes(*shape: int) -> torch.Tensor:
@@ -273,8 +296,9 @@ def rows_for(isas: list[str]) -> dict:
     return rows
 
 
-def bench_shape(shape: LayerShape, tokens: list[int], reps: int, bandwidth: float, rows: dict) -> list[dict]:
-    """Every row of one shape is built first, then timed interleaved, token count by token count."""
+def bench_shape(shape: LayerShape, tokens: list[int], reps: int, probe: BandwidthProbe, rows: dict) -> list[dict]:
+    """Every row of one shape is built first, then timed interleaved (with the bandwidth probe), token count by
+    token count."""
     built, results = {}, []
     for row, build in tqdm(rows.items(), desc=f"{shape.name}: build", leave=False):
         try:
@@ -285,12 +309,19 @@ def bench_shape(shape: LayerShape, tokens: list[int], reps: int, bandwidth: floa
                 for m in tokens
             ]
     meta = {"experts": shape.experts, "experts_stored": shape.kept, "notes": shape.notes()}
+    gc.collect()
+    gc.freeze()  # as vLLM's engine core does after start-up: the timed calls never pay for collecting start-up objects
     for m in tqdm(tokens, desc=f"{shape.name}: time", leave=False):
         w, ids = routing(m, shape, seed=m)
         x = torch.randn(m, shape.hidden, dtype=torch.bfloat16)
-        fns = [lambda run=run, x=x, w=w, ids=ids: run(x, w, ids) for run, _, _ in built.values()]
-        for (row, (_, kernel, per_expert)), ms in zip(built.items(), interleaved_median_ms(fns, reps)):
-            read = sum(per_expert[e] for e in ids.unique().tolist())
+        routes = [rotated(ids, rep, shape).contiguous() for rep in range(reps)]  # warm-ups (rep < 0) wrap
+        fns = [lambda rep, run=run, x=x, w=w, routes=routes: run(x, w, routes[rep]) for run, _, _ in built.values()]
+        *row_times, probe_times = interleaved_times([*fns, probe], reps)
+        bandwidth = statistics.median(probe.bytes / t / 1e9 for t in probe_times)
+        for (row, (_, kernel, per_expert)), times in zip(built.items(), row_times):
+            read = [sum(per_expert[e] for e in route.unique().tolist()) for route in routes]
+            ms = statistics.median(times) * 1e3
+            gbs = statistics.median(b / t / 1e9 for b, t in zip(read, times))
             results.append(
                 {
                     "shape": shape.name,
@@ -300,11 +331,15 @@ def bench_shape(shape: LayerShape, tokens: list[int], reps: int, bandwidth: floa
                     "ms": ms,
                     **meta,
                     "layer_bytes": sum(per_expert) * shape.experts // len(per_expert),  # projected to all experts
-                    "bytes_read": read,
-                    "gbs": read / ms / 1e6,
-                    "of_bandwidth": read / ms / 1e6 / bandwidth,
+                    "bytes_read": statistics.mean(read),
+                    "gbs": gbs,
+                    "bandwidth_gbs": bandwidth,
+                    "of_bandwidth": gbs / bandwidth,
+                    # int8 (moemix) / bf16 (vLLM) multiply-adds per second: the compute roofline at large M
+                    "gmacs": m * shape.top_k * 3 * shape.hidden * shape.inter / ms / 1e6,
                 }
             )
+    gc.unfreeze()
     del built
     gc.collect()
     order = list(rows)
@@ -315,36 +350,42 @@ def _ratio(r: dict, anchor: dict | None) -> str:
     return "n/a" if anchor is None or anchor.get("ms") is None else f"{r['ms'] / anchor['ms']:.2f}"
 
 
-def markdown(results: list[dict], bandwidth: float, threads: int, cpu_name: str) -> str:
+def markdown(results: list[dict], threads: int, cpu_name: str) -> str:
     lines = [
-        f"CPU: {cpu_name}. Median ms per layer call, {threads} threads; memory read bandwidth measured in the "
-        f"same run: {bandwidth:.1f} GB/s. `of bw` = routed experts' bytes / time / bandwidth.",
+        f"CPU: {cpu_name}. Median ms per layer call, {threads} threads. `of bw` = routed experts' bytes / time / "
+        "read bandwidth, the bandwidth measured by a streaming sum timed in turn with the rows (`bw` per shape); "
+        "`GMAC/s` = multiply-adds per second at the largest M (the compute roofline once weights are reused). "
+        "Consecutive calls route to different experts, as in decode where other layers run in between.",
         "",
     ]
     for shape in dict.fromkeys(r["shape"] for r in results):
         rows = [r for r in results if r["shape"] == shape]
         tokens = sorted({r["tokens"] for r in rows})
+        first_m, last_m = tokens[0], tokens[-1]
         notes = next((r["notes"] for r in rows if r.get("notes")), [])
-        lines += [f"### {shape}", ""] + [f"*{note}.*" for note in notes] + ([""] if notes else [])
+        bw = next((r["bandwidth_gbs"] for r in rows if r["tokens"] == first_m and r.get("bandwidth_gbs")), None)
+        lines += [f"### {shape}", ""] + [f"*{note}.*" for note in notes]
+        lines += [f"*bw (M={first_m}): {bw:.1f} GB/s.*" if bw else "", ""]
         lines += [
             "| row | kernel | "
             + " | ".join(f"M={m}" for m in tokens)
-            + " | ×bf16 (M=1) | ×vLLM-4bit (M=1) | of bw (M=1) | layer GB |",
-            "|---|---|" + "---|" * len(tokens) + "---|---|---|---|",
+            + f" | ×bf16 (M={first_m}) | ×vLLM-4bit (M={first_m}) | ×vLLM-4bit (M={last_m}) | of bw (M={first_m})"
+            f" | GMAC/s (M={last_m}) | layer GB |",
+            "|---|---|" + "---|" * len(tokens) + "---|---|---|---|---|---|",
         ]
         by = {(r["row"], r["tokens"]): r for r in rows}
         for row in dict.fromkeys(r["row"] for r in rows):
-            first = by[(row, tokens[0])]
+            first, last = by[(row, first_m)], by[(row, last_m)]
             if first["ms"] is None:
                 lines.append(
-                    f"| {row} | not available on this CPU: {first['unavailable']} |" + " |" * (len(tokens) + 4)
+                    f"| {row} | not available on this CPU: {first['unavailable']} |" + " |" * (len(tokens) + 6)
                 )
                 continue
             cells = " | ".join(f"{by[(row, m)]['ms']:.2f}" for m in tokens)
             lines.append(
-                f"| {row} | {first['kernel']} | {cells} | {_ratio(first, by.get((BF16_ROW, tokens[0])))} "
-                f"| {_ratio(first, by.get((INT4_ROW, tokens[0])))} | {first['of_bandwidth']:.0%} "
-                f"| {first['layer_bytes'] / 1e9:.3g} |"
+                f"| {row} | {first['kernel']} | {cells} | {_ratio(first, by.get((BF16_ROW, first_m)))} "
+                f"| {_ratio(first, by.get((INT4_ROW, first_m)))} | {_ratio(last, by.get((INT4_ROW, last_m)))} "
+                f"| {first['of_bandwidth']:.0%} | {last['gmacs']:.0f} | {first['layer_bytes'] / 1e9:.3g} |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -411,16 +452,17 @@ def main() -> None:
     rows = rows_for([i for i in args.isas.split(",") if i])
     cpu_name = cpu_summary()
     print(f"CPU: {cpu_name}")
-    bandwidth = read_bandwidth_gbs(256 << 20 if args.quick else 2 << 30)
+    probe = BandwidthProbe(*((256 << 20, 16 << 20) if args.quick else ()))
     results = []
     for name in args.shapes.split(","):
-        results += bench_shape(SHAPES[name], tokens, args.reps, bandwidth, rows)
+        results += bench_shape(SHAPES[name], tokens, args.reps, probe, rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    table = markdown(results, bandwidth, args.threads, cpu_name)
+    del probe
+    table = markdown(results, args.threads, cpu_name)
     (out / "kernels.md").write_text(table + "\n")
     (out / "kernels.json").write_text(
-        json.dumps({"cpu": cpu_name, "bandwidth_gbs": bandwidth, "threads": args.threads, "results": results}, indent=1)
+        json.dumps({"cpu": cpu_name, "threads": args.threads, "results": results}, indent=1)
     )
     plot(results, out / "kernels.png")
     print(table)

@@ -12,6 +12,7 @@
 // template in microkernel.h), reached through an IsaVariant chosen at run time: the binary never runs
 // an instruction the CPU lacks, whatever it was built on.
 #include <cpuid.h>
+#include <emmintrin.h>
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -36,9 +37,54 @@ constexpr int kRowsPerTask = 32;  // activation rows one linear task walks per w
 // Tasks per thread so that each thread gets at least ~128K multiply-adds: below that, waking the other
 // threads costs more than the work (tiny models, where per-step overhead sets decode speed), and
 // at::parallel_for runs a range shorter than its grain inline.
+constexpr int64_t kMinWorkPerThread = 1 << 17;
+
 int64_t grain_for(int64_t work_per_task) {
-  constexpr int64_t kMinWorkPerThread = 1 << 17;
   return std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, work_per_task));
+}
+
+// Estimated cost of one weight tile (K x tile) for `rows` activation rows, in multiply-adds: the rows'
+// arithmetic plus streaming the weights, where a weight of b bits costs about b multiply-adds (a byte of DRAM
+// bandwidth per ~8 int8 multiply-adds). At decode (1 row) the widths dominate, at prefill the rows.
+double tile_cost(int bits, int64_t K, int64_t tile, int64_t rows) {
+  return static_cast<double>(K) * static_cast<double>(tile) * static_cast<double>(rows + bits);
+}
+
+// Splits tasks [0, sum(per_task.size)) -- `units[g]` tasks of cost `unit_cost[g]` for each group g, in order --
+// into contiguous ranges of about equal cost, one per thread (fewer when the work is small: waking a thread
+// costs more than ~kMinWorkPerThread). Returns the range bounds.
+std::vector<int64_t> balanced_ranges(const std::vector<double>& unit_cost, const std::vector<int64_t>& units) {
+  double total = 0;
+  int64_t tasks = 0;
+  for (size_t g = 0; g < unit_cost.size(); ++g) {
+    total += unit_cost[g] * static_cast<double>(units[g]);
+    tasks += units[g];
+  }
+  const int64_t parts = std::clamp<int64_t>(static_cast<int64_t>(total / kMinWorkPerThread), 1,
+                                            std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(tasks, 1)));
+  std::vector<int64_t> bounds{0};
+  double done = 0;
+  int64_t task = 0;
+  for (size_t g = 0; g < unit_cost.size(); ++g) {
+    for (int64_t j = 0; j < units[g]; ++j) {
+      done += unit_cost[g];
+      ++task;
+      const auto next = static_cast<int64_t>(bounds.size());
+      if (next < parts && done >= total * static_cast<double>(next) / static_cast<double>(parts))
+        bounds.push_back(task);
+    }
+  }
+  if (bounds.back() != tasks) bounds.push_back(tasks);
+  return bounds;
+}
+
+// Runs fn(b, e) for each range [bounds[i], bounds[i + 1]) on its own thread.
+template <class Fn>
+void parallel_ranges(const std::vector<int64_t>& bounds, const Fn& fn) {
+  const auto n = static_cast<int64_t>(bounds.size()) - 1;
+  at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) fn(bounds[r], bounds[r + 1]);
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -200,20 +246,44 @@ inline int64_t permute_window(int64_t k, int bits) {
   return base + 4 * (off % stride) + off / stride;
 }
 
+// permute_window within one 32-value block (windows divide the block), per permutation (bits_slot order).
+struct BlockPermutation {
+  uint8_t pos[3][kBlock];
+  BlockPermutation() {
+    const int bits[3] = {2, 4, 8};
+    for (int s = 0; s < 3; ++s)
+      for (int k = 0; k < kBlock; ++k) pos[s][k] = static_cast<uint8_t>(permute_window(k, bits[s]));
+  }
+};
+const BlockPermutation kBlockPermutation;
+
+// SSE2 only (this file is built for baseline x86-64): decode quantizes every activation row once per layer,
+// and a libm call per value (nearbyint) cost more than a 2-bit expert's whole GEMM at M=1. cvtps2dq rounds
+// half to even under the default MXCSR, as nearbyint does.
 void quantize_row(const float* x, int64_t K, int bits, int8_t* q, float* scale, float* bsum) {
+  const uint8_t* pos = kBlockPermutation.pos[bits == 8 ? 2 : bits == 4 ? 1 : 0];
+  const __m128 abs_mask = _mm_castsi128_ps(_mm_set1_epi32(0x7FFFFFFF));
   for (int64_t b = 0; b < K / kBlock; ++b) {
     const float* xb = x + b * kBlock;
-    float amax = 0.f;
-    for (int64_t i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(xb[i]));
+    __m128 vmax = _mm_setzero_ps();
+    for (int64_t i = 0; i < kBlock; i += 4) vmax = _mm_max_ps(vmax, _mm_and_ps(_mm_loadu_ps(xb + i), abs_mask));
+    vmax = _mm_max_ps(vmax, _mm_shuffle_ps(vmax, vmax, _MM_SHUFFLE(1, 0, 3, 2)));
+    vmax = _mm_max_ps(vmax, _mm_shuffle_ps(vmax, vmax, _MM_SHUFFLE(2, 3, 0, 1)));
+    const float amax = _mm_cvtss_f32(vmax);
     const float s = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-    int32_t sum = 0;
-    for (int64_t i = 0; i < kBlock; ++i) {
-      const int32_t v = static_cast<int32_t>(std::nearbyint(xb[i] * inv));
-      q[permute_window(b * kBlock + i, bits)] = static_cast<int8_t>(v);
-      sum += v;
+    alignas(16) int32_t v[kBlock];
+    __m128i vsum = _mm_setzero_si128();
+    for (int64_t i = 0; i < kBlock; i += 4) {
+      const __m128i r = _mm_cvtps_epi32(_mm_mul_ps(_mm_loadu_ps(xb + i), _mm_set1_ps(inv)));
+      _mm_store_si128(reinterpret_cast<__m128i*>(v + i), r);
+      vsum = _mm_add_epi32(vsum, r);
     }
+    alignas(16) int32_t sums[4];
+    _mm_store_si128(reinterpret_cast<__m128i*>(sums), vsum);
+    int8_t* qb = q + b * kBlock;
+    for (int64_t i = 0; i < kBlock; ++i) qb[pos[i]] = static_cast<int8_t>(v[i]);
     scale[b] = s;
-    bsum[b] = s * static_cast<float>(sum);
+    bsum[b] = s * static_cast<float>(sums[0] + sums[1] + sums[2] + sums[3]);
   }
 }
 
@@ -242,16 +312,54 @@ Activation parse_activation(c10::string_view name) {
   TORCH_CHECK(false, "moemix cpu kernel: unknown expert activation '", std::string(name), "' (silu, swigluoai)");
 }
 
-void silu_mul(const float* gu, int64_t I, float* h) {
-  for (int64_t i = 0; i < I; ++i) h[i] = gu[i] / (1.f + std::exp(-gu[i])) * gu[I + i];
+// e^x, 4 lanes, SSE2 (Cephes' expf: round-to-nearest range reduction and a degree-5 polynomial, relative error
+// ~2e-7). Vectorised because libm's expf per value cost as much as a 2-bit expert's GEMM at decode.
+inline __m128 exp_ps(__m128 x) {
+  x = _mm_min_ps(_mm_max_ps(x, _mm_set1_ps(-87.0f)), _mm_set1_ps(88.3762626647949f));
+  const __m128i n = _mm_cvtps_epi32(_mm_mul_ps(x, _mm_set1_ps(1.44269504088896341f)));
+  const __m128 fn = _mm_cvtepi32_ps(n);
+  x = _mm_sub_ps(x, _mm_mul_ps(fn, _mm_set1_ps(0.693359375f)));
+  x = _mm_sub_ps(x, _mm_mul_ps(fn, _mm_set1_ps(-2.12194440e-4f)));
+  __m128 y = _mm_set1_ps(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    y = _mm_add_ps(_mm_mul_ps(y, x), _mm_set1_ps(c));
+  y = _mm_add_ps(_mm_add_ps(_mm_mul_ps(y, _mm_mul_ps(x, x)), x), _mm_set1_ps(1.f));
+  const __m128i pow2n = _mm_slli_epi32(_mm_add_epi32(n, _mm_set1_epi32(127)), 23);
+  return _mm_mul_ps(y, _mm_castsi128_ps(pow2n));
 }
 
-void swigluoai_mul(const float* gu, int64_t I, float* h) {
-  for (int64_t i = 0; i < I; ++i) {
-    const float gate = std::min(gu[i], kSwigluOaiLimit);
-    const float up = std::clamp(gu[I + i], -kSwigluOaiLimit, kSwigluOaiLimit);
-    h[i] = (up + 1.f) * gate / (1.f + std::exp(-kSwigluOaiAlpha * gate));
+// h[i] = gated(gu[i], gu[I + i]) for i < I, 4 at a time (the tail through the same lanes, zero-padded).
+template <class Gated>
+void gated_rows(const float* gu, int64_t I, float* h, const Gated& gated) {
+  for (int64_t i = 0; i < I; i += 4) {
+    if (i + 4 <= I) {
+      _mm_storeu_ps(h + i, gated(_mm_loadu_ps(gu + i), _mm_loadu_ps(gu + I + i)));
+    } else {
+      alignas(16) float g[4] = {}, u[4] = {}, r[4];
+      std::copy(gu + i, gu + I, g);
+      std::copy(gu + I + i, gu + 2 * I, u);
+      _mm_store_ps(r, gated(_mm_load_ps(g), _mm_load_ps(u)));
+      std::copy(r, r + (I - i), h + i);
+    }
   }
+}
+
+void silu_mul(const float* gu, int64_t I, float* h) {  // silu(gate) * up
+  gated_rows(gu, I, h, [](__m128 gate, __m128 up) {
+    const __m128 sig = _mm_add_ps(_mm_set1_ps(1.f), exp_ps(_mm_sub_ps(_mm_setzero_ps(), gate)));
+    return _mm_mul_ps(_mm_div_ps(gate, sig), up);
+  });
+}
+
+void swigluoai_mul(const float* gu, int64_t I, float* h) {  // (clamp(up) + 1) * gate * sigmoid(alpha * gate)
+  gated_rows(gu, I, h, [](__m128 gate, __m128 up) {
+    const __m128 limit = _mm_set1_ps(kSwigluOaiLimit);
+    gate = _mm_min_ps(gate, limit);
+    up = _mm_min_ps(_mm_max_ps(up, _mm_sub_ps(_mm_setzero_ps(), limit)), limit);
+    const __m128 sig =
+        _mm_add_ps(_mm_set1_ps(1.f), exp_ps(_mm_mul_ps(_mm_set1_ps(-kSwigluOaiAlpha), gate)));
+    return _mm_mul_ps(_mm_add_ps(up, _mm_set1_ps(1.f)), _mm_div_ps(gate, sig));
+  });
 }
 
 // A per-expert bias as float rows [E][width] (nullptr: none); the tensor kept alive by `holder`.
@@ -412,12 +520,15 @@ at::Tensor fused_moe(const at::Tensor& x, const at::Tensor& topk_weights, const 
         if (need[s]) xacts[s].quantize(t, xf.data_ptr<float>() + t * H, perm_bits[s]);
   });
 
-  // Stage 1: gate_up[p] = x[token(p)] @ W13[expert(p)], tasks = (active expert, column tile).
+  // Stage 1: gate_up[p] = x[token(p)] @ W13[expert(p)]. Tasks are (active expert, column tile) in expert-major
+  // order -- an expert's tiles are consecutive in memory, so a thread streams long runs -- split into one
+  // contiguous range per thread of equal estimated cost, so experts of different widths (and token counts)
+  // keep every thread busy to the end.
   std::vector<float> gate_up(P * N13);
   const int64_t tiles13 = N13 / V.tile;
-  const int64_t rows_per_expert = (P + static_cast<int64_t>(active.size()) - 1) / static_cast<int64_t>(active.size());
-  at::parallel_for(0, static_cast<int64_t>(active.size()) * tiles13, grain_for(H * V.tile * rows_per_expert),
-                   [&](int64_t b, int64_t e_) {
+  std::vector<double> cost13;
+  for (int64_t e : active) cost13.push_back(tile_cost(static_cast<int>(w13_bits[where13[e][0]]), H, V.tile, count[e]));
+  parallel_ranges(balanced_ranges(cost13, std::vector<int64_t>(active.size(), tiles13)), [&](int64_t b, int64_t e_) {
     std::vector<float*> outs;
     for (int64_t task = b; task < e_; ++task) {
       const int64_t e = active[task / tiles13], tile = task % tiles13;
@@ -431,6 +542,7 @@ at::Tensor fused_moe(const at::Tensor& x, const at::Tensor& topk_weights, const 
   });
 
   // Stage 2: h = act(gate_up + b13), quantized for the pair's w2 width.
+  const int64_t rows_per_expert = (P + static_cast<int64_t>(active.size()) - 1) / static_cast<int64_t>(active.size());
   ActBuffer hacts(P, I);
   std::vector<int64_t> pair_rows(P);
   void (*const act_mul)(const float*, int64_t, float*) = act == Activation::kSilu ? silu_mul : swigluoai_mul;
@@ -452,15 +564,19 @@ at::Tensor fused_moe(const at::Tensor& x, const at::Tensor& topk_weights, const 
     }
   });
 
-  // Stage 3: out[token] += weight * h @ W2, tasks = column tiles of H (each owns its columns).
+  // Stage 3: out[token] += weight * h @ W2. Each thread owns a range of output column tiles (no atomics) and
+  // walks it expert by expert: every tile holds every expert, so equal ranges are equal work, and an expert's
+  // tiles in a range are one contiguous run of memory.
   const int64_t tiles2 = H / V.tile;
-  at::parallel_for(0, tiles2, grain_for(I * V.tile * P), [&](int64_t b, int64_t e_) {
+  double cost2 = 0;
+  for (int64_t e : active) cost2 += tile_cost(static_cast<int>(w2_bits[where2[e][0]]), I, V.tile, count[e]);
+  parallel_ranges(balanced_ranges({cost2}, {tiles2}), [&](int64_t t0, int64_t t1) {
     std::vector<float*> outs;
-    for (int64_t tile = b; tile < e_; ++tile) {
-      for (int64_t e : active) {
-        const int64_t g = where2[e][0];
-        const PackedWeight W = weight_view(w2_q[g], w2_s[g], w2_z[g], where2[e][1], static_cast<int>(w2_bits[g]),
-                                           w2_group[g], I, H);
+    for (int64_t e : active) {
+      const int64_t g = where2[e][0];
+      const PackedWeight W = weight_view(w2_q[g], w2_s[g], w2_z[g], where2[e][1], static_cast<int>(w2_bits[g]),
+                                         w2_group[g], I, H);
+      for (int64_t tile = t0; tile < t1; ++tile) {
         outs.clear();
         for (int64_t p = start[e]; p < start[e + 1]; ++p)
           outs.push_back(out.data_ptr<float>() + pair_token[p] * H + tile * V.tile);

@@ -10,6 +10,10 @@ namespace moemix {
 constexpr int64_t kBlock = 32;       // activation quantization block along K
 constexpr int kVectorsPerTile = 4;   // a weight tile is 4 int32 vectors wide: 64 columns on zmm, 32 on ymm
 
+// Bit-field moves within every byte of a vector (the traits' field<FROM, TO, WIDTH>): WIDTH bits starting at
+// bit FROM of each byte go to bit TO, the rest of the byte is zero; this is that mask:
+constexpr uint32_t byte_mask(int to, int width) { return (((1u << width) - 1u) << to) * 0x01010101u; }
+
 // One packed weight in the native layout (made at load by repack in cpu_kernels.cpp):
 //   q       int32 [N/tile][R][tile]  tile-major: `tile` output columns per strip, R = K*bits/32 packed rows.
 //           Rows follow the GPTQ bit stream along K (value k at bits k*bits of a column's stream), except

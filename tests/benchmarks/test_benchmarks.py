@@ -40,6 +40,25 @@ def test_kernel_benchmark_quick(tmp_path):
         for row in moemix_rows[3 * i : 3 * i + 3]:
             assert by[(row, 1)]["kernel"] == f"NativeCpuExpertsKernel ({isa})" and by[(row, 1)]["ms"] > 0
     assert data["cpu"] in md and (tmp_path / "kernels.png").stat().st_size > 0 and "| moemix 2-bit |" in md
+    # of bw against the bandwidth probe timed in turn with the rows; GMAC/s at the largest M
+    mixed = by[("moemix 2.5-bit mixed", 1)]
+    assert mixed["bandwidth_gbs"] > 0 and mixed["of_bandwidth"] == mixed["gbs"] / mixed["bandwidth_gbs"]
+    assert by[("moemix 2-bit", 4)]["gmacs"] > 0 and "bw (M=1)" in md and "GMAC/s (M=4)" in md
+
+
+def test_consecutive_reps_route_to_other_experts():
+    """At M=1 the benchmark's reps cycle through every expert before reusing one (else a small layer runs from
+    the cache), and the routed block is half 2-bit, half 3-bit in the mixed layer."""
+    import torch
+
+    from benchmarks.kernels import SHAPES, rotated, routing
+
+    shape = SHAPES["qwen3"]
+    _, ids = routing(1, shape)
+    reps = [set(rotated(ids, rep, shape).flatten().tolist()) for rep in range(shape.kept // shape.top_k)]
+    assert all(len(r) == shape.top_k for r in reps) and len(set().union(*reps)) == shape.kept
+    assert torch.equal(rotated(ids, shape.kept // shape.top_k, shape), ids)
+    assert sorted(e % 2 for e in reps[0]) == [0] * 4 + [1] * 4  # widths cycle (2, 3) by expert id
 
 
 def test_kernel_benchmark_biases_swigluoai_and_expert_subset(tmp_path):

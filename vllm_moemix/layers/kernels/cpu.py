@@ -220,8 +220,8 @@ class NativeCpuExpertsKernel(_NativeCpuKernel, ExpertsKernel):
                 _replace(layer, names[1], s)
                 if z is not None:
                     _replace(layer, names[2], z)
+        # Gathered once: at decode, rebuilding the lists of a layer's tensors every call costs ~20 us a layer.
+        layer.moemix_cpu_op_args = (*layer.moemix_layout.op_args(layer), self.config.intermediate_size, self.isa)
 
     def apply(self, layer, x, topk_weights, local_ids):
-        return torch.ops.moemix.cpu_fused_moe(
-            x, topk_weights, local_ids, *layer.moemix_layout.op_args(layer), self.config.intermediate_size, self.isa
-        )
+        return torch.ops.moemix.cpu_fused_moe(x, topk_weights, local_ids, *layer.moemix_cpu_op_args)
