@@ -317,12 +317,11 @@ def bench_shape(shape: LayerShape, tokens: list[int], reps: int, probe: Bandwidt
         routes = [rotated(ids, rep, shape).contiguous() for rep in range(reps)]  # warm-ups (rep < 0) wrap
         fns = [lambda rep, run=run, x=x, w=w, routes=routes: run(x, w, routes[rep]) for run, _, _ in built.values()]
         *row_times, probe_times = interleaved_times([*fns, probe], reps)
-        bandwidth = statistics.median(probe.bytes / t / 1e9 for t in probe_times)
+        rows_at_m = []
         for (row, (_, kernel, per_expert)), times in zip(built.items(), row_times):
             read = [sum(per_expert[e] for e in route.unique().tolist()) for route in routes]
             ms = statistics.median(times) * 1e3
-            gbs = statistics.median(b / t / 1e9 for b, t in zip(read, times))
-            results.append(
+            rows_at_m.append(
                 {
                     "shape": shape.name,
                     "row": row,
@@ -332,13 +331,21 @@ def bench_shape(shape: LayerShape, tokens: list[int], reps: int, probe: Bandwidt
                     **meta,
                     "layer_bytes": sum(per_expert) * shape.experts // len(per_expert),  # projected to all experts
                     "bytes_read": statistics.mean(read),
-                    "gbs": gbs,
-                    "bandwidth_gbs": bandwidth,
-                    "of_bandwidth": gbs / bandwidth,
+                    "gbs": statistics.median(b / t / 1e9 for b, t in zip(read, times)),
                     # int8 (moemix) / bf16 (vLLM) multiply-adds per second: the compute roofline at large M
                     "gmacs": m * shape.top_k * 3 * shape.hidden * shape.inter / ms / 1e6,
                 }
             )
+        # The limit a row is measured against: the streaming sum, or any row that streamed faster (torch's sum
+        # reaches ~85% of what a plain streaming kernel such as vLLM's bf16 MoE reads at M=1).
+        probe_gbs = statistics.median(probe.bytes / t / 1e9 for t in probe_times)
+        fastest = max(rows_at_m, key=lambda r: r["gbs"])
+        bandwidth, source = (
+            (probe_gbs, "streaming sum") if probe_gbs >= fastest["gbs"] else (fastest["gbs"], fastest["row"])
+        )
+        for r in rows_at_m:
+            r |= {"bandwidth_gbs": bandwidth, "bandwidth_source": source, "of_bandwidth": r["gbs"] / bandwidth}
+        results += rows_at_m
     gc.unfreeze()
     del built
     gc.collect()
@@ -353,7 +360,8 @@ def _ratio(r: dict, anchor: dict | None) -> str:
 def markdown(results: list[dict], threads: int, cpu_name: str) -> str:
     lines = [
         f"CPU: {cpu_name}. Median ms per layer call, {threads} threads. `of bw` = routed experts' bytes / time / "
-        "read bandwidth, the bandwidth measured by a streaming sum timed in turn with the rows (`bw` per shape); "
+        "read bandwidth (`bw` per shape): a streaming sum timed in turn with the rows, or the fastest row's own "
+        "rate where it streamed faster; "
         "`GMAC/s` = multiply-adds per second at the largest M (the compute roofline once weights are reused). "
         "Consecutive calls route to different experts, as in decode where other layers run in between.",
         "",
@@ -363,9 +371,11 @@ def markdown(results: list[dict], threads: int, cpu_name: str) -> str:
         tokens = sorted({r["tokens"] for r in rows})
         first_m, last_m = tokens[0], tokens[-1]
         notes = next((r["notes"] for r in rows if r.get("notes")), [])
-        bw = next((r["bandwidth_gbs"] for r in rows if r["tokens"] == first_m and r.get("bandwidth_gbs")), None)
+        ref = next((r for r in rows if r["tokens"] == first_m and r.get("bandwidth_gbs")), None)
         lines += [f"### {shape}", ""] + [f"*{note}.*" for note in notes]
-        lines += [f"*bw (M={first_m}): {bw:.1f} GB/s.*" if bw else "", ""]
+        if ref:
+            lines.append(f"*bw (M={first_m}): {ref['bandwidth_gbs']:.1f} GB/s ({ref['bandwidth_source']}).*")
+        lines.append("")
         lines += [
             "| row | kernel | "
             + " | ".join(f"M={m}" for m in tokens)
