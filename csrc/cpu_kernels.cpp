@@ -12,6 +12,9 @@
 // template in microkernel.h), reached through an IsaVariant chosen at run time: the binary never runs
 // an instruction the CPU lacks, whatever it was built on.
 #include <cpuid.h>
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 #include <emmintrin.h>
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -204,6 +207,22 @@ void split_3bit(const uint32_t* in, uint32_t* out, int64_t K, int64_t N) {
   }
 }
 
+// A tensor whose pages are transparent huge pages where the kernel allows it (2 MB pages over the buffer's
+// aligned interior, asked for before the first write). Decode streams every routed expert once per token from
+// a fresh place: with 4 KB pages that is a TLB miss and page walk every 4 KB. Measured on an Ice Lake server
+// (in-process A/B, 2.5-bit layers at M=1): Qwen3-30B-A3B, DeepSeek-V2-Lite and GLM-4.5-Air 2-7% faster.
+// Linux only (and only where THP is not disabled); elsewhere plain memory.
+at::Tensor empty_on_huge_pages(at::IntArrayRef shape, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(shape, options);
+#ifdef __linux__
+  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
+  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = (begin + t.nbytes()) & ~(kHuge - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // advice: may fail
+#endif
+  return t;
+}
+
 // [..., R, N] -> [..., N/tile, R, tile] contiguous: one column strip per tile streams sequentially.
 at::Tensor tile_major(const at::Tensor& t, int64_t tile) {
   const int64_t R = t.size(-2), N = t.size(-1);
@@ -211,7 +230,8 @@ at::Tensor tile_major(const at::Tensor& t, int64_t tile) {
   auto shape = t.sizes().vec();
   shape.back() = tile;
   shape.insert(shape.end() - 1, N / tile);  // [..., R, N/tile, tile]
-  return t.reshape(shape).transpose(-3, -2).contiguous();
+  const at::Tensor strips = t.reshape(shape).transpose(-3, -2);
+  return empty_on_huge_pages(strips.sizes(), t.options()).copy_(strips);
 }
 
 // One linear's (or a stack of experts') tensors in the layout of `isa`; scales and zeros keep their dtype.

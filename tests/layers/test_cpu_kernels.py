@@ -106,6 +106,32 @@ def test_repack_is_tile_major_with_3bit_planes(name, bits):
     assert torch.equal(low | (high.reshape(2, 128, 2 * tile) << 2).to(torch.int32), q.to(torch.int32))
 
 
+def _vm_flags(address: int) -> list[str]:
+    """The kernel's VmFlags of the mapping holding `address` (/proc/self/smaps)."""
+    inside = False
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            lo, hi = (int(a, 16) for a in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    return []
+
+
+@pytest.mark.skipif(
+    not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"),
+    reason="no transparent huge pages here (non-Linux, or a kernel built without THP)",
+)
+def test_repacked_weights_ask_for_huge_pages():
+    """Decode streams each routed expert from a fresh place: the packed weights are advised onto transparent huge
+    pages (one TLB entry per 2 MB instead of per 4 KB); the advice shows as `hg` in the mapping's VmFlags."""
+    packed = torch.randint(-(2**31), 2**31 - 1, (4096 * 2 // 32, 4096), dtype=torch.int32)  # 4 MB, 2-bit
+    rq, _, _ = cpu.repack_for_cpu(packed, torch.ones(32, 4096).half(), None, 2, "avx2")
+    middle = rq.data_ptr() + rq.nbytes // 2 // (1 << 21) * (1 << 21)  # inside the aligned interior
+    assert "hg" in _vm_flags(middle)
+
+
 def test_hi_bit_positions_are_a_permutation():
     assert sorted(hi_bit_position(k) for k in range(32)) == list(range(32))
 
