@@ -53,7 +53,7 @@ double tile_cost(int bits, int64_t K, int64_t tile, int64_t rows) {
   return static_cast<double>(K) * static_cast<double>(tile) * static_cast<double>(rows + bits);
 }
 
-// Splits tasks [0, sum(per_task.size)) -- `units[g]` tasks of cost `unit_cost[g]` for each group g, in order --
+// Splits tasks [0, sum(units)) -- `units[g]` tasks of cost `unit_cost[g]` for each group g, in order --
 // into contiguous ranges of about equal cost, one per thread (fewer when the work is small: waking a thread
 // costs more than ~kMinWorkPerThread). Returns the range bounds.
 std::vector<int64_t> balanced_ranges(const std::vector<double>& unit_cost, const std::vector<int64_t>& units) {
