@@ -317,9 +317,10 @@ def bench_shape(shape: LayerShape, tokens: list[int], reps: int, probe: Bandwidt
         routes = [rotated(ids, rep, shape).contiguous() for rep in range(reps)]  # warm-ups (rep < 0) wrap
         fns = [lambda rep, run=run, x=x, w=w, routes=routes: run(x, w, routes[rep]) for run, _, _ in built.values()]
         *row_times, probe_times = interleaved_times([*fns, probe], reps)
+        routed = [route.unique().tolist() for route in routes]  # each rep's distinct experts, for every row
         rows_at_m = []
         for (row, (_, kernel, per_expert)), times in zip(built.items(), row_times):
-            read = [sum(per_expert[e] for e in route.unique().tolist()) for route in routes]
+            read = [sum(per_expert[e] for e in experts) for experts in routed]
             ms = statistics.median(times) * 1e3
             rows_at_m.append(
                 {

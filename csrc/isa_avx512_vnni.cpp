@@ -25,24 +25,10 @@ struct Avx512Vnni {
     return r;
   }
   static I zero() { return _mm512_setzero_si512(); }
-  static I or_(I a, I b) { return _mm512_or_si512(a, b); }
-  // field / or_field by shift and mask (the shift crosses bytes; the mask drops what came from a neighbour).
-  // Measured on Ice Lake: one vgf2p8affineqb (GFNI) or vpmultishiftqb (VBMI) per move instead is no faster.
-  template <int S>
-  static I shift_right(I a) {
-    if constexpr (S > 0) return _mm512_srli_epi32(a, S);
-    else if constexpr (S < 0) return _mm512_slli_epi32(a, -S);
-    else return a;
-  }
-  template <int FROM, int TO, int WIDTH>
-  static I field(I a) {
-    return _mm512_and_si512(shift_right<FROM - TO>(a), set1(static_cast<int32_t>(byte_mask(TO, WIDTH))));
-  }
-  template <int FROM, int TO, int WIDTH>  // low | field(a): one vpternlogd does the or and the mask
-  static I or_field(I low, I a) {
-    const I mask = set1(static_cast<int32_t>(byte_mask(TO, WIDTH)));
-    return _mm512_ternarylogic_epi32(low, shift_right<FROM - TO>(a), mask, 0xF8);
-  }
+  static I and_(I a, I b) { return _mm512_and_si512(a, b); }
+  static I or_masked(I low, I high, I mask) { return _mm512_ternarylogic_epi32(low, high, mask, 0xF8); }
+  static I srli(I a, int n) { return _mm512_srli_epi32(a, n); }
+  static I slli(I a, int n) { return _mm512_slli_epi32(a, n); }
 
   static Acc acc_zero() { return _mm512_setzero_si512(); }
   static void dot(Acc& acc, I w, I x) { acc = _mm512_dpbusd_epi32(acc, w, x); }

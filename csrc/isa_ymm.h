@@ -25,22 +25,10 @@ struct Ymm {
     return r;
   }
   static I zero() { return _mm256_setzero_si256(); }
-  static I or_(I a, I b) { return _mm256_or_si256(a, b); }
-  // field / or_field by shift and mask (the shift crosses bytes; the mask drops what came from a neighbour).
-  template <int S>
-  static I shift_right(I a) {
-    if constexpr (S > 0) return _mm256_srli_epi32(a, S);
-    else if constexpr (S < 0) return _mm256_slli_epi32(a, -S);
-    else return a;
-  }
-  template <int FROM, int TO, int WIDTH>
-  static I field(I a) {
-    return _mm256_and_si256(shift_right<FROM - TO>(a), set1(static_cast<int32_t>(byte_mask(TO, WIDTH))));
-  }
-  template <int FROM, int TO, int WIDTH>
-  static I or_field(I low, I a) {
-    return or_(low, field<FROM, TO, WIDTH>(a));
-  }
+  static I and_(I a, I b) { return _mm256_and_si256(a, b); }
+  static I or_masked(I low, I high, I mask) { return _mm256_or_si256(low, _mm256_and_si256(high, mask)); }
+  static I srli(I a, int n) { return _mm256_srli_epi32(a, n); }
+  static I slli(I a, int n) { return _mm256_slli_epi32(a, n); }
 
   static F cvt(I a) { return _mm256_cvtepi32_ps(a); }
   static F set1f(float v) { return _mm256_set1_ps(v); }

@@ -10,8 +10,7 @@ namespace moemix {
 constexpr int64_t kBlock = 32;       // activation quantization block along K
 constexpr int kVectorsPerTile = 4;   // a weight tile is 4 int32 vectors wide: 64 columns on zmm, 32 on ymm
 
-// Bit-field moves within every byte of a vector (the traits' field<FROM, TO, WIDTH>): WIDTH bits starting at
-// bit FROM of each byte go to bit TO, the rest of the byte is zero; this is that mask:
+// The mask of WIDTH bits at bit TO of every byte of a 32-bit lane (microkernel.h's bit-field moves).
 constexpr uint32_t byte_mask(int to, int width) { return (((1u << width) - 1u) << to) * 0x01010101u; }
 
 // One packed weight in the native layout (made at load by repack in cpu_kernels.cpp):

@@ -5,9 +5,7 @@
 // of different translation units never mix).
 //
 // A traits type `Isa` provides (I: int32 vector, F: float vector, kLanes int32 lanes per vector):
-//   load/set1/bcast4/zero, or_                           integer vector plumbing
-//   field<FROM, TO, WIDTH>(a), or_field<..>(low, a)      move WIDTH bits at FROM of every byte to TO, zeroing
-//                                                        the rest (kernel_api.h); or_field ors that into low
+//   load/set1/bcast4/zero, and_/or_masked/srli/slli      integer vector plumbing
 //   Acc, acc_zero, dot(acc, w_u8, x_s8), finish(acc)     4 u8 x s8 products per lane, for weights < 8 bits;
 //                                                        finish turns a block's Acc into int32 sums
 //   dot8(acc32, w_u8, x_s8), kWeight8Offset              the same for 8-bit weights (which may be offset
@@ -36,9 +34,28 @@ inline void unrolled(F&& f, std::integer_sequence<int, E...>) {
   (f(std::integral_constant<int, E>{}), ...);
 }
 
+// Bit-field moves within every byte (kernel_api.h: byte_mask), by shift and mask on 32-bit lanes: the shift
+// crosses bytes, the mask drops what came from a neighbour. field: WIDTH bits at FROM go to TO, the rest zero;
+// or_field: low | field(a) (one vpternlogd on AVX-512).
+template <class Isa, int S>
+inline typename Isa::I shift_right(typename Isa::I a) {
+  if constexpr (S > 0) return Isa::srli(a, S);
+  else if constexpr (S < 0) return Isa::slli(a, -S);
+  else return a;
+}
+
+template <class Isa, int FROM, int TO, int WIDTH>
+inline typename Isa::I field(typename Isa::I a) {
+  return Isa::and_(shift_right<Isa, FROM - TO>(a), Isa::set1(static_cast<int32_t>(byte_mask(TO, WIDTH))));
+}
+
+template <class Isa, int FROM, int TO, int WIDTH>
+inline typename Isa::I or_field(typename Isa::I low, typename Isa::I a) {
+  return Isa::or_masked(low, shift_right<Isa, FROM - TO>(a), Isa::set1(static_cast<int32_t>(byte_mask(TO, WIDTH))));
+}
+
 // The packed words of one vector's columns for one 32-value block of K, loaded once, and the 8 extractions
 // they hold: extraction E gives 4 u8 weights per lane, meeting activations xq[4E, 4E + 4) (permuted order).
-// The bit moves are the traits' `field<FROM, TO, WIDTH>`.
 template <class Isa, int BITS>
 struct Strip {
   using I = typename Isa::I;
@@ -57,12 +74,12 @@ struct Strip {
     if constexpr (BITS == 8) {
       return w[E];
     } else if constexpr (BITS == 4) {
-      return Isa::template field<4 * (E % 2), 0, 4>(w[E / 2]);
+      return field<Isa, 4 * (E % 2), 0, 4>(w[E / 2]);
     } else {
-      const I low = Isa::template field<2 * (E % 4), 0, 2>(w[E / 4]);
+      const I low = field<Isa, 2 * (E % 4), 0, 2>(w[E / 4]);
       if constexpr (BITS == 2) return low;
       // 3 bits: the high bit of this extraction's values sits at bit E of each byte of the hi plane
-      return Isa::template or_field<E, 2, 1>(low, h);
+      return or_field<Isa, E, 2, 1>(low, h);
     }
   }
 };
