@@ -206,7 +206,7 @@ def moemix_layer(shape: LayerShape, widths: tuple[int, ...], isa: str | None = N
             group_bytes = sum(getattr(layer, grp.param_name(g, s)).nbytes for s in ("qweight", "scales", "qzeros"))
             for e in members:
                 per_expert[e] += group_bytes // len(members)
-    return (lambda x, w, i: kernel.apply(layer, x, w, layout.route(layer, i))), kernel.describe(), per_expert
+    return (lambda x, w, i: kernel.apply(layer, x, w, i)), kernel.describe(), per_expert
 
 
 # ---- vLLM baselines -----------------------------------------------------------------------------------

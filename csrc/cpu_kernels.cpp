@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -225,7 +226,7 @@ at::Tensor empty_on_huge_pages(at::IntArrayRef shape, const at::TensorOptions& o
 
 // [..., R, N] -> [..., N/tile, R, tile] contiguous: one column strip per tile streams sequentially.
 at::Tensor tile_major(const at::Tensor& t, int64_t tile) {
-  const int64_t R = t.size(-2), N = t.size(-1);
+  const int64_t N = t.size(-1);
   TORCH_CHECK(N % tile == 0, "moemix cpu repack: ", N, " columns are not a multiple of the tile width ", tile);
   auto shape = t.sizes().vec();
   shape.back() = tile;
@@ -234,9 +235,23 @@ at::Tensor tile_major(const at::Tensor& t, int64_t tile) {
   return empty_on_huge_pages(strips.sizes(), t.options()).copy_(strips);
 }
 
+// Gate/up columns [gate (I) | up (I)] -> interleaved per activation block: [gate 0:32 | up 0:32 | gate 32:64 |
+// up 32:64 | ...]. One 64-column chunk then yields one 32-value block of the gated activation, so the thread
+// that computes a chunk also activates and quantizes it for the down projection (fused_moe, stage 1).
+at::Tensor interleave_gate_up(const at::Tensor& t) {
+  const int64_t N = t.size(-1);
+  TORCH_CHECK(N % (2 * kBlock) == 0, "moemix cpu repack: gate/up width ", N, " is not a multiple of ", 2 * kBlock);
+  auto shape = t.sizes().vec();
+  shape.back() = 2;
+  shape.push_back(N / (2 * kBlock));
+  shape.push_back(kBlock);  // [..., R, 2 (gate, up), chunks, 32]
+  return t.reshape(shape).transpose(-3, -2).reshape(t.sizes());
+}
+
 // One linear's (or a stack of experts') tensors in the layout of `isa`; scales and zeros keep their dtype.
+// `gated`: the experts' gate/up projection, whose columns fused_moe reads interleaved (interleave_gate_up).
 std::vector<at::Tensor> repack(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& qzeros,
-                               int64_t bits, const std::string& isa) {
+                               int64_t bits, const std::string& isa, bool gated) {
   check_bits(bits);
   const IsaVariant& v = find_variant(isa);  // pure data movement: any variant's layout can be made anywhere
   TORCH_CHECK(qweight.scalar_type() == at::kInt, "moemix cpu repack: qweight must be int32");
@@ -251,7 +266,8 @@ std::vector<at::Tensor> repack(const at::Tensor& qweight, const at::Tensor& scal
     });
     q = split;
   }
-  return {tile_major(q, v.tile), tile_major(scales, v.tile), qzeros.numel() ? tile_major(qzeros, v.tile) : qzeros};
+  const auto layout = [&](const at::Tensor& t) { return tile_major(gated ? interleave_gate_up(t) : t, v.tile); };
+  return {layout(q), layout(scales), qzeros.numel() ? layout(qzeros) : qzeros};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -279,11 +295,11 @@ const BlockPermutation kBlockPermutation;
 
 // SSE2 only (this file is built for baseline x86-64): decode quantizes every activation row once per layer,
 // and a libm call per value (nearbyint) cost more than a 2-bit expert's whole GEMM at M=1. cvtps2dq rounds
-// half to even under the default MXCSR, as nearbyint does.
-void quantize_row(const float* x, int64_t K, int bits, int8_t* q, float* scale, float* bsum) {
+// half to even under the default MXCSR, as nearbyint does. Quantizes `nblocks` consecutive 32-value blocks.
+void quantize_blocks(const float* x, int64_t nblocks, int bits, int8_t* q, float* scale, float* bsum) {
   const uint8_t* pos = kBlockPermutation.pos[bits == 8 ? 2 : bits == 4 ? 1 : 0];
   const __m128 abs_mask = _mm_castsi128_ps(_mm_set1_epi32(0x7FFFFFFF));
-  for (int64_t b = 0; b < K / kBlock; ++b) {
+  for (int64_t b = 0; b < nblocks; ++b) {
     const float* xb = x + b * kBlock;
     __m128 vmax = _mm_setzero_ps();
     for (int64_t i = 0; i < kBlock; i += 4) vmax = _mm_max_ps(vmax, _mm_and_ps(_mm_loadu_ps(xb + i), abs_mask));
@@ -313,10 +329,39 @@ struct ActBuffer {
   std::vector<float> scale, bsum;
   int64_t K;
   ActBuffer(int64_t rows, int64_t K_) : q(rows * K_), scale(rows * K_ / kBlock), bsum(rows * K_ / kBlock), K(K_) {}
-  void quantize(int64_t row, const float* x, int bits) {
-    quantize_row(x, K, bits, q.data() + row * K, scale.data() + row * (K / kBlock), bsum.data() + row * (K / kBlock));
+  // Blocks [first, first + n) of `row` from x (those blocks' values).
+  void quantize(int64_t row, const float* x, int bits, int64_t first = 0, int64_t n = -1) {
+    const int64_t at = row * (K / kBlock) + first;
+    quantize_blocks(x, n < 0 ? K / kBlock : n, bits, q.data() + at * kBlock, scale.data() + at, bsum.data() + at);
   }
   QuantizedActs view() const { return {q.data(), scale.data(), bsum.data(), K}; }
+};
+
+// Rows of x [T, K] (float32, bf16 or fp16) as float32: a pointer into x when it is float32, else the row
+// converted into `buf`. Converting in the kernel saves an ATen op (and its cold dispatch path) per decode call.
+class FloatRows {
+ public:
+  explicit FloatRows(const at::Tensor& x) : x_(x.contiguous()), K_(x.size(1)), type_(x.scalar_type()) {
+    TORCH_CHECK(type_ == at::kFloat || type_ == at::kBFloat16 || type_ == at::kHalf,
+                "moemix cpu kernels take float32, bfloat16 or float16 activations, got ", type_);
+  }
+  const float* row(int64_t t, std::vector<float>& buf) const {
+    if (type_ == at::kFloat) return x_.data_ptr<float>() + t * K_;
+    buf.resize(K_);
+    if (type_ == at::kBFloat16) {
+      const at::BFloat16* r = x_.data_ptr<at::BFloat16>() + t * K_;
+      for (int64_t k = 0; k < K_; ++k) buf[k] = static_cast<float>(r[k]);
+    } else {
+      const at::Half* r = x_.data_ptr<at::Half>() + t * K_;
+      for (int64_t k = 0; k < K_; ++k) buf[k] = static_cast<float>(r[k]);
+    }
+    return buf.data();
+  }
+
+ private:
+  at::Tensor x_;
+  int64_t K_;
+  at::ScalarType type_;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -404,7 +449,38 @@ PackedWeight weight_view(const at::Tensor& q, const at::Tensor& s, const at::Ten
           bits, group, K, N};
 }
 
-at::Tensor as_float_rows(const at::Tensor& x) { return x.to(at::kFloat).contiguous(); }
+// An op's output [T, N] in the activations' dtype, filled by (row range, column range) owners: float32 in place,
+// other dtypes through a float32 scratch each owner converts when its range is done. Writing the dtype in the
+// kernel saves an ATen op per call (at decode its dispatch, on cold caches, costs as much as a small expert).
+class Output {
+ public:
+  Output(int64_t T, int64_t N, const at::Tensor& like) : out(at::empty({T, N}, like.options())), N_(N) {
+    if (out.scalar_type() != at::kFloat) scratch_.reset(new float[T * N]);  // owners zero or fill their ranges
+  }
+  float* acc(int64_t t, int64_t col) { return (scratch_ ? scratch_.get() : out.data_ptr<float>()) + t * N_ + col; }
+  void zero(int64_t t0, int64_t t1, int64_t c0, int64_t c1) {
+    for (int64_t t = t0; t < t1; ++t) std::fill(acc(t, c0), acc(t, c1), 0.f);
+  }
+  // Rows [t0, t1) x columns [c0, c1) are final: convert them to the output's dtype.
+  void finish(int64_t t0, int64_t t1, int64_t c0, int64_t c1) {
+    if (!scratch_) return;
+    for (int64_t t = t0; t < t1; ++t) {
+      const float* src = acc(t, 0);
+      if (out.scalar_type() == at::kBFloat16) {
+        at::BFloat16* dst = out.data_ptr<at::BFloat16>() + t * N_;
+        for (int64_t c = c0; c < c1; ++c) dst[c] = at::BFloat16(src[c]);
+      } else {
+        at::Half* dst = out.data_ptr<at::Half>() + t * N_;
+        for (int64_t c = c0; c < c1; ++c) dst[c] = at::Half(src[c]);
+      }
+    }
+  }
+  at::Tensor out;
+
+ private:
+  int64_t N_;
+  std::unique_ptr<float[]> scratch_;
+};
 
 // ---------------------------------------------------------------------------------------------
 // Introspection for Python: what this CPU can run, and the layout pieces tests check independently.
@@ -427,11 +503,12 @@ pybind11::list variants_info() {
 // (q [T, K] int8 in the kernel's permuted order, scale [T, K/32], bsum [T, K/32]) for one weight width.
 std::vector<at::Tensor> quantize_activations(const at::Tensor& x, int64_t bits) {
   check_bits(bits);
-  const at::Tensor xf = as_float_rows(x);
-  const int64_t T = xf.size(0), K = xf.size(1);
+  const FloatRows rows(x);
+  const int64_t T = x.size(0), K = x.size(1);
   TORCH_CHECK(K % kBlock == 0, "K must be a multiple of ", kBlock);
   ActBuffer acts(T, K);
-  for (int64_t t = 0; t < T; ++t) acts.quantize(t, xf.data_ptr<float>() + t * K, static_cast<int>(bits));
+  std::vector<float> buf;
+  for (int64_t t = 0; t < T; ++t) acts.quantize(t, rows.row(t, buf), static_cast<int>(bits));
   auto f = at::TensorOptions().dtype(at::kFloat);
   return {at::from_blob(acts.q.data(), {T, K}, at::TensorOptions().dtype(at::kChar)).clone(),
           at::from_blob(acts.scale.data(), {T, K / kBlock}, f).clone(),
@@ -447,40 +524,117 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qweight, const a
   check_bits(bits);
   const IsaVariant& V = variant(isa);
   const int64_t T = x.size(0), K = x.size(1), N = qweight.numel() * 32 / (K * bits);
-  const at::Tensor xf = as_float_rows(x);
+  const FloatRows rows(x);
   ActBuffer acts(T, K);
   at::parallel_for(0, T, grain_for(K), [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) acts.quantize(t, xf.data_ptr<float>() + t * K, bits);
+    std::vector<float> buf;
+    for (int64_t t = b; t < e; ++t) acts.quantize(t, rows.row(t, buf), bits);
   });
-  at::Tensor out = at::empty({T, N}, x.options().dtype(at::kFloat));
+  Output out(T, N, x);
   const PackedWeight W = weight_view(qweight, scales, zeros, 0, bits, group, K, N);
   const QuantizedActs A = acts.view();
   const int64_t tiles = N / V.tile, chunks = (T + kRowsPerTask - 1) / kRowsPerTask;
   at::parallel_for(0, tiles * chunks, grain_for(K * V.tile * std::min<int64_t>(T, kRowsPerTask)),
                    [&](int64_t b, int64_t e) {
-    std::vector<int64_t> rows;
+    std::vector<int64_t> act_rows;
     std::vector<float*> outs;
     for (int64_t task = b; task < e; ++task) {
       const int64_t tile = task % tiles, chunk = task / tiles;
       const int64_t t0 = chunk * kRowsPerTask, t1 = std::min(T, t0 + kRowsPerTask);
-      rows.clear();
+      act_rows.clear();
       outs.clear();
       for (int64_t t = t0; t < t1; ++t) {
-        rows.push_back(t);
-        outs.push_back(out.data_ptr<float>() + t * N + tile * V.tile);
+        act_rows.push_back(t);
+        outs.push_back(out.acc(t, tile * V.tile));
       }
-      V.gemm_rows(W, tile, A, rows.data(), t1 - t0, outs.data(), nullptr);
+      V.gemm_rows(W, tile, A, act_rows.data(), t1 - t0, outs.data(), nullptr);
+      out.finish(t0, t1, tile * V.tile, (tile + 1) * V.tile);
     }
   });
-  return out.to(x.scalar_type());
+  return out.out;
 }
+
+namespace {
+
+// Element i of an int32 or int64 tensor (router ids and vLLM's expert map come as either), read in place.
+class IntView {
+ public:
+  IntView(const at::Tensor& t, const char* name) : t_(t.contiguous()), wide_(t.scalar_type() == at::kLong) {
+    TORCH_CHECK(wide_ || t.scalar_type() == at::kInt, "moemix cpu_fused_moe: ", name, " must be int32 or int64, got ",
+                t.scalar_type());
+  }
+  int64_t operator[](int64_t i) const {
+    return wide_ ? t_.data_ptr<int64_t>()[i] : static_cast<int64_t>(t_.data_ptr<int32_t>()[i]);
+  }
+  int64_t size() const { return t_.numel(); }
+
+ private:
+  at::Tensor t_;
+  bool wide_;
+};
+
+// One call's (token, expert) pairs sorted by local expert: pair p of expert e in [start[e], start[e + 1]).
+struct Pairs {
+  std::vector<int64_t> count, start, active, token;
+  std::vector<float> weight;
+  int64_t size() const { return start.back(); }
+};
+
+// Maps the router's ids to this rank's experts (expert_map: global -> local, -1 on another rank; none: ids are
+// local), adds them to the layer's usage counts (routed_pairs [E + 1], the last slot for other ranks' pairs: the
+// same counts ExpertsLayout.route keeps for the other kernels, taken here because each eager op a decode step
+// runs costs microseconds), and sorts the pairs by expert.
+Pairs sort_pairs(const at::Tensor& topk_weights, const at::Tensor& topk_ids, const c10::optional<at::Tensor>& expert_map,
+                 at::Tensor& routed_pairs, int64_t E) {
+  TORCH_CHECK(routed_pairs.scalar_type() == at::kLong && routed_pairs.numel() == E + 1 && routed_pairs.is_contiguous(),
+              "moemix cpu_fused_moe: routed_pairs must be contiguous int64 [", E + 1, "]");
+  TORCH_CHECK(topk_weights.sizes() == topk_ids.sizes(), "moemix cpu_fused_moe: topk_weights ", topk_weights.sizes(),
+              " and topk_ids ", topk_ids.sizes(), " differ");
+  const IntView ids(topk_ids, "topk_ids");
+  const bool mapped = expert_map.has_value() && expert_map->defined();
+  const IntView map = mapped ? IntView(*expert_map, "expert_map") : ids;
+  const int64_t n = ids.size(), global = mapped ? map.size() : E;
+  std::vector<int64_t> local(n);
+  Pairs pairs;
+  pairs.count.assign(E + 1, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t g = ids[i];
+    TORCH_CHECK(g < global, "moemix cpu_fused_moe: expert id ", g, " out of range (", global, " experts)");
+    const int64_t e = g < 0 ? -1 : mapped ? map[g] : g;
+    TORCH_CHECK(e < E, "moemix cpu_fused_moe: expert_map gives local id ", e, " (", E, " local experts)");
+    local[i] = e;
+    ++pairs.count[e < 0 ? E : e];
+  }
+  int64_t* usage = routed_pairs.data_ptr<int64_t>();
+  for (int64_t e = 0; e <= E; ++e) usage[e] += pairs.count[e];
+  pairs.start.assign(E + 1, 0);
+  for (int64_t e = 0; e < E; ++e) {
+    pairs.start[e + 1] = pairs.start[e] + pairs.count[e];
+    if (pairs.count[e]) pairs.active.push_back(e);
+  }
+  const at::Tensor wts = topk_weights.to(at::kFloat).contiguous();  // vLLM's are float32 already: no copy
+  const float* w = wts.data_ptr<float>();
+  const int64_t top_k = topk_ids.size(-1);
+  pairs.token.resize(pairs.size());
+  pairs.weight.resize(pairs.size());
+  std::vector<int64_t> fill(pairs.start.begin(), pairs.start.end() - 1);
+  for (int64_t i = 0; i < n; ++i) {
+    if (local[i] < 0) continue;
+    const int64_t p = fill[local[i]]++;
+    pairs.token[p] = i / top_k;
+    pairs.weight[p] = w[i];
+  }
+  return pairs;
+}
+
+}  // namespace
 
 // Gated experts of mixed widths: sum_k topk_weights[t,k] * expert_{ids[t,k]}(x[t]), where
 // expert_e(x) = act(x @ W13[e] + b13[e]) @ W2[e] + b2[e] (biases optional, float32 [E, 2I] / [E, H]).
-// Experts live in per-width groups; *_where[e] = (group, slot). local_ids are this rank's expert ids
-// (-1: another rank's expert); mapping and routing counts are the layer's job (layers/layout.py).
-at::Tensor fused_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& local_ids,
-                     const at::Tensor& w13_where,
+// Experts live in per-width groups; *_where[e] = (group, slot). topk_ids are the router's (mapped through
+// expert_map when given; sort_pairs counts them into routed_pairs). W13 is in the gated layout (repack).
+at::Tensor fused_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
+                     const c10::optional<at::Tensor>& expert_map, at::Tensor& routed_pairs, const at::Tensor& w13_where,
                      const at::Tensor& w2_where, at::TensorList w13_q, at::TensorList w13_s, at::TensorList w13_z,
                      at::IntArrayRef w13_bits, at::IntArrayRef w13_group, at::TensorList w2_q,
                      at::TensorList w2_s, at::TensorList w2_z, at::IntArrayRef w2_bits, at::IntArrayRef w2_group,
@@ -490,43 +644,18 @@ at::Tensor fused_moe(const at::Tensor& x, const at::Tensor& topk_weights, const 
   const Activation act = parse_activation(activation);
   for (int64_t b : w13_bits) check_bits(b);
   for (int64_t b : w2_bits) check_bits(b);
-  const int64_t T = x.size(0), H = x.size(1), top_k = local_ids.size(1), E = w13_where.size(0);
+  const int64_t T = x.size(0), H = x.size(1), E = w13_where.size(0);
   const int64_t I = intermediate, N13 = 2 * I;
-  const at::Tensor xf = as_float_rows(x);
-  const at::Tensor ids = local_ids.to(at::kLong).contiguous();
-  const at::Tensor wts = topk_weights.to(at::kFloat).contiguous();
+  TORCH_CHECK(I % kBlock == 0, "moemix cpu_fused_moe: intermediate size ", I, " is not a multiple of ", kBlock);
   const auto where13 = w13_where.accessor<int64_t, 2>();
   const auto where2 = w2_where.accessor<int64_t, 2>();
   at::Tensor b13_holder, b2_holder;
   const float* b13 = bias_rows(w13_bias, E, N13, "w13_bias", b13_holder);
   const float* b2 = bias_rows(w2_bias, E, H, "w2_bias", b2_holder);
-
-  // Sort (token, expert) pairs by local expert: pair p = rows [start[e], start[e+1]).
-  std::vector<int64_t> count(E + 1, 0), start(E + 1, 0);
-  std::vector<int64_t> local(T * top_k);
-  for (int64_t i = 0; i < T * top_k; ++i) {
-    const int64_t e = ids.data_ptr<int64_t>()[i];
-    local[i] = e;
-    if (e >= 0) ++count[e];
-  }
-  for (int64_t e = 0; e < E; ++e) start[e + 1] = start[e] + count[e];
-  const int64_t P = start[E];
-  std::vector<int64_t> pair_token(P);
-  std::vector<float> pair_weight(P);
-  {
-    std::vector<int64_t> fill(start.begin(), start.end() - 1);
-    for (int64_t i = 0; i < T * top_k; ++i) {
-      if (local[i] < 0) continue;
-      const int64_t p = fill[local[i]]++;
-      pair_token[p] = i / top_k;
-      pair_weight[p] = wts.data_ptr<float>()[i];
-    }
-  }
-  std::vector<int64_t> active;
-  for (int64_t e = 0; e < E; ++e)
-    if (count[e]) active.push_back(e);
-  at::Tensor out = at::zeros({T, H}, x.options().dtype(at::kFloat));
-  if (P == 0) return out.to(x.scalar_type());
+  const Pairs pairs = sort_pairs(topk_weights, topk_ids, expert_map, routed_pairs, E);
+  const std::vector<int64_t>& active = pairs.active;
+  const int64_t P = pairs.size();
+  if (P == 0) return at::zeros({T, H}, x.options());
 
   // Stage 0: quantize each token once per activation permutation its experts need.
   bool need[3] = {false, false, false};
@@ -534,86 +663,96 @@ at::Tensor fused_moe(const at::Tensor& x, const at::Tensor& topk_weights, const 
   const int perm_bits[3] = {2, 4, 8};
   std::vector<ActBuffer> xacts;
   for (int s = 0; s < 3; ++s) xacts.emplace_back(need[s] ? T : 0, H);
+  const FloatRows xrows(x);
   at::parallel_for(0, T, grain_for(H), [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t)
+    std::vector<float> buf;
+    for (int64_t t = b; t < e; ++t) {
+      const float* row = xrows.row(t, buf);
       for (int s = 0; s < 3; ++s)
-        if (need[s]) xacts[s].quantize(t, xf.data_ptr<float>() + t * H, perm_bits[s]);
-  });
-
-  // Stage 1: gate_up[p] = x[token(p)] @ W13[expert(p)]. Tasks are (active expert, column tile) in expert-major
-  // order -- an expert's tiles are consecutive in memory, so a thread streams long runs -- split into one
-  // contiguous range per thread of equal estimated cost, so experts of different widths (and token counts)
-  // keep every thread busy to the end.
-  std::vector<float> gate_up(P * N13);
-  const int64_t tiles13 = N13 / V.tile;
-  std::vector<double> cost13;
-  for (int64_t e : active) cost13.push_back(tile_cost(static_cast<int>(w13_bits[where13[e][0]]), H, V.tile, count[e]));
-  parallel_ranges(balanced_ranges(cost13, std::vector<int64_t>(active.size(), tiles13)), [&](int64_t b, int64_t e_) {
-    std::vector<float*> outs;
-    for (int64_t task = b; task < e_; ++task) {
-      const int64_t e = active[task / tiles13], tile = task % tiles13;
-      const int64_t g = where13[e][0];
-      const int bits = static_cast<int>(w13_bits[g]);
-      const PackedWeight W = weight_view(w13_q[g], w13_s[g], w13_z[g], where13[e][1], bits, w13_group[g], H, N13);
-      outs.clear();
-      for (int64_t p = start[e]; p < start[e + 1]; ++p) outs.push_back(gate_up.data() + p * N13 + tile * V.tile);
-      V.gemm_rows(W, tile, xacts[bits_slot(bits)].view(), pair_token.data() + start[e], count[e], outs.data(), nullptr);
+        if (need[s]) xacts[s].quantize(t, row, perm_bits[s]);
     }
   });
 
-  // Stage 2: h = act(gate_up + b13), quantized for the pair's w2 width.
-  const int64_t rows_per_expert = (P + static_cast<int64_t>(active.size()) - 1) / static_cast<int64_t>(active.size());
+  // Stage 1: h[p] = act(x[token(p)] @ W13[expert(p)] + b13), quantized for the pair's w2 width. In the gated
+  // layout a 64-column chunk of W13 holds 32 gate and the same 32 up columns, so the thread that computes a chunk
+  // activates and quantizes its block of h itself. Tasks are (active expert, chunk) in expert-major order -- an
+  // expert's chunks are consecutive in memory, so a thread streams long runs -- split into one contiguous range
+  // per thread of equal estimated cost, so experts of different widths (and token counts) keep every thread busy
+  // to the end.
+  constexpr int64_t kChunk = 2 * kBlock;
+  const int64_t chunks = I / kBlock, tiles_per_chunk = kChunk / V.tile;
   ActBuffer hacts(P, I);
-  std::vector<int64_t> pair_rows(P);
   void (*const act_mul)(const float*, int64_t, float*) = act == Activation::kSilu ? silu_mul : swigluoai_mul;
-  at::parallel_for(0, static_cast<int64_t>(active.size()), grain_for(I * rows_per_expert), [&](int64_t b, int64_t e_) {
-    std::vector<float> h(I);
-    for (int64_t a = b; a < e_; ++a) {
-      const int64_t e = active[a];
-      const int bits = static_cast<int>(w2_bits[where2[e][0]]);
-      for (int64_t p = start[e]; p < start[e + 1]; ++p) {
-        float* gu = gate_up.data() + p * N13;
-        if (b13) {
-          const float* bias = b13 + e * N13;
-          for (int64_t n = 0; n < N13; ++n) gu[n] += bias[n];
+  std::vector<double> cost13;
+  for (int64_t e : active)
+    cost13.push_back(tile_cost(static_cast<int>(w13_bits[where13[e][0]]), H, kChunk, pairs.count[e]));
+  parallel_ranges(balanced_ranges(cost13, std::vector<int64_t>(active.size(), chunks)), [&](int64_t b, int64_t e_) {
+    std::vector<float> gate_up;  // [pairs of the expert][gate 32 | up 32]
+    std::vector<float*> outs;
+    float h[kBlock];
+    for (int64_t task = b; task < e_; ++task) {
+      const int64_t e = active[task / chunks], chunk = task % chunks, n = pairs.count[e], p0 = pairs.start[e];
+      const int64_t g = where13[e][0];
+      const int bits = static_cast<int>(w13_bits[g]);
+      const PackedWeight W = weight_view(w13_q[g], w13_s[g], w13_z[g], where13[e][1], bits, w13_group[g], H, N13);
+      gate_up.resize(n * kChunk);
+      for (int64_t s = 0; s < tiles_per_chunk; ++s) {
+        outs.clear();
+        for (int64_t i = 0; i < n; ++i) outs.push_back(gate_up.data() + i * kChunk + s * V.tile);
+        V.gemm_rows(W, chunk * tiles_per_chunk + s, xacts[bits_slot(bits)].view(), pairs.token.data() + p0, n,
+                    outs.data(), nullptr);
+      }
+      const int w2bits = static_cast<int>(w2_bits[where2[e][0]]);
+      for (int64_t i = 0; i < n; ++i) {
+        float* gu = gate_up.data() + i * kChunk;
+        if (b13) {  // biases stay in checkpoint order [gate (I) | up (I)]
+          const float* bias = b13 + e * N13 + chunk * kBlock;
+          for (int64_t j = 0; j < kBlock; ++j) {
+            gu[j] += bias[j];
+            gu[kBlock + j] += bias[I + j];
+          }
         }
-        act_mul(gu, I, h.data());
-        hacts.quantize(p, h.data(), bits);
-        pair_rows[p] = p;
+        act_mul(gu, kBlock, h);
+        hacts.quantize(p0 + i, h, w2bits, chunk, 1);
       }
     }
   });
 
-  // Stage 3: out[token] += weight * h @ W2. Each thread owns a range of output column tiles (no atomics) and
+  // Stage 2: out[token] += weight * h @ W2. Each thread owns a range of output column tiles (no atomics) and
   // walks it expert by expert: every tile holds every expert, so equal ranges are equal work, and an expert's
   // tiles in a range are one contiguous run of memory.
   const int64_t tiles2 = H / V.tile;
   double cost2 = 0;
-  for (int64_t e : active) cost2 += tile_cost(static_cast<int>(w2_bits[where2[e][0]]), I, V.tile, count[e]);
+  for (int64_t e : active) cost2 += tile_cost(static_cast<int>(w2_bits[where2[e][0]]), I, V.tile, pairs.count[e]);
+  std::vector<int64_t> pair_rows(P);
+  for (int64_t p = 0; p < P; ++p) pair_rows[p] = p;
+  Output out(T, H, x);
   parallel_ranges(balanced_ranges({cost2}, {tiles2}), [&](int64_t t0, int64_t t1) {
+    const int64_t c0 = t0 * V.tile, c1 = t1 * V.tile;
+    out.zero(0, T, c0, c1);
     std::vector<float*> outs;
     for (int64_t e : active) {
-      const int64_t g = where2[e][0];
+      const int64_t g = where2[e][0], p0 = pairs.start[e], p1 = pairs.start[e + 1];
       const PackedWeight W = weight_view(w2_q[g], w2_s[g], w2_z[g], where2[e][1], static_cast<int>(w2_bits[g]),
                                          w2_group[g], I, H);
       for (int64_t tile = t0; tile < t1; ++tile) {
         outs.clear();
-        for (int64_t p = start[e]; p < start[e + 1]; ++p)
-          outs.push_back(out.data_ptr<float>() + pair_token[p] * H + tile * V.tile);
+        for (int64_t p = p0; p < p1; ++p) outs.push_back(out.acc(pairs.token[p], tile * V.tile));
         // Pairs of one expert have distinct tokens, so the accumulations never alias.
-        V.gemm_rows(W, tile, hacts.view(), pair_rows.data() + start[e], count[e], outs.data(), pair_weight.data() + start[e]);
-        if (b2) {  // out += weight * b2[e] over this tile's columns
-          const float* bias = b2 + e * H + tile * V.tile;
-          for (int64_t p = start[e]; p < start[e + 1]; ++p) {
-            float* o = out.data_ptr<float>() + pair_token[p] * H + tile * V.tile;
-            const float w = pair_weight[p];
-            for (int64_t n = 0; n < V.tile; ++n) o[n] += w * bias[n];
-          }
+        V.gemm_rows(W, tile, hacts.view(), pair_rows.data() + p0, p1 - p0, outs.data(), pairs.weight.data() + p0);
+      }
+      if (b2) {  // out += weight * b2[e] over this thread's columns
+        for (int64_t p = p0; p < p1; ++p) {
+          float* o = out.acc(pairs.token[p], 0);
+          const float* bias = b2 + e * H;
+          const float w = pairs.weight[p];
+          for (int64_t c = c0; c < c1; ++c) o[c] += w * bias[c];
         }
       }
     }
+    out.finish(0, T, c0, c1);
   });
-  return out.to(x.scalar_type());
+  return out.out;
 }
 
 // Registered with the dispatcher (not pybind) so calls skip Python; fake (meta) implementations for
@@ -621,7 +760,8 @@ at::Tensor fused_moe(const at::Tensor& x, const at::Tensor& topk_weights, const 
 TORCH_LIBRARY_FRAGMENT(moemix, m) {
   m.def("cpu_linear(Tensor x, Tensor qweight, Tensor scales, Tensor qzeros, int bits, int group_size, str isa) -> Tensor");
   m.def(
-      "cpu_fused_moe(Tensor x, Tensor topk_weights, Tensor local_ids, Tensor w13_where, Tensor w2_where, "
+      "cpu_fused_moe(Tensor x, Tensor topk_weights, Tensor topk_ids, Tensor? expert_map, Tensor(a!) routed_pairs, "
+      "Tensor w13_where, Tensor w2_where, "
       "Tensor[] w13_qweights, Tensor[] w13_scales, Tensor[] w13_qzeros, int[] w13_bits, int[] w13_groups, Tensor[] w2_qweights, Tensor[] w2_scales, Tensor[] w2_qzeros, "
       "int[] w2_bits, int[] w2_groups, Tensor? w13_bias, Tensor? w2_bias, str activation, int intermediate, str isa) -> Tensor");
 }
@@ -634,6 +774,7 @@ TORCH_LIBRARY_IMPL(moemix, CPU, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "moemix native CPU kernels; importing registers torch.ops.moemix.cpu_*";
   m.def("variants", &variants_info, "the compiled ISA variants, fastest first, with what this CPU lacks for each");
-  m.def("repack", &repack, "qweight, scales, qzeros (empty: symmetric) -> the native layout of one ISA variant");
+  m.def("repack", &repack, "qweight, scales, qzeros (empty: symmetric), bits, isa, gated -> the native layout of one "
+        "ISA variant (gated: an experts' gate/up projection, columns interleaved per 32)");
   m.def("quantize_activations", &quantize_activations, "x [T, K] -> permuted int8, scale, bsum (layout tests)");
 }

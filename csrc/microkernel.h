@@ -27,6 +27,10 @@ namespace {
 
 constexpr int64_t kPrefetchBlocks = 8;  // blocks of K to prefetch ahead in a weight strip
 
+// prefetcht0 as a volatile asm: GCC's dead-code elimination deletes __builtin_prefetch (and _mm_prefetch)
+// loops whose only effect is the prefetch -- at -O2 this kernel had none at all.
+inline void prefetch(const char* p) { __asm__ volatile("prefetcht0 %0" : : "m"(*p)); }
+
 // Calls f(std::integral_constant<int, E>{}) for E = 0 .. N-1: a compile-time extraction index, so each
 // extraction's shifts and masks are constants.
 template <class F, int... E>
@@ -147,7 +151,7 @@ void gemm_tile(const PackedWeight& W, int64_t tile, const QuantizedActs& A, cons
   // prefetcher alone streams as fast (measured: no software prefetch, T0/T1/NTA hints and distances 8-64 blocks
   // all within 2%); this keeps CPUs with weaker prefetchers from stalling at each strip start.
   const auto prefetch_lines = [](const void* p, int64_t bytes) {
-    for (int64_t line = 0; line < bytes; line += 64) __builtin_prefetch(static_cast<const char*>(p) + line, 0, 3);
+    for (int64_t line = 0; line < bytes; line += 64) prefetch(static_cast<const char*>(p) + line);
   };
   const auto prefetch_block = [&](int64_t b) {
     prefetch_lines(tile_q + b * rows_per_block * width, rows_per_block * width * 4);

@@ -123,8 +123,8 @@ def naive_moe(x, topk_weights, ids, w13s, w2s, act_quant=lambda v: v, act="silu"
 
 
 def run_experts(kernel, layer: torch.nn.Module, x, topk_weights, topk_ids):
-    """What `MoeMixMoEMethod.apply` does: route (map + count) once, then the kernel computes."""
-    return kernel.apply(layer, x, topk_weights, ExpertsLayout.route(layer, topk_ids))
+    """What `MoeMixMoEMethod.apply` does: the kernel maps, counts and computes."""
+    return kernel.apply(layer, x, topk_weights, topk_ids)
 
 
 def routing(tokens, experts, top_k=2, seed=0, skew=False):

@@ -106,6 +106,20 @@ def test_repack_is_tile_major_with_3bit_planes(name, bits):
     assert torch.equal(low | (high.reshape(2, 128, 2 * tile) << 2).to(torch.int32), q.to(torch.int32))
 
 
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_gated_repack_interleaves_gate_and_up_per_block(name):
+    """Experts' gate/up columns [gate | up] are stored as [gate 0:32 | up 0:32 | gate 32:64 | ...] (one 64-column
+    chunk gives one block of the gated activation), then tiled like any weight."""
+    tile, inter = VARIANTS[name].tile, 96
+    q = torch.randint(0, 4, (2, 64, 2 * inter))
+    packed = torch.stack([packing.pack(e, 2) for e in q])
+    scales = torch.randn(2, 2, 2 * inter).half()
+    rq, rs, rz = cpu.repack_for_cpu(packed, scales, None, 2, name, gated=True)
+    order = torch.arange(2 * inter).view(2, inter // 32, 32).transpose(0, 1).reshape(-1)  # stored column -> original
+    assert torch.equal(untile(rq, tile), packed[..., order]) and torch.equal(untile(rs, tile), scales[..., order])
+    assert rz is None
+
+
 def _vm_flags(address: int) -> list[str]:
     """The kernel's VmFlags of the mapping holding `address` (/proc/self/smaps)."""
     inside = False
@@ -265,6 +279,7 @@ def test_no_local_tokens_gives_zeros(isa, bias):
 def test_moe_compiles_fullgraph_bf16(isa, act, bias):
     layer, kernel, _, _, _ = _moe_case(1, act=act, bias=bias)
     compiled = torch.compile(lambda x, w, i: run_experts(kernel, layer, x, w, i) * 1.0, fullgraph=True, dynamic=True)
+    seen = []
     for tokens in (3, 11):
         x = torch.randn(tokens, H).to(torch.bfloat16)
         w, i = routing(tokens, len(SPECS13), seed=tokens)
@@ -273,6 +288,32 @@ def test_moe_compiles_fullgraph_bf16(isa, act, bias):
         expected = naive_fake_quant(layer, x.float(), w, i)
         atol = 0.1 * max(1.0, float(expected.abs().max()) / 5)  # bf16 output (biases make outputs ~10)
         torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=atol)
+        seen.append(i.flatten())
+    # the op counts routed pairs in place: the mutation survives functionalization
+    assert torch.equal(routed_tokens(layer), torch.bincount(torch.cat(seen).long(), minlength=len(SPECS13)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_moe_reads_and_writes_half_precision_itself(isa, dtype):
+    """bf16/fp16 activations are converted inside the op (no ATen conversions per call): same result as float32
+    input, rounded once at the output."""
+    layer, kernel, x, w, ids = _moe_case(5)
+    x = x.to(dtype)
+    out = run_experts(kernel, layer, x, w, ids)
+    assert out.dtype == dtype
+    reference = run_experts(kernel, layer, x.float(), w, ids)
+    torch.testing.assert_close(out, reference.to(dtype), rtol=0, atol=0)
+
+
+def test_moe_refuses_expert_ids_out_of_range(isa):
+    layer, kernel, x, w, ids = _moe_case(2)
+    ids[1, 0] = len(SPECS13)
+    with pytest.raises(RuntimeError, match=f"expert id {len(SPECS13)} out of range"):
+        run_experts(kernel, layer, x, w, ids)
+    layer.expert_map = torch.tensor([0, 1, 2, 3, 4, 5, 9], dtype=torch.int32)
+    ids[1, 0] = 6
+    with pytest.raises(RuntimeError, match="expert_map gives local id 9"):
+        run_experts(kernel, layer, x, w, ids)
 
 
 def test_selection_prefers_native_and_explains_refusals(isa, monkeypatch):
@@ -325,7 +366,10 @@ def test_op_refuses_unknown_activation_and_misshapen_bias():
     kernel.process_weights_after_loading(layer)
     w, ids = routing(2, len(SPECS13))
     args = list(layer.layout.op_args(layer))
-    call = lambda args: torch.ops.moemix.cpu_fused_moe(torch.randn(2, H), w, ids, *args, layer.inter, kernel.isa)  # noqa: E731
+    counts = layer.moemix_routed_pairs
+    call = lambda args: torch.ops.moemix.cpu_fused_moe(  # noqa: E731
+        torch.randn(2, H), w, ids, None, counts, *args, layer.inter, kernel.isa
+    )
     with pytest.raises(RuntimeError, match="unknown expert activation 'gelu'"):
         call(args[:-1] + ["gelu"])
     with pytest.raises(RuntimeError, match=r"w2_bias must be \[local experts, 64\]"):

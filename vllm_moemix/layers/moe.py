@@ -189,4 +189,4 @@ class MoeMixMoEMethod(FusedMoEMethodBase):
         del layer.w13_bias, layer.w2_bias
 
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input):
-        return self.kernel.apply(layer, x, topk_weights, ExpertsLayout.route(layer, topk_ids))
+        return self.kernel.apply(layer, x, topk_weights, topk_ids)

@@ -109,9 +109,9 @@ class ExpertsKernel(Kernel, ABC):
         layer: torch.nn.Module,
         x: torch.Tensor,
         topk_weights: torch.Tensor,
-        local_ids: torch.Tensor,
+        topk_ids: torch.Tensor,
     ) -> torch.Tensor:
         """Weighted sum of the routed experts' gated MLPs, [T, H] in x's dtype: per pair (token t, expert e,
         weight w) out[t] += w * (act(x[t] @ W13[e] + b13[e]) @ W2[e] + b2[e]), `config.activation` and biases
-        (when `config.has_bias`) as in `EXPERT_ACTIVATIONS`. `local_ids` are this rank's expert ids (-1: another
-        rank's), already mapped and counted by `ExpertsLayout.route`."""
+        (when `config.has_bias`) as in `EXPERT_ACTIVATIONS`. `topk_ids` are the router's (global) ids: the kernel
+        maps them to this rank's experts and counts them for the usage profile, as `ExpertsLayout.route` does."""

@@ -130,10 +130,13 @@ def _supports(specs: list[QuantSpec], output_dims: list[int]) -> tuple[bool, str
     return True, None
 
 
-def repack_for_cpu(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None, bits: int, isa: str):
-    """One linear's (or a stack of experts') tensors in the native layout of `isa` (same bytes, rearranged)."""
+def repack_for_cpu(
+    qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None, bits: int, isa: str, gated: bool = False
+):
+    """One linear's (or a stack of experts') tensors in the native layout of `isa` (same bytes, rearranged).
+    `gated`: experts' gate/up projection, whose columns the fused-MoE op reads interleaved per 32."""
     zeros = qzeros if qzeros is not None and qzeros.numel() else torch.empty(0, dtype=torch.uint8)
-    q, s, z = _native().repack(qweight, scales, zeros, bits, isa)
+    q, s, z = _native().repack(qweight, scales, zeros, bits, isa, gated)
     return q, s, (z if z.numel() else None)
 
 
@@ -212,10 +215,11 @@ class NativeCpuExpertsKernel(_NativeCpuKernel, ExpertsKernel):
         return _supports(list(config.w13_specs + config.w2_specs), [2 * config.intermediate_size, config.hidden_size])
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        for grp in layer.moemix_layout.groups().values():
+        for proj, grp in layer.moemix_layout.groups().items():
             for g, spec in enumerate(grp.specs):
                 names = [grp.param_name(g, s) for s in ("qweight", "scales", "qzeros")]
-                q, s, z = repack_for_cpu(*(getattr(layer, n).data for n in names), spec.bits, self.isa)
+                tensors = (getattr(layer, n).data for n in names)
+                q, s, z = repack_for_cpu(*tensors, spec.bits, self.isa, gated=proj == "w13")
                 _replace(layer, names[0], q)
                 _replace(layer, names[1], s)
                 if z is not None:
@@ -223,5 +227,14 @@ class NativeCpuExpertsKernel(_NativeCpuKernel, ExpertsKernel):
         # Gathered once: at decode, rebuilding the lists of a layer's tensors every call costs ~20 us a layer.
         layer.moemix_cpu_op_args = (*layer.moemix_layout.op_args(layer), self.config.intermediate_size, self.isa)
 
-    def apply(self, layer, x, topk_weights, local_ids):
-        return torch.ops.moemix.cpu_fused_moe(x, topk_weights, local_ids, *layer.moemix_cpu_op_args)
+    def apply(self, layer, x, topk_weights, topk_ids):
+        # One op per call: mapping, usage counts and dtype conversions happen inside it (ExpertsLayout.route's
+        # work for the other kernels) -- at decode every extra eager op costs ~10-100 us on cold caches.
+        return torch.ops.moemix.cpu_fused_moe(
+            x,
+            topk_weights,
+            topk_ids,
+            getattr(layer, "expert_map", None),
+            layer.moemix_routed_pairs,
+            *layer.moemix_cpu_op_args,
+        )

@@ -26,6 +26,7 @@ import torch
 
 from vllm_moemix.config.spec import QuantSpec
 from vllm_moemix.layers.kernels.base import SWIGLUOAI_ALPHA, SWIGLUOAI_LIMIT, ExpertsConfig, ExpertsKernel
+from vllm_moemix.layers.layout import ExpertsLayout
 
 MARLIN_GROUP_SIZES = (32, 64, 128)
 MIN_CAPABILITY = (8, 0)
@@ -255,7 +256,8 @@ class MarlinExpertsKernel(ExpertsKernel):
             layer.register_buffer(f"moemix_part_{i}", t, persistent=False)
         self.maps, self.kinds, self.specs, self.num_tensors = maps, kinds, specs, len(tensors)
 
-    def apply(self, layer, x, topk_weights, local_ids):
+    def apply(self, layer, x, topk_weights, topk_ids):
+        local_ids = ExpertsLayout.route(layer, topk_ids)
         tensors = [getattr(layer, f"moemix_part_{i}") for i in range(self.num_tensors)]
         return torch.ops.moemix.marlin_moe(
             x, topk_weights, local_ids, self.maps, tensors, self.kinds, self.specs, self.config.activation

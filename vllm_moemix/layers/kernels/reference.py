@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from vllm_moemix.layers.kernels.base import ExpertsKernel, LinearKernel, gated_activation
+from vllm_moemix.layers.layout import ExpertsLayout
 from vllm_moemix.quant.tensors import dequantize_kn
 
 
@@ -102,5 +103,6 @@ def _(x, *layout_args):
 
 
 class DequantExpertsKernel(ExpertsKernel):
-    def apply(self, layer, x, topk_weights, local_ids):
+    def apply(self, layer, x, topk_weights, topk_ids):
+        local_ids = ExpertsLayout.route(layer, topk_ids)
         return torch.ops.moemix.dequant_moe(x, topk_weights, local_ids, *layer.moemix_layout.op_args(layer))

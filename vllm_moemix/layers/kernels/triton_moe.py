@@ -15,6 +15,7 @@ import importlib.util
 import torch
 
 from vllm_moemix.layers.kernels.base import ExpertsKernel, LinearKernel, gated_activation
+from vllm_moemix.layers.layout import ExpertsLayout
 
 
 def _run_stage(a, a_row, slot_of_pair, group_of_pair, out, qweights, scales, qzeros, bits, groups, mult=None):
@@ -196,5 +197,6 @@ class TritonExpertsKernel(ExpertsKernel):
     def can_run_on(cls, device: torch.device) -> tuple[bool, str | None]:
         return _triton_on(device)
 
-    def apply(self, layer, x, topk_weights, local_ids):
+    def apply(self, layer, x, topk_weights, topk_ids):
+        local_ids = ExpertsLayout.route(layer, topk_ids)
         return torch.ops.moemix.triton_moe(x, topk_weights, local_ids, *layer.moemix_layout.op_args(layer))
