@@ -11,6 +11,8 @@ lacks its ISA, and the skip names what is missing. Layout tests need no particul
 """
 
 import os
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -144,6 +146,16 @@ def test_repacked_weights_ask_for_huge_pages():
     rq, _, _ = cpu.repack_for_cpu(packed, torch.ones(32, 4096).half(), None, 2, "avx2")
     middle = rq.data_ptr() + rq.nbytes // 2 // (1 << 21) * (1 << 21)  # inside the aligned interior
     assert "hg" in _vm_flags(middle)
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="needs objdump (binutils) to read the built extension")
+def test_micro_kernels_keep_their_software_prefetches():
+    """GCC's dead-code elimination once deleted every __builtin_prefetch loop in the micro-kernels (no prefetcht0
+    in the binary at all; 2-bit streamed at 81% of a core's bandwidth instead of 95%)."""
+    from vllm_moemix import _cpu_kernels
+
+    listing = subprocess.run(["objdump", "-d", _cpu_kernels.__file__], capture_output=True, text=True, check=True)
+    assert listing.stdout.count("prefetcht0") >= 100  # every width x rows x ISA instance prefetches
 
 
 def test_hi_bit_positions_are_a_permutation():
