@@ -176,7 +176,7 @@ class ExpertsLayout:
                 getattr(layer, grp.param_name(g, suffix))[slot].copy_(tensor)
 
     def op_args(self, layer: torch.nn.Module) -> tuple:
-        """What every fused-MoE op takes after (x, topk_weights, local_ids), in its schema's order: the where-maps,
+        """What every fused-MoE op takes after its routing arguments, in its schema's order: the where-maps,
         each projection's width groups, then the expert biases (None without) and the activation name."""
         return (
             layer.w13_where,
