@@ -199,13 +199,13 @@ def moemix_layer(shape: LayerShape, widths: tuple[int, ...], isa: str | None = N
         kernel = choose_experts_kernel(config, torch.device("cpu"))(config)
     finally:
         os.environ.pop(cpu.ISA_ENV, None) if saved is None else os.environ.__setitem__(cpu.ISA_ENV, saved)
-    kernel.process_weights_after_loading(layer)
-    per_expert = [bias_bytes(shape, torch.float32)] * shape.kept
+    per_expert = [bias_bytes(shape, torch.float32)] * shape.kept  # counted before loading moves them (same bytes)
     for grp in layout.groups().values():
         for g, members in enumerate(grp.members):
             group_bytes = sum(getattr(layer, grp.param_name(g, s)).nbytes for s in ("qweight", "scales", "qzeros"))
             for e in members:
                 per_expert[e] += group_bytes // len(members)
+    kernel.process_weights_after_loading(layer)
     return (lambda x, w, i: kernel.apply(layer, x, w, i)), kernel.describe(), per_expert
 
 

@@ -20,6 +20,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -147,29 +148,30 @@ std::vector<std::string> missing_features(const IsaVariant& v) {
   return missing;
 }
 
-const IsaVariant& find_variant(c10::string_view name) {
-  for (const IsaVariant* v : kVariants)
-    if (name == v->name) return *v;
+int64_t variant_index(c10::string_view name) {
+  for (size_t i = 0; i < std::size(kVariants); ++i)
+    if (name == kVariants[i]->name) return static_cast<int64_t>(i);
   TORCH_CHECK(false, "unknown moemix cpu kernel variant '", std::string(name), "'");
 }
 
-// The variant an op call asked for, refusing one this CPU cannot run (never reached through the Python
-// selector, which only picks supported variants; this guards direct calls). Checked once per variant.
-const IsaVariant& variant(c10::string_view name) {
+const IsaVariant& find_variant(c10::string_view name) { return *kVariants[variant_index(name)]; }
+
+// Variant `index` for an op call, refusing one this CPU cannot run (never reached through the Python selector,
+// which only picks supported variants; this guards direct calls). Checked once per variant.
+const IsaVariant& runnable_variant(int64_t index) {
   static const std::vector<std::vector<std::string>> missing = [] {
     std::vector<std::vector<std::string>> m;
     for (const IsaVariant* v : kVariants) m.push_back(missing_features(*v));
     return m;
   }();
-  for (size_t i = 0; i < std::size(kVariants); ++i) {
-    if (name == kVariants[i]->name) {
-      TORCH_CHECK(missing[i].empty(), "moemix cpu kernel variant ", kVariants[i]->name, " needs ",
-                  c10::Join(", ", missing[i]), ", which this CPU lacks");
-      return *kVariants[i];
-    }
-  }
-  return find_variant(name);  // unknown: raises
+  TORCH_CHECK(index >= 0 && index < static_cast<int64_t>(std::size(kVariants)), "moemix cpu kernel: variant index ",
+              index, " out of range");
+  TORCH_CHECK(missing[index].empty(), "moemix cpu kernel variant ", kVariants[index]->name, " needs ",
+              c10::Join(", ", missing[index]), ", which this CPU lacks");
+  return *kVariants[index];
 }
+
+const IsaVariant& variant(c10::string_view name) { return runnable_variant(variant_index(name)); }
 
 void check_bits(int64_t bits) {
   TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, "moemix cpu kernel: unsupported width ", bits);
@@ -431,7 +433,7 @@ void swigluoai_mul(const float* gu, int64_t I, float* h) {  // (clamp(up) + 1) *
 const float* bias_rows(const c10::optional<at::Tensor>& bias, int64_t E, int64_t width, const char* name,
                        at::Tensor& holder) {
   if (!bias.has_value() || !bias->defined()) return nullptr;
-  TORCH_CHECK(bias->dim() == 2 && bias->size(0) >= E && bias->size(1) == width, "moemix cpu_fused_moe: ", name,
+  TORCH_CHECK(bias->dim() == 2 && bias->size(0) >= E && bias->size(1) == width, "moemix pack_experts: ", name,
               " must be [local experts, ", width, "], got ", bias->sizes());
   holder = bias->to(at::kFloat).contiguous();
   return holder.data_ptr<float>();
@@ -627,31 +629,179 @@ Pairs sort_pairs(const at::Tensor& topk_weights, const at::Tensor& topk_ids, con
   return pairs;
 }
 
+// ---------------------------------------------------------------------------------------------
+// A fused-MoE layer's experts in one buffer, made once at load (pack_experts) and read by every cpu_fused_moe
+// call. Why: a decode call passing each width group's tensors as lists (a 22-argument schema with six tensor
+// lists) spent ~85 us on cold caches (~20 us warm) in the dispatcher boxing its arguments -- as much as a small
+// layer's whole GEMM; with two tensors for the experts the same call costs ~36 us (4 us warm).
+//
+//   experts  uint8 [bytes], on huge pages: each width group's repacked q, scales and zeros (64-byte aligned,
+//            group by group, w13 first), then the float32 biases [E][2I] and [E][H] when the layer has them.
+//   layout   int64 [kHeader + E * 2 * kPerWeight]: the header (LayoutField), then for each local expert e and
+//            projection (0: w13 in the gated layout, 1: w2) its weight's byte offsets {q, scales, zeros
+//            (-1: symmetric)} and {bits, group} (WeightField).
+
+enum LayoutField : int64_t { kMagic, kBytes, kExperts, kHidden, kInter, kActivation, kVariant, kBias13, kBias2, kHeader };
+enum WeightField : int64_t { kQ, kScales, kZeros, kBits, kGroup, kPerWeight };
+constexpr int64_t kLayoutMagic = 0x6d6f656d69780001;  // "moemix", layout version 1
+constexpr int64_t kSegmentAlign = 64;
+
+class PackedExperts {
+ public:
+  PackedExperts(const at::Tensor& experts, const at::Tensor& layout) {
+    TORCH_CHECK(layout.scalar_type() == at::kLong && layout.dim() == 1 && layout.is_contiguous() &&
+                    layout.numel() >= kHeader,
+                "moemix cpu_fused_moe: experts_layout must be the contiguous int64 tensor pack_experts made");
+    d_ = layout.data_ptr<int64_t>();
+    TORCH_CHECK(d_[kMagic] == kLayoutMagic, "moemix cpu_fused_moe: experts_layout was not made by this extension's "
+                "pack_experts (repack the layer)");
+    E = d_[kExperts];
+    H = d_[kHidden];
+    I = d_[kInter];
+    TORCH_CHECK(layout.numel() == kHeader + E * 2 * kPerWeight, "moemix cpu_fused_moe: experts_layout holds ",
+                layout.numel(), " values, its header says ", E, " experts");
+    TORCH_CHECK(experts.scalar_type() == at::kByte && experts.is_contiguous() && experts.numel() == d_[kBytes],
+                "moemix cpu_fused_moe: experts must be the contiguous uint8 buffer of ", d_[kBytes],
+                " bytes pack_experts made with this layout");
+    base_ = experts.data_ptr<uint8_t>();
+    V = &runnable_variant(d_[kVariant]);
+    act = static_cast<Activation>(d_[kActivation]);
+  }
+  const int64_t* entry(int proj, int64_t e) const { return d_ + kHeader + (2 * e + proj) * kPerWeight; }
+  int bits(int proj, int64_t e) const { return static_cast<int>(entry(proj, e)[kBits]); }
+  PackedWeight weight(int proj, int64_t e) const {
+    const int64_t* w = entry(proj, e);
+    return {reinterpret_cast<const int32_t*>(base_ + w[kQ]), reinterpret_cast<const uint16_t*>(base_ + w[kScales]),
+            w[kZeros] < 0 ? nullptr : base_ + w[kZeros], static_cast<int>(w[kBits]), w[kGroup],
+            proj == 0 ? H : I, proj == 0 ? 2 * I : H};
+  }
+  const float* bias(int proj) const {
+    const int64_t at = d_[proj == 0 ? kBias13 : kBias2];
+    return at < 0 ? nullptr : reinterpret_cast<const float*>(base_ + at);
+  }
+
+  int64_t E, H, I;
+  const IsaVariant* V;
+  Activation act;
+
+ private:
+  const int64_t* d_;
+  const uint8_t* base_;
+};
+
+// The experts' buffer and layout (PackedExperts) from each projection's width groups, already repacked for `isa`
+// (gate/up gated): group g of a projection holds the experts whose where[e] = (g, slot), as
+// vllm_moemix/layers/layout.py lays them out. Checks every group's size against the layer's shape.
+std::vector<at::Tensor> pack_experts(const at::Tensor& w13_where, const at::Tensor& w2_where,
+                                     const std::vector<at::Tensor>& w13_q, const std::vector<at::Tensor>& w13_s,
+                                     const std::vector<at::Tensor>& w13_z, const std::vector<int64_t>& w13_bits,
+                                     const std::vector<int64_t>& w13_group, const std::vector<at::Tensor>& w2_q,
+                                     const std::vector<at::Tensor>& w2_s, const std::vector<at::Tensor>& w2_z,
+                                     const std::vector<int64_t>& w2_bits, const std::vector<int64_t>& w2_group,
+                                     const c10::optional<at::Tensor>& w13_bias,
+                                     const c10::optional<at::Tensor>& w2_bias, const std::string& activation,
+                                     int64_t hidden, int64_t intermediate, const std::string& isa) {
+  const int64_t E = w13_where.size(0), H = hidden, I = intermediate;
+  TORCH_CHECK(w2_where.size(0) == E, "moemix pack_experts: w13 places ", E, " experts, w2 ", w2_where.size(0));
+  TORCH_CHECK(I % kBlock == 0, "moemix pack_experts: intermediate size ", I, " is not a multiple of ", kBlock);
+  struct Proj {
+    const at::Tensor& where;
+    const std::vector<at::Tensor>&q, &s, &z;
+    const std::vector<int64_t>&bits, &group;
+    int64_t K, N;
+  };
+  const Proj projs[2] = {{w13_where, w13_q, w13_s, w13_z, w13_bits, w13_group, H, 2 * I},
+                         {w2_where, w2_q, w2_s, w2_z, w2_bits, w2_group, I, H}};
+  // Byte offsets of every group's tensors, then the biases.
+  int64_t bytes = 0;
+  const auto place = [&](int64_t n) {
+    const int64_t at = bytes;
+    bytes += (n + kSegmentAlign - 1) / kSegmentAlign * kSegmentAlign;
+    return at;
+  };
+  std::vector<std::array<int64_t, 3>> offsets[2];
+  std::vector<std::array<at::Tensor, 3>> parts[2];
+  for (int p = 0; p < 2; ++p) {
+    const Proj& P = projs[p];
+    const size_t groups = P.q.size();
+    TORCH_CHECK(P.s.size() == groups && P.z.size() == groups && P.bits.size() == groups && P.group.size() == groups,
+                "moemix pack_experts: projection ", p, " has differently many qweights, scales, zeros, widths and groups");
+    for (size_t g = 0; g < groups; ++g) {
+      check_bits(P.bits[g]);
+      TORCH_CHECK(P.group[g] > 0 && P.K % P.group[g] == 0, "moemix pack_experts: group size ", P.group[g],
+                  " does not divide ", P.K);
+      const int64_t n = P.q[g].size(0), G = P.K / P.group[g];
+      const auto expect = [&](const at::Tensor& t, at::ScalarType type, int64_t per_expert, const char* what) {
+        TORCH_CHECK(t.scalar_type() == type && t.numel() == n * per_expert, "moemix pack_experts: projection ", p,
+                    " group ", g, " ", what, " must be ", type, " with ", per_expert, " values per expert (",
+                    P.bits[g], "-bit, ", P.K, "x", P.N, "), got ", t.scalar_type(), " ", t.sizes());
+        return t.contiguous();
+      };
+      std::array<at::Tensor, 3> t = {expect(P.q[g], at::kInt, P.K * P.bits[g] / 32 * P.N, "qweight"),
+                                     expect(P.s[g], at::kHalf, G * P.N, "scales"), at::Tensor()};
+      if (P.z[g].numel()) t[2] = expect(P.z[g], at::kByte, G * P.N, "qzeros");
+      offsets[p].push_back({place(t[0].nbytes()), place(t[1].nbytes()), t[2].defined() ? place(t[2].nbytes()) : -1});
+      parts[p].push_back(t);
+    }
+  }
+  at::Tensor b13_holder, b2_holder;
+  const float* b13 = bias_rows(w13_bias, E, 2 * I, "w13_bias", b13_holder);
+  const float* b2 = bias_rows(w2_bias, E, H, "w2_bias", b2_holder);
+  const int64_t b13_at = b13 ? place(E * 2 * I * 4) : -1, b2_at = b2 ? place(E * H * 4) : -1;
+
+  at::Tensor experts = empty_on_huge_pages({bytes}, at::TensorOptions().dtype(at::kByte));
+  uint8_t* base = experts.data_ptr<uint8_t>();
+  std::memset(base, 0, bytes);  // alignment padding too: the buffer's bytes are deterministic
+  for (int p = 0; p < 2; ++p)
+    for (size_t g = 0; g < parts[p].size(); ++g)
+      for (int i = 0; i < 3; ++i)
+        if (parts[p][g][i].defined())
+          std::memcpy(base + offsets[p][g][i], parts[p][g][i].data_ptr(), parts[p][g][i].nbytes());
+  if (b13) std::memcpy(base + b13_at, b13, E * 2 * I * 4);
+  if (b2) std::memcpy(base + b2_at, b2, E * H * 4);
+
+  at::Tensor layout = at::empty({kHeader + E * 2 * kPerWeight}, at::TensorOptions().dtype(at::kLong));
+  int64_t* d = layout.data_ptr<int64_t>();
+  const int64_t header[kHeader] = {kLayoutMagic, bytes, E, H, I, static_cast<int64_t>(parse_activation(activation)),
+                                   variant_index(isa), b13_at, b2_at};
+  std::copy(header, header + kHeader, d);
+  for (int p = 0; p < 2; ++p) {
+    const Proj& P = projs[p];
+    TORCH_CHECK(P.where.dim() == 2 && P.where.size(1) == 2, "moemix pack_experts: where-maps must be [E, 2]");
+    const at::Tensor where = P.where.to(at::kLong).contiguous();
+    const int64_t* wh = where.data_ptr<int64_t>();
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t g = wh[2 * e], slot = wh[2 * e + 1];
+      TORCH_CHECK(g >= 0 && g < static_cast<int64_t>(parts[p].size()) && slot >= 0 && slot < parts[p][g][0].size(0),
+                  "moemix pack_experts: projection ", p, " places expert ", e, " at (group ", g, ", slot ", slot,
+                  "), which does not exist");
+      const int bits = static_cast<int>(P.bits[g]);
+      const int64_t G = P.K / P.group[g], q_bytes = P.K * bits / 32 * P.N * 4, s_count = G * P.N;
+      int64_t* w = d + kHeader + (2 * e + p) * kPerWeight;
+      w[kQ] = offsets[p][g][0] + slot * q_bytes;
+      w[kScales] = offsets[p][g][1] + slot * s_count * 2;
+      w[kZeros] = offsets[p][g][2] < 0 ? -1 : offsets[p][g][2] + slot * s_count;
+      w[kBits] = bits;
+      w[kGroup] = P.group[g];
+    }
+  }
+  return {experts, layout};
+}
+
 }  // namespace
 
 // Gated experts of mixed widths: sum_k topk_weights[t,k] * expert_{ids[t,k]}(x[t]), where
-// expert_e(x) = act(x @ W13[e] + b13[e]) @ W2[e] + b2[e] (biases optional, float32 [E, 2I] / [E, H]).
-// Experts live in per-width groups; *_where[e] = (group, slot). topk_ids are the router's (mapped through
-// expert_map when given; sort_pairs counts them into routed_pairs). W13 is in the gated layout (repack).
+// expert_e(x) = act(x @ W13[e] + b13[e]) @ W2[e] + b2[e], the experts as pack_experts laid them out. topk_ids are
+// the router's (mapped through expert_map when given; sort_pairs counts them into routed_pairs).
 at::Tensor fused_moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Tensor& topk_ids,
-                     const c10::optional<at::Tensor>& expert_map, at::Tensor& routed_pairs, const at::Tensor& w13_where,
-                     const at::Tensor& w2_where, at::TensorList w13_q, at::TensorList w13_s, at::TensorList w13_z,
-                     at::IntArrayRef w13_bits, at::IntArrayRef w13_group, at::TensorList w2_q,
-                     at::TensorList w2_s, at::TensorList w2_z, at::IntArrayRef w2_bits, at::IntArrayRef w2_group,
-                     const c10::optional<at::Tensor>& w13_bias, const c10::optional<at::Tensor>& w2_bias,
-                     c10::string_view activation, int64_t intermediate, c10::string_view isa) {
-  const IsaVariant& V = variant(isa);
-  const Activation act = parse_activation(activation);
-  for (int64_t b : w13_bits) check_bits(b);
-  for (int64_t b : w2_bits) check_bits(b);
-  const int64_t T = x.size(0), H = x.size(1), E = w13_where.size(0);
-  const int64_t I = intermediate, N13 = 2 * I;
-  TORCH_CHECK(I % kBlock == 0, "moemix cpu_fused_moe: intermediate size ", I, " is not a multiple of ", kBlock);
-  const auto where13 = w13_where.accessor<int64_t, 2>();
-  const auto where2 = w2_where.accessor<int64_t, 2>();
-  at::Tensor b13_holder, b2_holder;
-  const float* b13 = bias_rows(w13_bias, E, N13, "w13_bias", b13_holder);
-  const float* b2 = bias_rows(w2_bias, E, H, "w2_bias", b2_holder);
+                     const c10::optional<at::Tensor>& expert_map, at::Tensor& routed_pairs, const at::Tensor& experts,
+                     const at::Tensor& experts_layout) {
+  const PackedExperts pe(experts, experts_layout);
+  const IsaVariant& V = *pe.V;
+  const int64_t T = x.size(0), H = pe.H, E = pe.E, I = pe.I;
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == H, "moemix cpu_fused_moe: x must be [tokens, ", H, "], got ", x.sizes());
+  const float* b13 = pe.bias(0);
+  const float* b2 = pe.bias(1);
   const Pairs pairs = sort_pairs(topk_weights, topk_ids, expert_map, routed_pairs, E);
   const std::vector<int64_t>& active = pairs.active;
   const int64_t P = pairs.size();
@@ -659,7 +809,7 @@ at::Tensor fused_moe(const at::Tensor& x, const at::Tensor& topk_weights, const 
 
   // Stage 0: quantize each token once per activation permutation its experts need.
   bool need[3] = {false, false, false};
-  for (int64_t e : active) need[bits_slot(w13_bits[where13[e][0]])] = true;
+  for (int64_t e : active) need[bits_slot(pe.bits(0, e))] = true;
   const int perm_bits[3] = {2, 4, 8};
   std::vector<ActBuffer> xacts;
   for (int s = 0; s < 3; ++s) xacts.emplace_back(need[s] ? T : 0, H);
@@ -680,21 +830,20 @@ at::Tensor fused_moe(const at::Tensor& x, const at::Tensor& topk_weights, const 
   // per thread of equal estimated cost, so experts of different widths (and token counts) keep every thread busy
   // to the end.
   constexpr int64_t kChunk = 2 * kBlock;
-  const int64_t chunks = I / kBlock, tiles_per_chunk = kChunk / V.tile;
+  const int64_t N13 = 2 * I, chunks = I / kBlock, tiles_per_chunk = kChunk / V.tile;
   ActBuffer hacts(P, I);
-  void (*const act_mul)(const float*, int64_t, float*) = act == Activation::kSilu ? silu_mul : swigluoai_mul;
+  void (*const act_mul)(const float*, int64_t, float*) = pe.act == Activation::kSilu ? silu_mul : swigluoai_mul;
   std::vector<double> cost13;
   for (int64_t e : active)
-    cost13.push_back(tile_cost(static_cast<int>(w13_bits[where13[e][0]]), H, kChunk, pairs.count[e]));
+    cost13.push_back(tile_cost(pe.bits(0, e), H, kChunk, pairs.count[e]));
   parallel_ranges(balanced_ranges(cost13, std::vector<int64_t>(active.size(), chunks)), [&](int64_t b, int64_t e_) {
     std::vector<float> gate_up;  // [pairs of the expert][gate 32 | up 32]
     std::vector<float*> outs;
     float h[kBlock];
     for (int64_t task = b; task < e_; ++task) {
       const int64_t e = active[task / chunks], chunk = task % chunks, n = pairs.count[e], p0 = pairs.start[e];
-      const int64_t g = where13[e][0];
-      const int bits = static_cast<int>(w13_bits[g]);
-      const PackedWeight W = weight_view(w13_q[g], w13_s[g], w13_z[g], where13[e][1], bits, w13_group[g], H, N13);
+      const PackedWeight W = pe.weight(0, e);
+      const int bits = W.bits;
       gate_up.resize(n * kChunk);
       for (int64_t s = 0; s < tiles_per_chunk; ++s) {
         outs.clear();
@@ -702,7 +851,7 @@ at::Tensor fused_moe(const at::Tensor& x, const at::Tensor& topk_weights, const 
         V.gemm_rows(W, chunk * tiles_per_chunk + s, xacts[bits_slot(bits)].view(), pairs.token.data() + p0, n,
                     outs.data(), nullptr);
       }
-      const int w2bits = static_cast<int>(w2_bits[where2[e][0]]);
+      const int w2bits = pe.bits(1, e);
       for (int64_t i = 0; i < n; ++i) {
         float* gu = gate_up.data() + i * kChunk;
         if (b13) {  // biases stay in checkpoint order [gate (I) | up (I)]
@@ -723,7 +872,7 @@ at::Tensor fused_moe(const at::Tensor& x, const at::Tensor& topk_weights, const 
   // tiles in a range are one contiguous run of memory.
   const int64_t tiles2 = H / V.tile;
   double cost2 = 0;
-  for (int64_t e : active) cost2 += tile_cost(static_cast<int>(w2_bits[where2[e][0]]), I, V.tile, pairs.count[e]);
+  for (int64_t e : active) cost2 += tile_cost(pe.bits(1, e), I, V.tile, pairs.count[e]);
   std::vector<int64_t> pair_rows(P);
   for (int64_t p = 0; p < P; ++p) pair_rows[p] = p;
   Output out(T, H, x);
@@ -732,9 +881,8 @@ at::Tensor fused_moe(const at::Tensor& x, const at::Tensor& topk_weights, const 
     out.zero(0, T, c0, c1);
     std::vector<float*> outs;
     for (int64_t e : active) {
-      const int64_t g = where2[e][0], p0 = pairs.start[e], p1 = pairs.start[e + 1];
-      const PackedWeight W = weight_view(w2_q[g], w2_s[g], w2_z[g], where2[e][1], static_cast<int>(w2_bits[g]),
-                                         w2_group[g], I, H);
+      const int64_t p0 = pairs.start[e], p1 = pairs.start[e + 1];
+      const PackedWeight W = pe.weight(1, e);
       for (int64_t tile = t0; tile < t1; ++tile) {
         outs.clear();
         for (int64_t p = p0; p < p1; ++p) outs.push_back(out.acc(pairs.token[p], tile * V.tile));
@@ -761,9 +909,7 @@ TORCH_LIBRARY_FRAGMENT(moemix, m) {
   m.def("cpu_linear(Tensor x, Tensor qweight, Tensor scales, Tensor qzeros, int bits, int group_size, str isa) -> Tensor");
   m.def(
       "cpu_fused_moe(Tensor x, Tensor topk_weights, Tensor topk_ids, Tensor? expert_map, Tensor(a!) routed_pairs, "
-      "Tensor w13_where, Tensor w2_where, "
-      "Tensor[] w13_qweights, Tensor[] w13_scales, Tensor[] w13_qzeros, int[] w13_bits, int[] w13_groups, Tensor[] w2_qweights, Tensor[] w2_scales, Tensor[] w2_qzeros, "
-      "int[] w2_bits, int[] w2_groups, Tensor? w13_bias, Tensor? w2_bias, str activation, int intermediate, str isa) -> Tensor");
+      "Tensor experts, Tensor experts_layout) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moemix, CPU, m) {
@@ -776,5 +922,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("variants", &variants_info, "the compiled ISA variants, fastest first, with what this CPU lacks for each");
   m.def("repack", &repack, "qweight, scales, qzeros (empty: symmetric), bits, isa, gated -> the native layout of one "
         "ISA variant (gated: an experts' gate/up projection, columns interleaved per 32)");
+  m.def("pack_experts", &pack_experts, "a fused-MoE layer's repacked width groups (ExpertsLayout.op_args, then "
+        "hidden, intermediate, isa) -> (experts, experts_layout): the two tensors cpu_fused_moe reads");
   m.def("quantize_activations", &quantize_activations, "x [T, K] -> permuted int8, scale, bsum (layout tests)");
 }

@@ -372,22 +372,52 @@ def test_refusals_name_the_missing_isa(monkeypatch):
     assert not ok and "neon" in why
 
 
-def test_op_refuses_unknown_activation_and_misshapen_bias():
+def test_pack_experts_refuses_what_does_not_fit_the_layer(isa):
+    """Every width group, bias and where-map is checked against the layer's shape when the buffer is made."""
     layer = MixedExperts(SPECS13, SPECS2, bias=True)
-    kernel = NativeCpuExpertsKernel(layer.config())
-    kernel.process_weights_after_loading(layer)
-    w, ids = routing(2, len(SPECS13))
     args = list(layer.layout.op_args(layer))
-    counts = layer.moemix_routed_pairs
-    call = lambda args: torch.ops.moemix.cpu_fused_moe(  # noqa: E731
-        torch.randn(2, H), w, ids, None, counts, *args, layer.inter, kernel.isa
-    )
+    pack = lambda args: cpu._native().pack_experts(*args, H, layer.inter, isa.name)  # noqa: E731
+    experts, experts_layout = pack(args)
+    assert experts.dtype == torch.uint8 and experts_layout.dtype == torch.int64
     with pytest.raises(RuntimeError, match="unknown expert activation 'gelu'"):
-        call(args[:-1] + ["gelu"])
+        pack(args[:-1] + ["gelu"])
     with pytest.raises(RuntimeError, match=r"w2_bias must be \[local experts, 64\]"):
-        call(args[:-2] + [torch.zeros(len(SPECS13), 32), "silu"])
-    ok = call(args[:-3] + [None, None, "silu"])  # biases are optional per call
-    assert ok.shape == (2, H)
+        pack(args[:-2] + [torch.zeros(len(SPECS13), 32), "silu"])
+    short = [q[:, :-1] for q in args[2]]  # one packed row too few per expert
+    with pytest.raises(RuntimeError, match="projection 0 group 0 qweight must be Int with"):
+        pack(args[:2] + [short] + args[3:])
+    where = args[1].clone()
+    where[0, 1] = 99
+    with pytest.raises(RuntimeError, match=r"projection 1 places expert 0 at \(group \d, slot 99\)"):
+        pack(args[:1] + [where] + args[2:])
+    with pytest.raises(RuntimeError, match="unknown moemix cpu kernel variant 'sse2'"):
+        cpu._native().pack_experts(*args, H, layer.inter, "sse2")
+
+
+def test_experts_move_into_one_buffer_and_the_op_checks_it(isa):
+    """After loading, the layer holds its experts once (the group parameters are freed), and the op refuses a
+    buffer/layout pair it did not make."""
+    layer = MixedExperts(SPECS13, SPECS2, bias=True)
+    group_bytes = sum(getattr(layer, n).nbytes for n in layer.layout.parameter_names())
+    NativeCpuExpertsKernel(layer.config()).process_weights_after_loading(layer)
+    assert not any(hasattr(layer, n) for n in layer.layout.parameter_names())
+    segments = len(layer.layout.parameter_names())
+    assert group_bytes <= layer.moemix_cpu_experts.nbytes < group_bytes + 64 * segments
+    w, ids = routing(2, len(SPECS13))
+    call = lambda experts, experts_layout: torch.ops.moemix.cpu_fused_moe(  # noqa: E731
+        torch.randn(2, H), w, ids, None, layer.moemix_routed_pairs, experts, experts_layout
+    )
+    assert call(layer.moemix_cpu_experts, layer.moemix_cpu_experts_layout).shape == (2, H)
+    foreign = layer.moemix_cpu_experts_layout.clone()
+    foreign[0] += 1
+    with pytest.raises(RuntimeError, match="not made by this extension's pack_experts"):
+        call(layer.moemix_cpu_experts, foreign)
+    with pytest.raises(RuntimeError, match="experts must be the contiguous uint8 buffer of"):
+        call(layer.moemix_cpu_experts[:-64], layer.moemix_cpu_experts_layout)
+    miscounted = layer.moemix_cpu_experts_layout.clone()
+    miscounted[2] = 7  # the header's expert count disagrees with the table
+    with pytest.raises(RuntimeError, match="its header says 7 experts"):
+        call(layer.moemix_cpu_experts, miscounted)
 
 
 def test_op_refuses_unknown_variant():

@@ -175,6 +175,12 @@ class ExpertsLayout:
             if tensor is not None:
                 getattr(layer, grp.param_name(g, suffix))[slot].copy_(tensor)
 
+    def parameter_names(self) -> list[str]:
+        """Every parameter `register` made: the width groups' tensors, then the expert biases (if any)."""
+        groups = [(grp, g) for grp in self.groups().values() for g in range(len(grp.specs))]
+        names = [grp.param_name(g, suffix) for grp, g in groups for suffix in SUFFIXES]
+        return names + (["moemix_w13_bias", "moemix_w2_bias"] if self.has_bias else [])
+
     def op_args(self, layer: torch.nn.Module) -> tuple:
         """What every fused-MoE op takes after its routing arguments, in its schema's order: the where-maps,
         each projection's width groups, then the expert biases (None without) and the activation name."""

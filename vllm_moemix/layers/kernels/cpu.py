@@ -215,7 +215,10 @@ class NativeCpuExpertsKernel(_NativeCpuKernel, ExpertsKernel):
         return _supports(list(config.w13_specs + config.w2_specs), [2 * config.intermediate_size, config.hidden_size])
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        for proj, grp in layer.moemix_layout.groups().items():
+        """Repacks every width group for this variant, then moves the layer's experts into the one buffer the op
+        reads (`pack_experts`): a decode call then passes two tensors, not six lists, through the dispatcher."""
+        layout = layer.moemix_layout
+        for proj, grp in layout.groups().items():
             for g, spec in enumerate(grp.specs):
                 names = [grp.param_name(g, s) for s in ("qweight", "scales", "qzeros")]
                 tensors = (getattr(layer, n).data for n in names)
@@ -224,17 +227,24 @@ class NativeCpuExpertsKernel(_NativeCpuKernel, ExpertsKernel):
                 _replace(layer, names[1], s)
                 if z is not None:
                     _replace(layer, names[2], z)
-        # Gathered once: at decode, rebuilding the lists of a layer's tensors every call costs ~20 us a layer.
-        layer.moemix_cpu_op_args = (*layer.moemix_layout.op_args(layer), self.config.intermediate_size, self.isa)
+        experts, experts_layout = _native().pack_experts(
+            *layout.op_args(layer), layout.hidden_size, layout.intermediate_size, self.isa
+        )
+        for name in layout.parameter_names():  # now in `experts`: freed, not kept twice
+            delattr(layer, name)
+        layer.register_buffer("moemix_cpu_experts", experts, persistent=False)
+        layer.register_buffer("moemix_cpu_experts_layout", experts_layout, persistent=False)
 
     def apply(self, layer, x, topk_weights, topk_ids):
         # One op per call: mapping, usage counts and dtype conversions happen inside it (ExpertsLayout.route's
-        # work for the other kernels) -- at decode every extra eager op costs ~10-100 us on cold caches.
-        return torch.ops.moemix.cpu_fused_moe(
+        # work for the other kernels) -- at decode every extra eager op costs ~10-100 us on cold caches. The
+        # overload itself, not the packet: resolving it costs a few microseconds more per call.
+        return torch.ops.moemix.cpu_fused_moe.default(
             x,
             topk_weights,
             topk_ids,
             getattr(layer, "expert_map", None),
             layer.moemix_routed_pairs,
-            *layer.moemix_cpu_op_args,
+            layer.moemix_cpu_experts,
+            layer.moemix_cpu_experts_layout,
         )

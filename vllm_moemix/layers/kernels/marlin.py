@@ -246,12 +246,8 @@ class MarlinExpertsKernel(ExpertsKernel):
             tensors += [t if t is not None else empty for t in (*w13, *w2, *biases)]
             maps.append(partition_expert_map(part, num_local).to(w13[0].device))
             specs += [part.w13.bits, part.w13.group_size, part.w2.bits, part.w2.group_size]
-        for grp in layer.moemix_layout.groups().values():  # the partitions replace the width groups
-            for g in range(len(grp.specs)):
-                for suffix in ("qweight", "scales", "qzeros"):
-                    delattr(layer, grp.param_name(g, suffix))
-        if self.config.has_bias:  # the partitions hold them now
-            del layer.moemix_w13_bias, layer.moemix_w2_bias
+        for name in layer.moemix_layout.parameter_names():  # the partitions hold them now
+            delattr(layer, name)
         for i, t in enumerate(tensors):
             layer.register_buffer(f"moemix_part_{i}", t, persistent=False)
         self.maps, self.kinds, self.specs, self.num_tensors = maps, kinds, specs, len(tensors)
