@@ -15,6 +15,7 @@ struct Avx512Vnni {
   static constexpr int kLanes = 16;
   static constexpr int kMaxRows = 4;       // 16 accumulators of 32 zmm
   static constexpr int kWeight8Offset = 0;  // vpdpbusd sums u8 x s8 into int32 exactly
+  static constexpr bool kWideBlocks = true;  // 32 zmm: a block's 4 x 4 accumulators fit (dot_block_wide)
 
   static I load(const int32_t* p) { return _mm512_loadu_si512(p); }
   static I set1(int32_t v) { return _mm512_set1_epi32(v); }

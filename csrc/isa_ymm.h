@@ -14,6 +14,7 @@ struct Ymm {
   using F = __m256;
   static constexpr int kLanes = 8;
   static constexpr int kMaxRows = 4;
+  static constexpr bool kWideBlocks = false;  // 16 ymm: one vector of a block at a time (dot_block)
 
   static I load(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
   static I set1(int32_t v) { return _mm256_set1_epi32(v); }

@@ -116,6 +116,41 @@ inline void dot_block(const int32_t* lo, const int32_t* hi, const int8_t* const*
   }
 }
 
+// dot_block with all of the tile's vectors at once, for ISAs with 32 registers: each activation broadcast feeds
+// kVectorsPerTile dot products instead of one (TT x 4 accumulators live), so fewer load and unpack uops per
+// multiply-add. Measured on one Ice Lake server core, packed linear K4096 x N4096, 64 token rows: 2-bit 131 -> 171
+// GMAC/s, 3-bit 124 -> 138, 4-bit 124 -> 168, 8-bit 123 -> 146; M=1 streaming unchanged.
+template <class Isa, int BITS, int TT>
+inline void dot_block_wide(const int32_t* lo, const int32_t* hi, const int8_t* const* xq,
+                           const typename Isa::F* xscale, typename Isa::F (&fac)[TT][kVectorsPerTile]) {
+  using I = typename Isa::I;
+  constexpr int V = kVectorsPerTile;
+  I sums[TT][V];
+  if constexpr (BITS == 8) {
+    for (int t = 0; t < TT; ++t)
+      for (int v = 0; v < V; ++v) sums[t][v] = Isa::zero();
+  } else {
+    for (int t = 0; t < TT; ++t)
+      for (int v = 0; v < V; ++v) sums[t][v] = Isa::acc_zero();
+  }
+  unrolled([&](auto e) {
+    I wb[V];
+    for (int v = 0; v < V; ++v) wb[v] = Strip<Isa, BITS>(lo, hi, v).template extraction<e>();
+    for (int t = 0; t < TT; ++t) {
+      const I x = Isa::bcast4(xq[t] + 4 * e);
+      for (int v = 0; v < V; ++v) {
+        if constexpr (BITS == 8) Isa::dot8(sums[t][v], wb[v], x);
+        else Isa::dot(sums[t][v], wb[v], x);
+      }
+    }
+  }, std::make_integer_sequence<int, 8>{});
+  for (int t = 0; t < TT; ++t)
+    for (int v = 0; v < V; ++v) {
+      const I s = BITS == 8 ? sums[t][v] : Isa::finish(sums[t][v]);
+      fac[t][v] = Isa::fmadd(Isa::cvt(s), xscale[t], fac[t][v]);
+    }
+}
+
 template <class Isa, int BITS, int TT>
 void gemm_tile(const PackedWeight& W, int64_t tile, const QuantizedActs& A, const int64_t* act_rows,
                float* const* out, const float* mult) {
@@ -179,7 +214,10 @@ void gemm_tile(const PackedWeight& W, int64_t tile, const QuantizedActs& A, cons
         xscale[t] = Isa::set1f(xs[t][b]);
         zterm[t] += xsum[t][b];
       }
-      dot_block<Isa, BITS, TT>(tile_q + b * rows_per_block * width, hi_plane + b * width, xb, xscale, fac);
+      if constexpr (Isa::kWideBlocks)
+        dot_block_wide<Isa, BITS, TT>(tile_q + b * rows_per_block * width, hi_plane + b * width, xb, xscale, fac);
+      else
+        dot_block<Isa, BITS, TT>(tile_q + b * rows_per_block * width, hi_plane + b * width, xb, xscale, fac);
     }
     for (int v = 0; v < V; ++v) {
       const F sw = Isa::load_fp16(tile_s + g * width + L * v);
