@@ -1,4 +1,4 @@
-"""End-to-end decode through vLLM (`LLM.generate`) on a ~1B-parameter random Mixtral-style MoE.
+"""End-to-end decode and prefill through vLLM (`LLM.generate`) on a ~1B-parameter random Mixtral-style MoE.
 
 Three checkpoints of the same random model, each served in its own engine (all loaded side by side and
 timed round-robin, so machine noise hits each alike):
@@ -7,8 +7,11 @@ user has on CPU today); moemix at a 2.5-bit mixed plan (experts 0-3 of every lay
 attention 4-bit), once with the fastest native ISA variant and once with AVX2 forced (MOEMIX_CPU_ISA) when
 they differ. A checkpoint vLLM cannot serve on this CPU (its GPTQ MoE path is AMX-only) gets a row saying
 why instead of numbers. Decode tokens/s = generated tokens after the first / (time of a long run - time of a
-1-token run), at batch 1 and 8. Resident weight bytes are measured in the worker on the loaded model
-(parameters and buffers after every kernel's repacking) and compared with what the plan predicts.
+1-token run), at batch 1 and 8. Prefill tokens/s = the extra prompt tokens / (time of a 1-token run on a long
+prompt - on a short one), one sequence: every MoE layer then multiplies hundreds of rows per weight load (the
+compute-bound path). Prompts are fresh random token ids each run, so vLLM's prefix cache never serves them.
+Resident weight bytes are measured in the worker on the loaded model (parameters and buffers after every
+kernel's repacking) and compared with what the plan predicts.
 Random weights: speed and bytes only, no quality.
 
     .venv/bin/python benchmarks/e2e_decode.py            # ~0.9B model (about 15 minutes on 2 cores)
@@ -31,6 +34,7 @@ from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
 NEW_TOKENS = 64
+PREFILL_TOKENS = (16, 448)  # short and long prompt lengths (max_model_len 512)
 PROMPT = "def fibonacci(n):\n    "
 GROUP = 128
 MOEMIX_ROW = "moemix 2.5-bit mixed"
@@ -185,10 +189,22 @@ def generate_seconds(llm, batch: int, tokens: int) -> float:
     return time.perf_counter() - start
 
 
+def prefill_seconds(llm, tokens: int, gen: torch.Generator) -> float:
+    """One 1-token generation on a prompt of `tokens` random ids (never a prefix-cache hit)."""
+    from vllm import SamplingParams, TokensPrompt
+
+    ids = torch.randint(1000, llm.get_tokenizer().vocab_size, (tokens,), generator=gen).tolist()
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    start = time.perf_counter()
+    llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)
+    return time.perf_counter() - start
+
+
 def measure(checkpoints: list[tuple[str, Path, str | None]], reps: int) -> tuple[list[dict], list[dict]]:
     """All engines loaded side by side, then timed round-robin so machine noise hits every checkpoint alike.
 
-    Decode tok/s = batch * NEW_TOKENS / (best time for NEW_TOKENS + 1 tokens - best time for 1 token).
+    Decode tok/s = batch * NEW_TOKENS / (best time for NEW_TOKENS + 1 tokens - best time for 1 token); prefill
+    tok/s likewise over the two prompt lengths of PREFILL_TOKENS.
     Returns (measured rows, rows of checkpoints that could not be served here, with why).
     """
     from vllm_moemix.layers.introspect import describe_served
@@ -227,6 +243,15 @@ def measure(checkpoints: list[tuple[str, Path, str | None]], reps: int) -> tuple
                     best[(i, n)] = min(best[(i, n)], generate_seconds(llm, batch, n))
         for i, row in enumerate(rows):
             row[f"tok_s_batch{batch}"] = batch * NEW_TOKENS / (best[(i, NEW_TOKENS + 1)] - best[(i, 1)])
+    best = {(i, n): float("inf") for i in range(len(engines)) for n in PREFILL_TOKENS}
+    gen = torch.Generator().manual_seed(0)
+    for _ in tqdm(range(reps), desc="prefill"):
+        for i, llm in enumerate(engines):
+            for n in PREFILL_TOKENS:
+                best[(i, n)] = min(best[(i, n)], prefill_seconds(llm, n, gen))
+    short, long = PREFILL_TOKENS
+    for i, row in enumerate(rows):
+        row["prefill_tok_s"] = (long - short) / (best[(i, long)] - best[(i, short)])
     del engines
     gc.collect()
     return rows, unavailable
@@ -243,17 +268,19 @@ def markdown(rows: list[dict], unavailable: list[dict], meta: dict) -> str:
         f"{meta['moemix_avg_payload_bits']:.2f} payload bits ({meta['moemix_avg_bits']:.2f} with scales/zeros) "
         f"over attention + experts; plan predicts {meta['moemix_predicted_bytes'] / 2**20:.0f} MiB resident.",
         "",
-        "| checkpoint | decode tok/s, batch 1 | ×bf16 | decode tok/s, batch 8 | ×bf16 | resident weights | ×bf16 |",
-        "|---|---|---|---|---|---|---|",
+        "| checkpoint | decode tok/s, batch 1 | ×bf16 | decode tok/s, batch 8 | ×bf16 "
+        f"| prefill tok/s ({PREFILL_TOKENS[1]}-token prompt) | ×bf16 | resident weights | ×bf16 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['name']} | {r['tok_s_batch1']:.1f} | {r['tok_s_batch1'] / bf16['tok_s_batch1']:.2f} "
             f"| {r['tok_s_batch8']:.1f} | {r['tok_s_batch8'] / bf16['tok_s_batch8']:.2f} "
+            f"| {r['prefill_tok_s']:.0f} | {r['prefill_tok_s'] / bf16['prefill_tok_s']:.2f} "
             f"| {r['resident_bytes'] / 2**20:.0f} MiB | {r['resident_bytes'] / bf16['resident_bytes']:.2f} |"
         )
     for r in unavailable:
-        lines.append(f"| {r['name']} | not available on this CPU: {r['unavailable']} | | | | | |")
+        lines.append(f"| {r['name']} | not available on this CPU: {r['unavailable']} | | | | | | | |")
     lines += ["", "Served by: " + "; ".join(f"{r['name']}: {r['served_by']}" for r in rows)]
     moemix = next(r for r in rows if r["name"] == MOEMIX_ROW)
     lines += [
@@ -273,12 +300,12 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
     names = [r["name"] for r in rows]
     for ax, key, title in zip(
         axes,
-        ("tok_s_batch1", "tok_s_batch8", "resident_bytes"),
-        ("decode tok/s, batch 1", "decode tok/s, batch 8", "resident weights (MiB)"),
+        ("tok_s_batch1", "tok_s_batch8", "prefill_tok_s", "resident_bytes"),
+        ("decode tok/s, batch 1", "decode tok/s, batch 8", "prefill tok/s", "resident weights (MiB)"),
     ):
         values = [r[key] / (2**20 if key == "resident_bytes" else 1) for r in rows]
         ax.bar(names, values, color=["#999999", "#6a9fd8", "#d8783a", "#e8b04a"][: len(rows)])
