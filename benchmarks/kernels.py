@@ -137,6 +137,25 @@ class BandwidthProbe:
         self.data[start : start + self.chunk].sum()
 
 
+def int8_gemm_gmacs(rows: int, k: int, n: int, reps: int = 5) -> float | None:
+    """Multiply-adds per second of the CPU's vendor int8 GEMM on dense int8 weights (oneDNN through
+    torch._int_mm: VNNI, or AMX tiles where the CPU has them): the compute roofline the int8 rows' GMAC/s at the
+    largest M are read against. None where this torch build has no CPU int8 GEMM."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (rows, k), dtype=torch.int8, generator=gen)
+    b = torch.randint(-127, 128, (k, n), dtype=torch.int8, generator=gen)
+    try:
+        torch._int_mm(a, b)
+    except RuntimeError:
+        return None
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        torch._int_mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return rows * k * n / best / 1e9
+
+
 def routing(tokens: int, shape: LayerShape, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k among the experts kept in memory. One token routes to a block of top-k consecutive experts (in the
     mixed layer half 2-bit, half 3-bit: its average width), so `rotated` reaches new experts every rep."""
@@ -308,7 +327,15 @@ def bench_shape(shape: LayerShape, tokens: list[int], reps: int, probe: Bandwidt
                 {"shape": shape.name, "row": row, "kernel": None, "tokens": m, "ms": None, "unavailable": str(why)}
                 for m in tokens
             ]
-    meta = {"experts": shape.experts, "experts_stored": shape.kept, "notes": shape.notes()}
+    # Before the rows are timed, alone (compute-bound: the bandwidth drift does not move it): the gate/up GEMM of
+    # one expert at the largest M, on dense int8 weights.
+    int8_peak = int8_gemm_gmacs(max(tokens), shape.hidden, 2 * shape.inter)
+    meta = {
+        "experts": shape.experts,
+        "experts_stored": shape.kept,
+        "notes": shape.notes(),
+        "int8_gemm_gmacs": int8_peak,
+    }
     gc.collect()
     gc.freeze()  # as vLLM's engine core does after start-up: the timed calls never pay for collecting start-up objects
     for m in tqdm(tokens, desc=f"{shape.name}: time", leave=False):
@@ -363,7 +390,10 @@ def markdown(results: list[dict], threads: int, cpu_name: str) -> str:
         f"CPU: {cpu_name}. Median ms per layer call, {threads} threads. `of bw` = routed experts' bytes / time / "
         "read bandwidth (`bw` per shape): a streaming sum timed in turn with the rows, or the fastest row's own "
         "rate where it streamed faster; "
-        "`GMAC/s` = multiply-adds per second at the largest M (the compute roofline once weights are reused). "
+        "`GMAC/s` = multiply-adds per second at the largest M (the compute roofline once weights are reused); "
+        "`of int8` = that rate / the CPU's vendor int8 GEMM on dense int8 weights (oneDNN via torch._int_mm, "
+        "M x hidden x 2·inter, AMX where present), for the rows that compute in int8. `kernel` names the variant "
+        "that serves every M (moemix picks none by M: an AMX variant for large M is not built yet). "
         "Consecutive calls route to different experts, as in decode where other layers run in between.",
         "",
     ]
@@ -376,27 +406,33 @@ def markdown(results: list[dict], threads: int, cpu_name: str) -> str:
         lines += [f"### {shape}", ""] + [f"*{note}.*" for note in notes]
         if ref:
             lines.append(f"*bw (M={first_m}): {ref['bandwidth_gbs']:.1f} GB/s ({ref['bandwidth_source']}).*")
+        peak = rows[0].get("int8_gemm_gmacs")
+        lines.append(
+            f"*int8 roofline (M={last_m}): "
+            + (f"{peak:.0f} GMAC/s (oneDNN int8 GEMM).*" if peak else "n/a (this torch has no CPU int8 GEMM).*")
+        )
         lines.append("")
         lines += [
             "| row | kernel | "
             + " | ".join(f"M={m}" for m in tokens)
             + f" | ×bf16 (M={first_m}) | ×vLLM-4bit (M={first_m}) | ×vLLM-4bit (M={last_m}) | of bw (M={first_m})"
-            f" | GMAC/s (M={last_m}) | layer GB |",
-            "|---|---|" + "---|" * len(tokens) + "---|---|---|---|---|---|",
+            f" | GMAC/s (M={last_m}) | of int8 (M={last_m}) | layer GB |",
+            "|---|---|" + "---|" * len(tokens) + "---|---|---|---|---|---|---|",
         ]
         by = {(r["row"], r["tokens"]): r for r in rows}
         for row in dict.fromkeys(r["row"] for r in rows):
             first, last = by[(row, first_m)], by[(row, last_m)]
             if first["ms"] is None:
                 lines.append(
-                    f"| {row} | not available on this CPU: {first['unavailable']} |" + " |" * (len(tokens) + 6)
+                    f"| {row} | not available on this CPU: {first['unavailable']} |" + " |" * (len(tokens) + 7)
                 )
                 continue
             cells = " | ".join(f"{by[(row, m)]['ms']:.2f}" for m in tokens)
+            of_int8 = "bf16" if row == BF16_ROW else f"{last['gmacs'] / peak:.0%}" if peak else "n/a"
             lines.append(
                 f"| {row} | {first['kernel']} | {cells} | {_ratio(first, by.get((BF16_ROW, first_m)))} "
                 f"| {_ratio(first, by.get((INT4_ROW, first_m)))} | {_ratio(last, by.get((INT4_ROW, last_m)))} "
-                f"| {first['of_bandwidth']:.0%} | {last['gmacs']:.0f} | {first['layer_bytes'] / 1e9:.3g} |"
+                f"| {first['of_bandwidth']:.0%} | {last['gmacs']:.0f} | {of_int8} | {first['layer_bytes'] / 1e9:.3g} |"
             )
         lines.append("")
     return "\n".join(lines)
