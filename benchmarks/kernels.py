@@ -97,6 +97,7 @@ SHAPES = {
 DEFAULT_SHAPES = "mixtral,qwen3,dsv2lite,dsv3,gptoss,glm45air"
 MOEMIX_ROWS = {"moemix 2.5-bit mixed": (2, 3), "moemix 4-bit": (4,), "moemix 2-bit": (2,)}
 BF16_ROW, INT4_ROW = "vLLM bf16", "vLLM GPTQ-4bit"
+ROOFLINE_ROWS = 64  # rows of the int8 roofline GEMM at least; `of int8` is shown where the largest M reaches 16
 
 
 class Unavailable(Exception):
@@ -327,9 +328,9 @@ def bench_shape(shape: LayerShape, tokens: list[int], reps: int, probe: Bandwidt
                 {"shape": shape.name, "row": row, "kernel": None, "tokens": m, "ms": None, "unavailable": str(why)}
                 for m in tokens
             ]
-    # Before the rows are timed, alone (compute-bound: the bandwidth drift does not move it): the gate/up GEMM of
-    # one expert at the largest M, on dense int8 weights.
-    int8_peak = int8_gemm_gmacs(max(tokens), shape.hidden, 2 * shape.inter)
+    # Before the rows are timed, alone: the gate/up GEMM of one expert on dense int8 weights, at 64 rows or the
+    # largest M (fewer rows would measure the weights' streaming, not the arithmetic).
+    int8_peak = int8_gemm_gmacs(max(ROOFLINE_ROWS, *tokens), shape.hidden, 2 * shape.inter)
     meta = {
         "experts": shape.experts,
         "experts_stored": shape.kept,
@@ -408,8 +409,9 @@ def markdown(results: list[dict], threads: int, cpu_name: str) -> str:
             lines.append(f"*bw (M={first_m}): {ref['bandwidth_gbs']:.1f} GB/s ({ref['bandwidth_source']}).*")
         peak = rows[0].get("int8_gemm_gmacs")
         lines.append(
-            f"*int8 roofline (M={last_m}): "
-            + (f"{peak:.0f} GMAC/s (oneDNN int8 GEMM).*" if peak else "n/a (this torch has no CPU int8 GEMM).*")
+            f"*int8 roofline: {peak:.0f} GMAC/s (oneDNN int8 GEMM, {max(ROOFLINE_ROWS, last_m)} rows).*"
+            if peak
+            else "*int8 roofline: n/a (this torch has no CPU int8 GEMM).*"
         )
         lines.append("")
         lines += [
@@ -428,7 +430,7 @@ def markdown(results: list[dict], threads: int, cpu_name: str) -> str:
                 )
                 continue
             cells = " | ".join(f"{by[(row, m)]['ms']:.2f}" for m in tokens)
-            of_int8 = "bf16" if row == BF16_ROW else f"{last['gmacs'] / peak:.0%}" if peak else "n/a"
+            of_int8 = "bf16" if row == BF16_ROW else f"{last['gmacs'] / peak:.0%}" if peak and last_m >= 16 else "n/a"
             lines.append(
                 f"| {row} | {first['kernel']} | {cells} | {_ratio(first, by.get((BF16_ROW, first_m)))} "
                 f"| {_ratio(first, by.get((INT4_ROW, first_m)))} | {_ratio(last, by.get((INT4_ROW, last_m)))} "
