@@ -106,16 +106,19 @@ class Unavailable(Exception):
 
 def interleaved_times(fns, reps: int, warmup: int = 2) -> list[list[float]]:
     """Seconds of each fn(rep) per rep, timed round-robin so machine noise hits every row alike (ratios stay fair).
-    Warm-up calls get negative rep numbers."""
+    Each round starts one row later, so no row always follows the same one: on the Ice Lake VM the row right
+    after vLLM's bf16 call measured up to 2x slower at M=1 on Qwen3's shape, whichever row it was. Warm-up calls
+    get negative rep numbers."""
     for fn in fns:
         for rep in range(-warmup, 0):
             fn(rep)
     times: list[list[float]] = [[] for _ in fns]
     for rep in range(reps):
-        for fn, bucket in zip(fns, times):
+        for i in range(len(fns)):
+            j = (i + rep) % len(fns)
             start = time.perf_counter()
-            fn(rep)
-            bucket.append(time.perf_counter() - start)
+            fns[j](rep)
+            times[j].append(time.perf_counter() - start)
     return times
 
 
