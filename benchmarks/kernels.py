@@ -11,10 +11,12 @@ Weights are random codes: speed does not depend on their values.
 
 Also timed in turn with the rows: memory read bandwidth (a streaming sum over a fresh 64 MB slice), so each
 row can say how close it is to the bandwidth limit: bytes of the routed experts (each counted once per call) /
-time / that bandwidth. Each rep routes to other experts than the last (the routing shifted by top-k), as in
-decode, where dozens of layers run between two calls of one layer: with one fixed routing, a small layer's
-experts stayed in the last-level cache and the M=1 figures read partly from L3. The garbage collector is
-frozen after set-up, as vLLM's engine core does.
+time / that bandwidth; and once per shape, before the rows, the CPU's own int8 GEMM on dense int8 weights (oneDNN
+through torch._int_mm, AMX where present), so the int8 rows' multiply-add rate at the largest M reads as a share of
+what the hardware's vendor library reaches. Each rep routes to other experts than the last (the routing shifted
+by top-k), as in decode, where dozens of layers run between two calls of one layer: with one fixed routing, a
+small layer's experts stayed in the last-level cache and the M=1 figures read partly from L3. The garbage
+collector is frozen after set-up, as vLLM's engine core does.
 
 GPT-OSS-20B's layer has per-expert biases on both projections and the swigluoai activation: the moemix rows
 run them, vLLM's bf16 row runs them through `cpu_fused_moe`'s own bias and "swigluoai" support, and its int4
