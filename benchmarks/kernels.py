@@ -108,9 +108,8 @@ class Unavailable(Exception):
 
 def interleaved_times(fns, reps: int, warmup: int = 2) -> list[list[float]]:
     """Seconds of each fn(rep) per rep, timed round-robin so machine noise hits every row alike (ratios stay fair).
-    Each round starts one row later, so no row always follows the same one: on the Ice Lake VM the row right
-    after vLLM's bf16 call measured up to 2x slower at M=1 on Qwen3's shape, whichever row it was. Warm-up calls
-    get negative rep numbers."""
+    Each round starts one row later, so no row always follows the same one (whatever a call leaves behind --
+    caches, clocks, sleeping threads -- falls on every row alike). Warm-up calls get negative rep numbers."""
     for fn in fns:
         for rep in range(-warmup, 0):
             fn(rep)

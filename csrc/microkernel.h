@@ -11,6 +11,7 @@
 //   dot8(acc32, w_u8, x_s8), kWeight8Offset              the same for 8-bit weights (which may be offset
 //                                                        by kWeight8Offset to stay exact)
 //   cvt, set1f, zerof, fmadd, fnmadd, load_fp16, load_u8, loadf, storef    the fp32 epilogue
+//   kMaxRows, kWideBlocks                                rows per weight load; dot_block_wide or dot_block
 //
 // Math per output column n and token t, with x = sx * qx quantized per 32-value block b:
 //   y = sum_g sw[g] * (sum_{b in g} sx[b] * dot_b(w, qx) - zw[g] * sum_{b in g} sx[b] * sum(qx_b))

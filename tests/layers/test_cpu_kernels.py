@@ -384,8 +384,11 @@ def test_pack_experts_refuses_what_does_not_fit_the_layer(isa):
     with pytest.raises(RuntimeError, match=r"w2_bias must be \[local experts, 64\]"):
         pack(args[:-2] + [torch.zeros(len(SPECS13), 32), "silu"])
     short = [q[:, :-1] for q in args[2]]  # one packed row too few per expert
-    with pytest.raises(RuntimeError, match="projection 0 group 0 qweight must be Int with"):
+    with pytest.raises(RuntimeError, match=r"0 group 0 qweight must be Int \[2, 4, 192\] .*got Int \[2, 3, 192\]"):
         pack(args[:2] + [short] + args[3:])
+    flat = [s.reshape(s.shape[0], -1, s.shape[-1] // 2) for s in args[3]]  # same values, wrong shape
+    with pytest.raises(RuntimeError, match="projection 0 group 0 scales must be Half"):
+        pack(args[:3] + [flat] + args[4:])
     where = args[1].clone()
     where[0, 1] = 99
     with pytest.raises(RuntimeError, match=r"projection 1 places expert 0 at \(group \d, slot 99\)"):
@@ -418,6 +421,10 @@ def test_experts_move_into_one_buffer_and_the_op_checks_it(isa):
     miscounted[2] = 7  # the header's expert count disagrees with the table
     with pytest.raises(RuntimeError, match="its header says 7 experts"):
         call(layer.moemix_cpu_experts, miscounted)
+    unknown_act = layer.moemix_cpu_experts_layout.clone()
+    unknown_act[5] = 9  # the header's activation field
+    with pytest.raises(RuntimeError, match=r"names no known activation \(9\)"):
+        call(layer.moemix_cpu_experts, unknown_act)
 
 
 def test_op_refuses_unknown_variant():

@@ -215,18 +215,9 @@ class NativeCpuExpertsKernel(_NativeCpuKernel, ExpertsKernel):
         return _supports(list(config.w13_specs + config.w2_specs), [2 * config.intermediate_size, config.hidden_size])
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        """Repacks every width group for this variant, then moves the layer's experts into the one buffer the op
-        reads (`pack_experts`): a decode call then passes two tensors, not six lists, through the dispatcher."""
+        """Repacks every width group for this variant straight into the one buffer the op reads (`pack_experts`):
+        a decode call then passes two tensors, not six lists, through the dispatcher."""
         layout = layer.moemix_layout
-        for proj, grp in layout.groups().items():
-            for g, spec in enumerate(grp.specs):
-                names = [grp.param_name(g, s) for s in ("qweight", "scales", "qzeros")]
-                tensors = (getattr(layer, n).data for n in names)
-                q, s, z = repack_for_cpu(*tensors, spec.bits, self.isa, gated=proj == "w13")
-                _replace(layer, names[0], q)
-                _replace(layer, names[1], s)
-                if z is not None:
-                    _replace(layer, names[2], z)
         experts, experts_layout = _native().pack_experts(
             *layout.op_args(layer), layout.hidden_size, layout.intermediate_size, self.isa
         )
